@@ -1,0 +1,95 @@
+"""Settings: one pydantic-settings object, read from LATHE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TINY_RANDOM_LLAMA = "tiny-random-llama"
+
+# A minimal chat template: role headers and an end marker, good for any tokenizer.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class BaseModelSpec(BaseModel):
+    """One base model this deployment allows fine-tuning."""
+
+    name: str
+    # A local directory with config.json + safetensors, or a hub id already in the HF cache.
+    path: str | None = None
+    chat_template: str | None = None
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    # Rough parameter count, used for memory estimates and shown in /v1/models.
+    parameters: int | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATHE_", env_nested_delimiter="__")
+
+    home: Path = Path(".lathe")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    base_models: list[BaseModelSpec] = Field(
+        default_factory=lambda: [
+            BaseModelSpec(
+                name=TINY_RANDOM_LLAMA,
+                chat_template=DEFAULT_CHAT_TEMPLATE,
+                parameters=130_000,
+            )
+        ]
+    )
+    # Largest upload accepted, in bytes.
+    max_file_bytes: int = 8 * 1024**3
+    # How often (seconds) the training loop re-reads the job to notice a cancel.
+    cancel_poll_seconds: float = 1.0
+    # Device the worker trains on: "auto" picks cuda when present.
+    device: str = "auto"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'lathe.db').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.home / 'objects').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        """No broker configured: `lathe serve` runs its own worker on a file-system queue."""
+        return not self.broker_url
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.home / "queue").resolve()
+
+    @property
+    def models_dir(self) -> Path:
+        return (self.home / "models").resolve()
+
+    def base_model(self, name: str) -> BaseModelSpec | None:
+        return next((m for m in self.base_models if m.name == name), None)
+
+    def base_model_path(self, spec: BaseModelSpec) -> Path:
+        return Path(spec.path) if spec.path else self.models_dir / spec.name
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
