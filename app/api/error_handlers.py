@@ -1,0 +1,51 @@
+"""Exception handlers: every error leaves the API in OpenAI's one JSON envelope."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import APIError
+
+log = logging.getLogger(__name__)
+
+
+def envelope(status: int, message: str, type_: str, code: str | None, param: str | None):
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": type_, "param": param, "code": code}},
+    )
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return envelope(exc.status_code, exc.message, exc.type, exc.code, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        message = first.get("msg", "invalid request")
+        if param:
+            message = f"{param}: {message}"
+        return envelope(400, message, "invalid_request_error", "invalid_value", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return envelope(exc.status_code, str(exc.detail), "invalid_request_error", code, None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error", exc_info=exc)
+        return envelope(500, "internal server error", "server_error", None, None)

@@ -1,0 +1,68 @@
+"""/v1/files: upload, list, retrieve, download and delete a team's files."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import SessionDep, SettingsDep, StoreDep, TeamDep
+from app.schemas import file_object, list_envelope
+from app.services import files
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("")
+def upload_file(
+    team: TeamDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+) -> dict:
+    # Starlette spools the multipart body to a temporary file; it is read back in chunks.
+    record = files.store_upload(
+        session, store, team, file.filename or "upload.jsonl", purpose, file.file,
+        settings.max_file_bytes,
+    )
+    return file_object(record)
+
+
+@router.get("")
+def list_files(
+    team: TeamDep,
+    session: SessionDep,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    after: str | None = None,
+) -> dict:
+    rows, has_more = files.list_files(session, team, purpose, limit, after)
+    return list_envelope([file_object(f) for f in rows], has_more)
+
+
+@router.get("/{file_id}")
+def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> dict:
+    return file_object(files.get_file(session, team, file_id))
+
+
+@router.get("/{file_id}/content")
+def file_content(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep):
+    record = files.get_file(session, team, file_id)
+    media = "application/gzip" if record.filename.endswith(".gz") else "application/octet-stream"
+    return StreamingResponse(
+        store.iter_chunks(record.storage_key),
+        media_type=media,
+        headers={
+            "Content-Length": str(record.bytes),
+            "Content-Disposition": f'attachment; filename="{record.filename}"',
+        },
+    )
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep) -> dict:
+    files.delete_file(session, store, team, file_id)
+    return {"id": file_id, "object": "file", "deleted": True}

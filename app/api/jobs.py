@@ -1,0 +1,68 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.api.deps import CeleryDep, SessionDep, SettingsDep, TeamDep
+from app.domain.jobs import JobStatus
+from app.queue import send_training_task
+from app.schemas import JobCreate, checkpoint_object, event_object, job_object, list_envelope
+from app.services import jobs
+from app.services.events import add_event
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+log = logging.getLogger(__name__)
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+@router.post("")
+def create_job(
+    body: JobCreate, team: TeamDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep
+) -> dict:
+    job = jobs.create_job(session, settings, team, body)
+    if job.status == JobStatus.QUEUED:
+        try:
+            send_training_task(celery, job.id)
+        except Exception as exc:  # the job stays queued; the broker outage is recorded
+            log.exception("could not dispatch %s", job.id)
+            add_event(session, job.pk, f"Dispatch to the broker failed: {exc}", level="warn")
+            session.commit()
+    return job_object(job, team.id)
+
+
+@router.get("")
+def list_jobs(
+    team: TeamDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+) -> dict:
+    rows, has_more = jobs.list_jobs(session, team, limit, after)
+    return list_envelope([job_object(j, team.id) for j in rows], has_more)
+
+
+@router.get("/{job_id}")
+def retrieve_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
+    return job_object(jobs.get_job(session, team, job_id), team.id)
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
+    return job_object(jobs.cancel_job(session, team, job_id), team.id)
+
+
+@router.get("/{job_id}/events")
+def list_events(
+    job_id: str, team: TeamDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+) -> dict:
+    rows, has_more = jobs.list_events(session, team, job_id, limit, after)
+    return list_envelope([event_object(e) for e in rows], has_more)
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(
+    job_id: str, team: TeamDep, session: SessionDep, limit: Limit = 10, after: str | None = None
+) -> dict:
+    job, rows, has_more = jobs.list_checkpoints(session, team, job_id, limit, after)
+    return list_envelope([checkpoint_object(c, job.id) for c in rows], has_more)

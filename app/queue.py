@@ -1,0 +1,47 @@
+"""The Celery app's configuration, shared by the API (which sends tasks by name) and the
+worker (which runs them). Nothing here imports torch or the worker's code."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.config import Settings
+
+TRAIN_TASK = "lathe.train_job"
+DEFAULT_QUEUE = "lathe.gpu"
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("lathe", broker=settings.resolved_broker_url)
+    conf: dict = dict(
+        task_acks_late=True,  # a job's message is acked only when the task ends...
+        task_reject_on_worker_lost=True,  # ...and requeued if its process dies
+        worker_prefetch_multiplier=1,  # an idle GPU never has a second job reserved
+        worker_concurrency=1,  # one job per GPU
+        worker_max_tasks_per_child=1,  # a fresh process per job returns all GPU memory
+        task_default_queue=DEFAULT_QUEUE,
+        task_ignore_result=True,  # outcomes live in the database, not a result backend
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    if settings.embedded:
+        # No broker configured: a folder on disk is the queue (kombu's filesystem
+        # transport), so the embedded default needs no server.
+        folder = settings.broker_folder
+        for sub in ("in", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "in"),
+            "data_folder_out": str(folder / "in"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.5,
+        }
+    celery.conf.update(conf)
+    return celery
+
+
+def send_training_task(celery: Celery, job_id: str) -> None:
+    celery.send_task(TRAIN_TASK, args=[job_id], queue=DEFAULT_QUEUE)

@@ -1,0 +1,165 @@
+"""Uploaded files: stream to object storage while hashing and validating, in one pass."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.domain.datasets import DatasetError, DatasetValidator
+from app.domain.ids import new_id
+from app.errors import BadRequest, NotFound, PayloadTooLarge
+from app.models import File, Job, Team
+from app.storage import ObjectStore
+
+UPLOAD_PURPOSES = ("fine-tune",)
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+class TooLarge(Exception):
+    pass
+
+
+class ValidatingReader:
+    """A file-like reader that hashes, counts and validates what passes through it.
+
+    boto3's upload_fileobj pulls from it in chunks, so the upload is checked while it
+    streams; an error raised here aborts the (multipart) upload.
+    """
+
+    def __init__(self, inner: BinaryIO, validator: DatasetValidator | None, max_bytes: int):
+        self.inner = inner
+        self.validator = validator
+        self.max_bytes = max_bytes
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+        self._partial = b""
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.inner.read(size)
+        if chunk:
+            self.bytes += len(chunk)
+            if self.bytes > self.max_bytes:
+                raise TooLarge
+            self.sha256.update(chunk)
+            self._feed(chunk)
+        else:
+            self._finish_lines()
+        return chunk
+
+    def _feed(self, chunk: bytes) -> None:
+        if self.validator is None:
+            return
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.validator.feed(line)
+        if len(self._partial) > MAX_LINE_BYTES:
+            raise DatasetError(
+                "line_too_long",
+                f"line is longer than {MAX_LINE_BYTES} bytes",
+                self.validator.line + 1,
+            )
+
+    def _finish_lines(self) -> None:
+        if self.validator is not None and self._partial:
+            self.validator.feed(self._partial)
+            self._partial = b""
+
+
+def store_upload(
+    session: Session,
+    store: ObjectStore,
+    team: Team,
+    filename: str,
+    purpose: str,
+    stream: BinaryIO,
+    max_bytes: int,
+) -> File:
+    if purpose not in UPLOAD_PURPOSES:
+        raise BadRequest(
+            f"purpose {purpose!r} is not accepted; use one of: {', '.join(UPLOAD_PURPOSES)}",
+            code="invalid_purpose",
+            param="purpose",
+        )
+    file_id = new_id("file")
+    key = f"files/{file_id}"
+    validator = DatasetValidator()
+    reader = ValidatingReader(stream, validator, max_bytes)
+    try:
+        store.put(key, reader)  # type: ignore[arg-type]
+        reader.read()  # drain: make sure the validator saw end of file
+        stats = validator.finish()
+    except DatasetError as exc:
+        store.delete(key)
+        raise BadRequest(
+            f"invalid fine-tuning file {filename!r}: {exc}", code=exc.code, param="file"
+        ) from None
+    except TooLarge:
+        store.delete(key)
+        raise PayloadTooLarge(
+            f"file is larger than the limit of {max_bytes} bytes",
+            code="file_too_large",
+            param="file",
+        ) from None
+    except BaseException:
+        store.delete(key)
+        raise
+    record = File(
+        id=file_id,
+        team_pk=team.pk,
+        filename=filename,
+        purpose=purpose,
+        bytes=reader.bytes,
+        sha256=reader.sha256.hexdigest(),
+        storage_key=key,
+        status="processed",
+        format=stats.format.value,
+        examples=stats.examples,
+    )
+    session.add(record)
+    try:
+        session.commit()
+    except BaseException:
+        store.delete(key)
+        raise
+    return record
+
+
+def get_file(session: Session, team: Team, file_id: str) -> File:
+    record = session.scalar(select(File).where(File.id == file_id, File.team_pk == team.pk))
+    if record is None:
+        raise NotFound(f"no file with id {file_id!r}", code="file_not_found", param="file_id")
+    return record
+
+
+def list_files(session: Session, team: Team, purpose: str | None, limit: int, after: str | None):
+    query = select(File).where(File.team_pk == team.pk)
+    if purpose:
+        query = query.where(File.purpose == purpose)
+    if after:
+        query = query.where(File.pk < get_file(session, team, after).pk)
+    rows = list(session.scalars(query.order_by(File.pk.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def delete_file(session: Session, store: ObjectStore, team: Team, file_id: str) -> None:
+    record = get_file(session, team, file_id)
+    in_use = session.scalar(
+        select(Job.id).where(
+            Job.team_pk == team.pk,
+            Job.status.in_(("validating_files", "queued", "running")),
+            (Job.training_file == file_id) | (Job.validation_file == file_id),
+        )
+    )
+    if in_use:
+        raise BadRequest(
+            f"file {file_id} is in use by job {in_use}, which has not finished",
+            code="file_in_use",
+            param="file_id",
+        )
+    session.delete(record)
+    session.commit()
+    store.delete(record.storage_key)

@@ -1,0 +1,47 @@
+"""Teams and their API keys: created by admins, keys stored hashed and shown once."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.domain.ids import new_id
+from app.models import ApiKey, Team
+
+KEY_PREFIX = "lathe-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class TeamExists(Exception):
+    pass
+
+
+def create_team(session: Session, name: str) -> tuple[Team, str]:
+    """Create a team and its first API key; returns the key in clear text, once."""
+    if session.scalar(select(Team).where(Team.name == name)) is not None:
+        raise TeamExists(f"a team named {name!r} already exists")
+    team = Team(id=new_id("team"), name=name)
+    session.add(team)
+    session.flush()
+    key = issue_key(session, team)
+    session.commit()
+    return team, key
+
+
+def issue_key(session: Session, team: Team) -> str:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(team_pk=team.pk, key_hash=hash_key(key), prefix=key[:12]))
+    return key
+
+
+def team_for_key(session: Session, key: str) -> Team | None:
+    api_key = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+    )
+    return api_key.team if api_key else None

@@ -1,0 +1,105 @@
+"""Object storage: datasets, checkpoints and adapters, on S3 (boto3) or a local directory.
+
+`open_store(url)` picks the backend from the URL: `s3://bucket/prefix` or `file:///path`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import urlparse
+
+CHUNK = 1024 * 1024
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, stream: BinaryIO) -> None: ...
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+    def iter_chunks(self, key: str) -> Iterator[bytes]: ...
+    def delete(self, key: str) -> None: ...
+    def check(self) -> None:
+        """Raise if the store is unreachable (used by /readyz)."""
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"object key escapes the store: {key}")
+        return path
+
+    def put(self, key: str, stream: BinaryIO) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as out:
+            shutil.copyfileobj(stream, out, CHUNK)
+        partial.replace(path)
+
+    def put_file(self, key: str, path: Path) -> None:
+        with path.open("rb") as stream:
+            self.put(key, stream)
+
+    def get_file(self, key: str, path: Path) -> None:
+        shutil.copyfile(self._path(key), path)
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        with self._path(key).open("rb") as stream:
+            while chunk := stream.read(CHUNK):
+                yield chunk
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None) -> None:
+        import boto3  # imported here so the local backend needs no AWS setup
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, stream: BinaryIO) -> None:
+        # upload_fileobj streams in multipart chunks: the object is never whole in memory.
+        self.client.upload_fileobj(stream, self.bucket, self._key(key))
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket, self._key(key))
+
+    def get_file(self, key: str, path: Path) -> None:
+        self.client.download_file(self.bucket, self._key(key), str(path))
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+
+def open_store(url: str, s3_endpoint_url: str | None = None) -> ObjectStore:
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return S3Store(parsed.netloc, parsed.path, s3_endpoint_url)
+    if parsed.scheme == "file":
+        return LocalStore(Path(parsed.path))
+    raise ValueError(f"LATHE_STORAGE_URL must be s3://bucket/prefix or file:///path, not {url}")
