@@ -30,8 +30,10 @@ class BaseModelSpec(BaseModel):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
-    # Rough parameter count, used for memory estimates and shown in /v1/models.
+    # Rough parameter count, used for memory estimates.
     parameters: int | None = None
+    # Base learning rate; a job's learning_rate_multiplier scales it.
+    learning_rate: float = 2e-4
 
 
 class Settings(BaseSettings):
@@ -48,6 +50,8 @@ class Settings(BaseSettings):
                 name=TINY_RANDOM_LLAMA,
                 chat_template=DEFAULT_CHAT_TEMPLATE,
                 parameters=130_000,
+                # Random weights and few steps: a high rate makes the loss fall visibly.
+                learning_rate=2e-3,
             )
         ]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,9 +22,19 @@ def envelope(status: int, message: str, type_: str, code: str | None, param: str
     )
 
 
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _loc_to_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
-    return ".".join(parts) or None
+    """("body", "hyperparameters", "n_epochs", "constrained-int") -> "hyperparameters.n_epochs".
+
+    Union members (constrained-int, literal['auto']) and the request part are dropped.
+    """
+    parts = [
+        str(p) for p in loc[1:]
+        if isinstance(p, int) or (isinstance(p, str) and IDENTIFIER.match(p))
+    ]
+    return ".".join(parts) or (str(loc[-1]) if loc else None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

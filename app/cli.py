@@ -1,0 +1,114 @@
+"""The `lathe` command: serve, worker, migrate, admin and demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import typer
+from rich.console import Console
+
+from app.config import get_settings
+
+app = typer.Typer(help="Lathe: 4-bit QLoRA fine-tuning jobs over an OpenAI-compatible API.",
+                  no_args_is_help=True)
+admin = typer.Typer(help="Administration: teams and keys.", no_args_is_help=True)
+app.add_typer(admin, name="admin")
+console = Console(stderr=True)
+
+
+@app.command()
+def migrate() -> None:
+    """Build or upgrade the database schema (Alembic migrations)."""
+    from app.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    console.print(f"database at head: {settings.resolved_database_url.split('@')[-1]}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+) -> None:
+    """Run the API. With no LATHE_BROKER_URL it also runs its own worker (embedded mode)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = get_settings()
+    worker = None
+    if settings.embedded:
+        from app.migrate import upgrade
+
+        upgrade(settings.resolved_database_url)
+        # The worker is a child process: the API process never imports torch.
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ)
+        console.print(f"embedded mode: worker pid {worker.pid}, data in {settings.home}")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+@app.command()
+def worker(
+    queue: str = typer.Option(None, help="Celery queue to consume (default: lathe.gpu)."),
+    name: str = typer.Option(None, help="Worker node name (default: lathe@HOST)."),
+    loglevel: str = typer.Option("INFO"),
+) -> None:
+    """Run a Celery GPU worker: one job at a time, each in a fresh child process."""
+    from app.queue import DEFAULT_QUEUE
+    from worker.celery_app import celery
+
+    argv = ["worker", f"--loglevel={loglevel}", "--concurrency=1", "--pool=prefork",
+            "-O", "fair", "-Q", queue or DEFAULT_QUEUE, "--without-gossip", "--without-mingle"]
+    if name:
+        argv += ["-n", name]
+    celery.worker_main(argv)
+
+
+@admin.command("create-team")
+def create_team(name: str) -> None:
+    """Create a team and print its new API key (shown once) as the last line."""
+    import re
+
+    from app.db import make_engine, make_sessionmaker
+    from app.services.teams import TeamExists
+    from app.services.teams import create_team as create
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):
+        console.print("team names are 1-63 of a-z, 0-9, '-' and '_', starting with a letter "
+                      "or digit")
+        raise typer.Exit(2)
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            team, key = create(session, name)
+    except TeamExists as exc:
+        console.print(str(exc))
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    console.print(f"created team {team.name} ({team.id}); its API key is shown once:")
+    print(key)
+
+
+@app.command()
+def demo(port: int = typer.Option(8123, help="Port for the demo server.")) -> None:
+    """Start an embedded server, fine-tune tiny-random-llama on a sample, fetch the adapter."""
+    from app.demo import run_demo
+
+    run_demo(port)
+
+
+if __name__ == "__main__":
+    app()
