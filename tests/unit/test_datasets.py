@@ -1,0 +1,74 @@
+"""Dataset format detection and line-numbered validation errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.domain.datasets import DatasetError, DatasetFormat, validate_lines
+
+
+def line(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+CHAT = line({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+PC = line({"prompt": "2+2=", "completion": "4"})
+TEXT = line({"text": "hello"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "fmt"),
+    [(CHAT, DatasetFormat.CHAT), (PC, DatasetFormat.PROMPT_COMPLETION), (TEXT, DatasetFormat.TEXT)],
+)
+def test_each_format_is_detected_and_counted(raw: bytes, fmt: DatasetFormat) -> None:
+    stats = validate_lines([raw, raw, b""])
+    assert stats.format == fmt
+    assert stats.examples == 2
+
+
+def error_for(lines: list[bytes]) -> DatasetError:
+    with pytest.raises(DatasetError) as info:
+        validate_lines(lines)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "fragment"),
+    [
+        (b'{"messages": [', "invalid_json", "invalid JSON"),
+        (b"[1, 2]", "invalid_type", "JSON object"),
+        (line({"prompt": "x"}), "missing_key", "'completion'"),
+        (line({"input": "x"}), "missing_key", "found keys: 'input'"),
+        (line({"messages": [{"role": "bot", "content": "x"}]}), "unknown_role", "'bot'"),
+        (line({"messages": [{"role": "user", "content": "x"}]}), "no_assistant_message", "assistant"),
+        (line({"messages": [{"role": "assistant"}]}), "missing_key", "messages[0]"),
+        (line({"messages": []}), "invalid_type", "non-empty"),
+        (line({"text": ""}), "mixed_formats", "mixed formats"),
+        (b"\xff\xfe", "invalid_encoding", "UTF-8"),
+    ],
+)
+def test_bad_line_is_reported_with_its_number(bad: bytes, code: str, fragment: str) -> None:
+    err = error_for([CHAT, CHAT, bad, CHAT])
+    assert err.code == code
+    assert err.line == 3
+    assert fragment in str(err)
+    assert str(err).startswith("line 3:")
+
+
+def test_empty_text_value_is_refused() -> None:
+    err = error_for([TEXT, line({"text": "   "})])
+    assert (err.code, err.line) == ("empty_value", 2)
+
+
+def test_mixed_formats_name_the_first_line() -> None:
+    err = error_for([b"", PC, CHAT])
+    assert err.line == 3
+    assert "line 2 is prompt/completion" in str(err)
+
+
+def test_file_without_examples_is_empty() -> None:
+    err = error_for([b"", b"  "])
+    assert err.code == "empty_file"
+    assert err.line is None
