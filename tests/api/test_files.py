@@ -1,0 +1,124 @@
+"""/v1/files on Postgres + S3: streaming upload with size and sha256, line-numbered refusals."""
+
+from __future__ import annotations
+
+import hashlib
+
+import boto3
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from app.models import File
+from tests.api.datasets import CHAT, PROMPT_COMPLETION
+
+
+def test_upload_records_size_and_sha256_and_round_trips(team) -> None:
+    resp = team.upload(CHAT)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "file"
+    assert body["bytes"] == len(CHAT)
+    assert body["purpose"] == "fine-tune"
+    assert body["status"] == "processed"
+    assert body["filename"] == "train.jsonl"
+    content = team.get(f"/v1/files/{body['id']}/content")
+    assert content.status_code == 200
+    assert content.content == CHAT
+    assert team.get(f"/v1/files/{body['id']}").json() == body
+
+
+def test_upload_stores_sha256_in_the_database(team, api_env) -> None:
+    file_id = team.upload(PROMPT_COMPLETION).json()["id"]
+    engine = create_engine(api_env["LATHE_DATABASE_URL"])
+    with engine.connect() as conn:
+        row = conn.execute(select(File.sha256, File.format, File.examples).where(File.id == file_id)).one()
+    engine.dispose()
+    assert row == (hashlib.sha256(PROMPT_COMPLETION).hexdigest(), "prompt_completion", 12)
+
+
+def object_count(api_env) -> int:
+    bucket = api_env["LATHE_STORAGE_URL"].removeprefix("s3://").split("/")[0]
+    s3 = boto3.client("s3", endpoint_url=api_env["LATHE_S3_ENDPOINT_URL"])
+    return s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0)
+
+
+def file_rows(api_env) -> int:
+    engine = create_engine(api_env["LATHE_DATABASE_URL"])
+    with engine.connect() as conn:
+        count = conn.execute(select(func.count()).select_from(File)).scalar_one()
+    engine.dispose()
+    return count
+
+
+@pytest.mark.parametrize(
+    ("tail", "code", "fragment"),
+    [
+        (b'{"messages": [{"role": "user", "content": "hi"}\n', "invalid_json", "invalid JSON"),
+        (b'{"messages": [{"role": "robot", "content": "x"}]}\n', "unknown_role", "'robot'"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}\n', "no_assistant_message", "assistant"),
+        (b'{"prompt": "a", "completion": "b"}\n', "mixed_formats", "mixed formats"),
+        (b'{"input": "a"}\n', "missing_key", "expected key"),
+    ],
+)
+def test_bad_line_is_refused_with_its_number_and_nothing_is_stored(
+    team, api_env, tail: bytes, code: str, fragment: str
+) -> None:
+    objects_before, rows_before = object_count(api_env), file_rows(api_env)
+    resp = team.upload(CHAT + tail + CHAT)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["code"] == code
+    assert error["param"] == "file"
+    assert "line 13:" in error["message"]
+    assert fragment in error["message"]
+    assert object_count(api_env) == objects_before
+    assert file_rows(api_env) == rows_before
+
+
+def test_empty_file_is_refused(team) -> None:
+    resp = team.upload(b"\n\n")
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "empty_file"
+
+
+def test_wrong_purpose_is_refused(team) -> None:
+    resp = team.upload(CHAT, purpose="assistants")
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "purpose"
+
+
+def test_missing_file_part_is_a_400_naming_it(team) -> None:
+    resp = team.post("/v1/files", data={"purpose": "fine-tune"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "file"
+
+
+def test_list_is_newest_first_and_delete_removes(team) -> None:
+    first = team.upload(CHAT).json()["id"]
+    second = team.upload(CHAT).json()["id"]
+    listed = [f["id"] for f in team.get("/v1/files").json()["data"]]
+    assert listed[:2] == [second, first]
+    resp = team.delete(f"/v1/files/{first}")
+    assert resp.json() == {"id": first, "object": "file", "deleted": True}
+    assert team.get(f"/v1/files/{first}").status_code == 404
+    assert team.get(f"/v1/files/{first}/content").status_code == 404
+
+
+def test_another_teams_file_answers_404(team, other_team) -> None:
+    file_id = team.upload(CHAT).json()["id"]
+    for resp in (
+        other_team.get(f"/v1/files/{file_id}"),
+        other_team.get(f"/v1/files/{file_id}/content"),
+        other_team.delete(f"/v1/files/{file_id}"),
+    ):
+        assert resp.status_code == 404
+        assert resp.json()["error"]["code"] == "file_not_found"
+    assert file_id not in [f["id"] for f in other_team.get("/v1/files").json()["data"]]
+    assert team.get(f"/v1/files/{file_id}").status_code == 200
+
+
+def test_requests_without_a_valid_key_are_401(api) -> None:
+    assert api.get("/v1/files").status_code == 401
+    resp = api.get("/v1/files", headers={"Authorization": "Bearer lathe-not-a-key"})
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "invalid_api_key"
