@@ -38,8 +38,9 @@ def transition(
         update(Job)
         .where(Job.pk == job.pk, Job.status.in_(sources))
         .values(status=target.value, **fields)
-        .execution_options(synchronize_session="fetch")
+        .execution_options(synchronize_session=False)
     )
+    session.expire(job)  # re-read on next access, whichever way the race went
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
     add_event(session, job.pk, message, level=level, data=data)

@@ -1,0 +1,220 @@
+"""Real 4-bit QLoRA on the tiny random Llama, on the CPU: data masks, the model, the run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, ByT5Tokenizer
+
+from app.config import DEFAULT_CHAT_TEMPLATE
+from worker.training.data import (
+    IGNORE_INDEX,
+    load_examples,
+    load_tokenizer,
+    tokenize_chat,
+    tokenize_prompt_completion,
+)
+from worker.training.run import run_training
+from worker.training.spec import TrainingHooks, TrainingSpec
+from worker.training.tiny_model import ensure_tiny_random_llama
+
+QUESTIONS = [
+    ("Say hi.", "Hi!"),
+    ("What colour is the sky?", "Blue."),
+    ("What is 2 + 2?", "4."),
+    ("Name a fruit.", "Apple."),
+]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_chat_jsonl(path: Path, repeats: int) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(repeats):
+            for question, answer in QUESTIONS:
+                messages = [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": answer},
+                ]
+                f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_tiny_random_llama(
+        tmp_path_factory.mktemp("models") / "tiny-random-llama", DEFAULT_CHAT_TEMPLATE
+    )
+
+
+@pytest.fixture
+def tokenizer() -> ByT5Tokenizer:
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_spec(tiny_model: Path, tmp_path: Path, *, valid: bool, n_epochs: int) -> TrainingSpec:
+    return TrainingSpec(
+        base_model_path=tiny_model,
+        chat_template=None,  # the tiny model's tokenizer carries DEFAULT_CHAT_TEMPLATE
+        data_format="chat",
+        train_file=write_chat_jsonl(tmp_path / "train.jsonl", repeats=8),
+        valid_file=write_chat_jsonl(tmp_path / "valid.jsonl", repeats=1) if valid else None,
+        output_dir=tmp_path / "run",
+        n_epochs=n_epochs,
+        batch_size=8,
+        learning_rate=1e-2,
+        max_seq_length=256,
+        seed=0,
+        device="cpu",
+    )
+
+
+# --- the tiny model ---------------------------------------------------------------------
+
+
+def test_tiny_model_generation_is_deterministic(tmp_path: Path, tiny_model: Path) -> None:
+    again = ensure_tiny_random_llama(tmp_path / "again", DEFAULT_CHAT_TEMPLATE)
+
+    assert sha256(again / "model.safetensors") == sha256(tiny_model / "model.safetensors")
+    assert not list(tiny_model.glob("*.bin")), "weights are safetensors only"
+
+
+def test_tiny_model_survives_concurrent_generation(tmp_path: Path, tiny_model: Path) -> None:
+    target = tmp_path / "shared"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        paths = list(pool.map(lambda _: ensure_tiny_random_llama(target, "x"), range(2)))
+
+    assert paths == [target, target]
+    assert sha256(target / "model.safetensors") == sha256(tiny_model / "model.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"], "no staging dir left behind"
+
+
+def test_tiny_model_is_not_regenerated_when_present(tiny_model: Path) -> None:
+    before = (tiny_model / "model.safetensors").stat().st_mtime_ns
+
+    ensure_tiny_random_llama(tiny_model, DEFAULT_CHAT_TEMPLATE)
+
+    assert (tiny_model / "model.safetensors").stat().st_mtime_ns == before
+
+
+# --- data: loss masks -------------------------------------------------------------------
+
+
+def test_prompt_completion_trains_only_on_completion_and_eos(tokenizer: ByT5Tokenizer) -> None:
+    example = tokenize_prompt_completion(
+        {"prompt": "Q: 2+2\nA:", "completion": " 4"}, tokenizer, max_seq_length=64
+    )
+
+    prompt_len = len("Q: 2+2\nA:")  # one token per byte
+    assert example["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert tokenizer.decode(example["labels"][prompt_len:]) == " 4</s>"
+
+
+def test_chat_trains_only_on_assistant_turns(tokenizer: ByT5Tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    example = tokenize_chat({"messages": messages}, tokenizer, max_seq_length=512)
+
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(trained) == "Hello!</s>4</s>"
+    assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(
+        messages, tokenize=False
+    )
+
+
+def test_examples_truncated_to_nothing_trainable_are_dropped(
+    tmp_path: Path, tokenizer: ByT5Tokenizer
+) -> None:
+    path = write_chat_jsonl(tmp_path / "train.jsonl", repeats=1)
+
+    kept = load_examples(path, "chat", tokenizer, max_seq_length=32)
+    # "<|user|>\nWhat colour is the sky?<|assistant|>\n" is longer than 32 bytes.
+    assert 0 < len(kept) < len(QUESTIONS)
+    assert all(len(e["input_ids"]) <= 32 for e in kept)
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_lowers_loss_and_saves_a_loadable_adapter(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(tiny_model, tmp_path, valid=True, n_epochs=3)
+    rows: list[dict] = []
+    checkpoints: list[tuple[int, Path, dict]] = []
+    hooks = TrainingHooks(
+        on_metrics=rows.append,
+        on_checkpoint=lambda step, path, metrics: checkpoints.append((step, path, metrics)),
+    )
+
+    result = run_training(spec, hooks)
+
+    assert not result.stopped
+    assert result.metrics == rows
+    assert [r["step"] for r in rows] == list(range(1, 13)), "one row per step: 32 / 8 x 3"
+    assert all(isinstance(r["train_loss"], float) for r in rows)
+    assert all(isinstance(r["valid_loss"], float) for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["valid_loss"] < rows[0]["valid_loss"]
+    assert rows[-1]["total_steps"] == 12
+
+    assert [step for step, _, _ in checkpoints] == [4, 8, 12]
+    for step, path, metrics in checkpoints:
+        assert (path / "adapter_model.safetensors").is_file()
+        assert metrics["step"] == step and "valid_loss" in metrics
+
+    tokenizer = load_tokenizer(tiny_model, chat_template=None)
+    examples = load_examples(spec.train_file, "chat", tokenizer, spec.max_seq_length)
+    tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
+    assert result.trained_tokens == 3 * tokens_per_epoch
+
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tuned = PeftModel.from_pretrained(base, result.adapter_dir)
+    with torch.no_grad():
+        logits = tuned(input_ids=torch.tensor([[10, 20, 30]])).logits
+    assert logits.shape == (1, 3, 384)
+
+
+@pytest.mark.slow
+def test_should_stop_ends_training_early(tiny_model: Path, tmp_path: Path) -> None:
+    spec = make_spec(tiny_model, tmp_path, valid=False, n_epochs=3)
+    polls = 0
+    checkpoints: list[int] = []
+
+    def should_stop() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls >= 2
+
+    result = run_training(
+        spec,
+        TrainingHooks(
+            should_stop=should_stop,
+            on_checkpoint=lambda step, path, metrics: checkpoints.append(step),
+        ),
+    )
+
+    assert result.stopped
+    assert [r["step"] for r in result.metrics] == [1, 2]
+    assert all("valid_loss" not in r for r in result.metrics)
+    assert checkpoints == [], "a cut-short epoch is not checkpointed"
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
