@@ -11,8 +11,9 @@ from rich.console import Console
 
 from app.config import get_settings
 
-app = typer.Typer(help="Lathe: 4-bit QLoRA fine-tuning jobs over an OpenAI-compatible API.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Lathe: 4-bit QLoRA fine-tuning jobs over an OpenAI-compatible API.", no_args_is_help=True
+)
 admin = typer.Typer(help="Administration: teams and keys.", no_args_is_help=True)
 app.add_typer(admin, name="admin")
 console = Console(stderr=True)
@@ -68,8 +69,18 @@ def worker(
     from app.queue import DEFAULT_QUEUE
     from worker.celery_app import celery
 
-    argv = ["worker", f"--loglevel={loglevel}", "--concurrency=1", "--pool=prefork",
-            "-O", "fair", "-Q", queue or DEFAULT_QUEUE, "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        f"--loglevel={loglevel}",
+        "--concurrency=1",
+        "--pool=prefork",
+        "-O",
+        "fair",
+        "-Q",
+        queue or DEFAULT_QUEUE,
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if name:
         argv += ["-n", name]
     celery.worker_main(argv)
@@ -85,8 +96,9 @@ def create_team(name: str) -> None:
     from app.services.teams import create_team as create
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):
-        console.print("team names are 1-63 of a-z, 0-9, '-' and '_', starting with a letter "
-                      "or digit")
+        console.print(
+            "team names are 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit"
+        )
         raise typer.Exit(2)
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)

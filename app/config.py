@@ -51,7 +51,7 @@ class Settings(BaseSettings):
                 chat_template=DEFAULT_CHAT_TEMPLATE,
                 parameters=130_000,
                 # Random weights and few steps: a high rate makes the loss fall visibly.
-                learning_rate=2e-3,
+                learning_rate=1e-2,
             )
         ]
     )

@@ -68,19 +68,28 @@ def sparkline(values: list[float]) -> str:
 
 
 def follow_job(client: httpx.Client, job_id: str) -> dict:
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("queued", total=None, loss="")
         while True:
             job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-            events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
-                                params={"limit": 1}).json()["data"]
+            events = client.get(
+                f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1}
+            ).json()["data"]
             latest = events[0] if events else None
             if latest and latest["type"] == "metrics":
                 data = latest["data"]
-                progress.update(task, total=data["total_steps"], completed=data["step"],
-                                loss=f"loss {data['train_loss']:.3f}")
+                progress.update(
+                    task,
+                    total=data["total_steps"],
+                    completed=data["step"],
+                    loss=f"loss {data['train_loss']:.3f}",
+                )
             progress.update(task, description=job["status"])
             if job["status"] in FINAL:
                 return job
@@ -102,8 +111,7 @@ def show_results(client: httpx.Client, job: dict, out_dir: Path) -> None:
     losses = [float(r["train_loss"]) for r in rows if r["train_loss"]]
     table = Table("step", "train_loss", "valid_loss", "learning_rate", title="metrics.csv")
     for r in rows[:: max(1, len(rows) // 8)] + ([rows[-1]] if len(rows) > 1 else []):
-        table.add_row(r["step"], r["train_loss"][:6], r["valid_loss"][:6],
-                      r["learning_rate"][:8])
+        table.add_row(r["step"], r["train_loss"][:6], r["valid_loss"][:6], r["learning_rate"][:8])
     console.print(table)
     console.print(f"loss {sparkline(losses)}  {losses[0]:.3f} -> {losses[-1]:.3f}")
     if losses[-1] >= losses[0]:
@@ -117,39 +125,49 @@ def run_demo(port: int) -> None:
         raise SystemExit("the demo runs the embedded server: unset LATHE_BROKER_URL")
     key = demo_key()
     base_url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                              env=os.environ, stdout=subprocess.DEVNULL,
-                              stderr=open(settings.home / "demo-server.log", "w"))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=open(settings.home / "demo-server.log", "w"),
+    )
     try:
-        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"},
-                          timeout=60) as client:
+        with httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as client:
             console.print(f"starting the embedded server on {base_url} ...")
             wait_ready(client, server)
             uploaded = {}
             for name in ("sample_chat.jsonl", "sample_chat_valid.jsonl"):
                 with (DATA / name).open("rb") as fh:
-                    resp = client.post("/v1/files", data={"purpose": "fine-tune"},
-                                       files={"file": (name, fh)})
+                    resp = client.post(
+                        "/v1/files", data={"purpose": "fine-tune"}, files={"file": (name, fh)}
+                    )
                 resp.raise_for_status()
                 uploaded[name] = resp.json()["id"]
                 console.print(f"uploaded {name}: {uploaded[name]}")
             started = time.monotonic()
-            resp = client.post("/v1/fine_tuning/jobs", json={
-                "model": TINY_RANDOM_LLAMA,
-                "training_file": uploaded["sample_chat.jsonl"],
-                "validation_file": uploaded["sample_chat_valid.jsonl"],
-                "hyperparameters": {"n_epochs": 3, "batch_size": 8},
-                "suffix": "demo",
-                "seed": 42,
-                "lora": {"r": 8, "alpha": 16},
-            })
+            resp = client.post(
+                "/v1/fine_tuning/jobs",
+                json={
+                    "model": TINY_RANDOM_LLAMA,
+                    "training_file": uploaded["sample_chat.jsonl"],
+                    "validation_file": uploaded["sample_chat_valid.jsonl"],
+                    "hyperparameters": {"n_epochs": 3, "batch_size": 8},
+                    "suffix": "demo",
+                    "seed": 42,
+                    "lora": {"r": 8, "alpha": 16},
+                },
+            )
             resp.raise_for_status()
             job = follow_job(client, resp.json()["id"])
             console.print(f"job {job['id']} {job['status']} in {time.monotonic() - started:.1f} s")
             if job["status"] != "succeeded":
                 raise SystemExit(f"the job did not succeed: {job['error']}")
-            console.print(f"fine-tuned model: {job['fine_tuned_model']}, "
-                          f"{job['trained_tokens']} tokens trained")
+            console.print(
+                f"fine-tuned model: {job['fine_tuned_model']}, "
+                f"{job['trained_tokens']} tokens trained"
+            )
             show_results(client, job, settings.home / "demo-output")
     finally:
         server.terminate()

@@ -24,7 +24,6 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
     )
     if settings.embedded:
         # No broker configured: a folder on disk is the queue (kombu's filesystem

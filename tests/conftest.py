@@ -224,7 +224,7 @@ def stack_env(
         "LATHE_BROKER_URL": redis_url,
         "LATHE_STORAGE_URL": f"s3://{stack_bucket}/lathe",
         "LATHE_S3_ENDPOINT_URL": s3_endpoint,
-        "LATHE_CANCEL_POLL_SECONDS": "0.2",
+        "LATHE_CANCEL_POLL_SECONDS": "0",  # check for a cancel at every step
     }
     upgrade(postgres_url)
     return env

@@ -10,9 +10,9 @@ def _conninfo(sqlalchemy_url: str) -> str:
     return sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def test_postgres_url_is_a_real_empty_database(postgres_url: str) -> None:
-    assert postgres_url.startswith("postgresql+psycopg://")
-    with psycopg.connect(_conninfo(postgres_url)) as conn:
+def test_fresh_postgres_url_is_a_real_empty_database(fresh_postgres_url: str) -> None:
+    assert fresh_postgres_url.startswith("postgresql+psycopg://")
+    with psycopg.connect(_conninfo(fresh_postgres_url)) as conn:
         version = conn.execute("select version()").fetchone()[0]
         tables = conn.execute(
             "select count(*) from information_schema.tables where table_schema = 'public'"

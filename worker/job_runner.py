@@ -44,8 +44,13 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             if job is None:
                 return "missing"
             claimed = transition(
-                session, job, JobStatus.RUNNING, "Fine-tuning job started",
-                worker=socket.gethostname(), attempt=job.attempt + 1, started_at=now(),
+                session,
+                job,
+                JobStatus.RUNNING,
+                "Fine-tuning job started",
+                worker=socket.gethostname(),
+                attempt=job.attempt + 1,
+                started_at=now(),
             )
             if not claimed:  # cancelled meanwhile, or a duplicate delivery
                 session.rollback()
@@ -57,10 +62,21 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
             log.exception("job %s failed", job_id)
             with sessions() as session:
                 job = session.scalar(select(Job).where(Job.id == job_id))
-                error = {"code": "training_failed", "param": None,
-                         "message": f"{type(exc).__name__}: {exc}"[:1000]}
-                transition(session, job, JobStatus.FAILED, f"Training failed: {error['message']}",
-                           level="error", error=error, finished_at=now(), estimated_finish=None)
+                error = {
+                    "code": "training_failed",
+                    "param": None,
+                    "message": f"{type(exc).__name__}: {exc}"[:1000],
+                }
+                transition(
+                    session,
+                    job,
+                    JobStatus.FAILED,
+                    f"Training failed: {error['message']}",
+                    level="error",
+                    error=error,
+                    finished_at=now(),
+                    estimated_finish=None,
+                )
                 session.commit()
             return "failed"
     finally:
@@ -74,8 +90,12 @@ def _train_and_publish(
 
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id))
-        files = {f.id: f for f in session.scalars(
-            select(File).where(File.id.in_([job.training_file, job.validation_file or ""])))}
+        files = {
+            f.id: f
+            for f in session.scalars(
+                select(File).where(File.id.in_([job.training_file, job.validation_file or ""]))
+            )
+        }
         team_name = job.team.name
     with tempfile.TemporaryDirectory(prefix=f"lathe-{job_id}-") as tmp:
         workdir = Path(tmp)
@@ -119,7 +139,9 @@ def _training_spec(
         max_seq_length=job.max_seq_length,
         seed=job.seed,
         lora=LoraSpec(
-            r=job.lora["r"], alpha=job.lora["alpha"], dropout=job.lora["dropout"],
+            r=job.lora["r"],
+            alpha=job.lora["alpha"],
+            dropout=job.lora["dropout"],
             target_modules=tuple(job.lora["target_modules"]),
         ),
         quant=QuantSpec(**job.quantization),
@@ -128,7 +150,10 @@ def _training_spec(
 
 
 def _hooks(
-    job: Job, settings: Settings, sessions: sessionmaker[Session], store: ObjectStore,
+    job: Job,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
     model_name: str,
 ) -> TrainingHooks:
     started = time.monotonic()
@@ -144,7 +169,8 @@ def _hooks(
         with sessions() as session:
             add_event(session, job.pk, ", ".join(parts), type="metrics", data=row)
             session.execute(
-                Job.__table__.update().where(Job.pk == job.pk, Job.status == "running")
+                Job.__table__.update()
+                .where(Job.pk == job.pk, Job.status == "running")
                 .values(estimated_finish=now() + int(rate * max(total - step, 0)))
             )
             session.commit()
@@ -165,11 +191,16 @@ def _hooks(
         _tar_adapter(adapter_dir, archive)
         store.put_file(key, archive)
         with sessions() as session:
-            session.add(Checkpoint(
-                id=new_id("ftckpt"), job_pk=job.pk, step_number=step, storage_key=key,
-                fine_tuned_model_checkpoint=f"{model_name}:ckpt-step-{step}",
-                metrics={k: metrics.get(k) for k in ("step", "train_loss", "valid_loss")},
-            ))
+            session.add(
+                Checkpoint(
+                    id=new_id("ftckpt"),
+                    job_pk=job.pk,
+                    step_number=step,
+                    storage_key=key,
+                    fine_tuned_model_checkpoint=f"{model_name}:ckpt-step-{step}",
+                    metrics={k: metrics.get(k) for k in ("step", "train_loss", "valid_loss")},
+                )
+            )
             add_event(session, job.pk, f"Checkpoint saved at step {step}")
             session.commit()
 
@@ -197,8 +228,12 @@ def _write_metrics_csv(rows: list[dict], path: Path) -> None:
 
 
 def _publish(
-    job: Job, sessions: sessionmaker[Session], store: ObjectStore, result: TrainingResult,
-    workdir: Path, model_name: str,
+    job: Job,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    result: TrainingResult,
+    workdir: Path,
+    model_name: str,
 ) -> str:
     adapter = workdir / "adapter.tar.gz"
     metrics = workdir / "metrics.csv"
@@ -212,9 +247,15 @@ def _publish(
     with sessions() as session:
         session.add_all(records)
         done = transition(
-            session, job, JobStatus.SUCCEEDED, f"The job has successfully completed: {model_name}",
-            fine_tuned_model=model_name, trained_tokens=result.trained_tokens,
-            result_files=[r.id for r in records], finished_at=now(), estimated_finish=None,
+            session,
+            session.get_one(Job, job.pk),
+            JobStatus.SUCCEEDED,
+            f"The job has successfully completed: {model_name}",
+            fine_tuned_model=model_name,
+            trained_tokens=result.trained_tokens,
+            result_files=[r.id for r in records],
+            finished_at=now(),
+            estimated_finish=None,
         )
         if not done:  # cancelled while the results were uploading: publish nothing
             session.rollback()
@@ -230,7 +271,12 @@ def _result_file(job: Job, path: Path) -> File:
         digest = hashlib.file_digest(stream, "sha256")
     file_id = new_id("file")
     return File(
-        id=file_id, team_pk=job.team_pk, filename=path.name, purpose="fine-tune-results",
-        bytes=path.stat().st_size, sha256=digest.hexdigest(), storage_key=f"files/{file_id}",
+        id=file_id,
+        team_pk=job.team_pk,
+        filename=path.name,
+        purpose="fine-tune-results",
+        bytes=path.stat().st_size,
+        sha256=digest.hexdigest(),
+        storage_key=f"files/{file_id}",
         status="processed",
     )

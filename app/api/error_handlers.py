@@ -31,7 +31,8 @@ def _loc_to_param(loc: tuple) -> str | None:
     Union members (constrained-int, literal['auto']) and the request part are dropped.
     """
     parts = [
-        str(p) for p in loc[1:]
+        str(p)
+        for p in loc[1:]
         if isinstance(p, int) or (isinstance(p, str) and IDENTIFIER.match(p))
     ]
     return ".".join(parts) or (str(loc[-1]) if loc else None)

@@ -25,7 +25,12 @@ def upload_file(
 ) -> dict:
     # Starlette spools the multipart body to a temporary file; it is read back in chunks.
     record = files.store_upload(
-        session, store, team, file.filename or "upload.jsonl", purpose, file.file,
+        session,
+        store,
+        team,
+        file.filename or "upload.jsonl",
+        purpose,
+        file.file,
         settings.max_file_bytes,
     )
     return file_object(record)

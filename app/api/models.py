@@ -37,5 +37,3 @@ def retrieve_model(model_id: str, session: SessionDep, settings: SettingsDep, te
         if model["id"] == model_id:
             return model
     raise NotFound(f"no model {model_id!r}", code="model_not_found", param="model")
-
-

@@ -131,18 +131,28 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         session,
         job.pk,
         f"Validating training file: {training.id}",
-        data={"lora": job.lora, "quantization": job.quantization,
-              "max_seq_length": job.max_seq_length},
+        data={
+            "lora": job.lora,
+            "quantization": job.quantization,
+            "max_seq_length": job.max_seq_length,
+        },
     )
     problem = dataset_problem(training, validation, bool(base.chat_template))
     if problem:
         transition(
-            session, job, JobStatus.FAILED, f"Job failed: {problem['message']}",
-            level="error", error=problem, finished_at=now(),
+            session,
+            job,
+            JobStatus.FAILED,
+            f"Job failed: {problem['message']}",
+            level="error",
+            error=problem,
+            finished_at=now(),
         )
     else:
         transition(
-            session, job, JobStatus.QUEUED,
+            session,
+            job,
+            JobStatus.QUEUED,
             f"Files validated ({training.examples} {training.format} examples); job queued",
         )
     session.commit()
@@ -152,8 +162,11 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
 def get_job(session: Session, team: Team, job_id: str) -> Job:
     job = session.scalar(select(Job).where(Job.id == job_id, Job.team_pk == team.pk))
     if job is None:
-        raise NotFound(f"no fine-tuning job with id {job_id!r}", code="job_not_found",
-                       param="fine_tuning_job_id")
+        raise NotFound(
+            f"no fine-tuning job with id {job_id!r}",
+            code="job_not_found",
+            param="fine_tuning_job_id",
+        )
     return job
 
 
@@ -168,14 +181,21 @@ def list_jobs(session: Session, team: Team, limit: int, after: str | None):
 def cancel_job(session: Session, team: Team, job_id: str) -> Job:
     job = get_job(session, team, job_id)
     if is_final(JobStatus(job.status)):
-        raise Conflict(f"job {job_id} has already ended ({job.status}); it cannot be cancelled",
-                       code="job_not_cancellable", param="fine_tuning_job_id")
-    if not transition(session, job, JobStatus.CANCELLED, "Fine-tuning job cancelled",
-                      finished_at=now()):
+        raise Conflict(
+            f"job {job_id} has already ended ({job.status}); it cannot be cancelled",
+            code="job_not_cancellable",
+            param="fine_tuning_job_id",
+        )
+    if not transition(
+        session, job, JobStatus.CANCELLED, "Fine-tuning job cancelled", finished_at=now()
+    ):
         session.rollback()
         job = get_job(session, team, job_id)
-        raise Conflict(f"job {job_id} has already ended ({job.status}); it cannot be cancelled",
-                       code="job_not_cancellable", param="fine_tuning_job_id")
+        raise Conflict(
+            f"job {job_id} has already ended ({job.status}); it cannot be cancelled",
+            code="job_not_cancellable",
+            param="fine_tuning_job_id",
+        )
     session.commit()
     return job
 
@@ -184,11 +204,13 @@ def list_events(session: Session, team: Team, job_id: str, limit: int, after: st
     job = get_job(session, team, job_id)
     query = select(JobEvent).where(JobEvent.job_pk == job.pk)
     if after:
-        cursor = session.scalar(select(JobEvent.pk).where(JobEvent.job_pk == job.pk,
-                                                          JobEvent.id == after))
+        cursor = session.scalar(
+            select(JobEvent.pk).where(JobEvent.job_pk == job.pk, JobEvent.id == after)
+        )
         if cursor is None:
-            raise BadRequest(f"no event {after!r} in job {job_id}", code="invalid_cursor",
-                             param="after")
+            raise BadRequest(
+                f"no event {after!r} in job {job_id}", code="invalid_cursor", param="after"
+            )
         query = query.where(JobEvent.pk < cursor)
     rows = list(session.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
@@ -198,11 +220,13 @@ def list_checkpoints(session: Session, team: Team, job_id: str, limit: int, afte
     job = get_job(session, team, job_id)
     query = select(Checkpoint).where(Checkpoint.job_pk == job.pk)
     if after:
-        cursor = session.scalar(select(Checkpoint.pk).where(Checkpoint.job_pk == job.pk,
-                                                            Checkpoint.id == after))
+        cursor = session.scalar(
+            select(Checkpoint.pk).where(Checkpoint.job_pk == job.pk, Checkpoint.id == after)
+        )
         if cursor is None:
-            raise BadRequest(f"no checkpoint {after!r} in job {job_id}", code="invalid_cursor",
-                             param="after")
+            raise BadRequest(
+                f"no checkpoint {after!r} in job {job_id}", code="invalid_cursor", param="after"
+            )
         query = query.where(Checkpoint.pk < cursor)
     rows = list(session.scalars(query.order_by(Checkpoint.pk.desc()).limit(limit + 1)))
     return job, rows[:limit], len(rows) > limit

@@ -11,10 +11,12 @@ def jsonl(rows: list[dict]) -> bytes:
 
 def chat_rows(n: int = 12) -> list[dict]:
     return [
-        {"messages": [
-            {"role": "user", "content": f"What is {i} plus {i}?"},
-            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-        ]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
+        }
         for i in range(n)
     ]
 

@@ -31,7 +31,9 @@ def test_upload_stores_sha256_in_the_database(team, api_env) -> None:
     file_id = team.upload(PROMPT_COMPLETION).json()["id"]
     engine = create_engine(api_env["LATHE_DATABASE_URL"])
     with engine.connect() as conn:
-        row = conn.execute(select(File.sha256, File.format, File.examples).where(File.id == file_id)).one()
+        row = conn.execute(
+            select(File.sha256, File.format, File.examples).where(File.id == file_id)
+        ).one()
     engine.dispose()
     assert row == (hashlib.sha256(PROMPT_COMPLETION).hexdigest(), "prompt_completion", 12)
 
@@ -55,7 +57,11 @@ def file_rows(api_env) -> int:
     [
         (b'{"messages": [{"role": "user", "content": "hi"}\n', "invalid_json", "invalid JSON"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}\n', "unknown_role", "'robot'"),
-        (b'{"messages": [{"role": "user", "content": "x"}]}\n', "no_assistant_message", "assistant"),
+        (
+            b'{"messages": [{"role": "user", "content": "x"}]}\n',
+            "no_assistant_message",
+            "assistant",
+        ),
         (b'{"prompt": "a", "completion": "b"}\n', "mixed_formats", "mixed formats"),
         (b'{"input": "a"}\n', "missing_key", "expected key"),
     ],

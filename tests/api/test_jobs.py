@@ -22,16 +22,27 @@ def train_id(team) -> str:
 
 
 def test_created_job_is_queued_with_resolved_hyperparameters(team, train_id) -> None:
-    resp = create(team, training_file=train_id, hyperparameters={"n_epochs": 2},
-                  suffix="math", seed=7, metadata={"ticket": "ML-1"},
-                  lora={"r": 4, "alpha": 8}, quantization={"type": "fp4"}, max_seq_length=256)
+    resp = create(
+        team,
+        training_file=train_id,
+        hyperparameters={"n_epochs": 2},
+        suffix="math",
+        seed=7,
+        metadata={"ticket": "ML-1"},
+        lora={"r": 4, "alpha": 8},
+        quantization={"type": "fp4"},
+        max_seq_length=256,
+    )
     assert resp.status_code == 200, resp.text
     job = resp.json()
     assert job["object"] == "fine_tuning.job"
     assert job["status"] == "queued"
     assert job["organization_id"] == team.id
-    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 8,
-                                      "learning_rate_multiplier": 1.0}
+    assert job["hyperparameters"] == {
+        "n_epochs": 2,
+        "batch_size": 8,
+        "learning_rate_multiplier": 1.0,
+    }
     assert (job["seed"], job["metadata"], job["result_files"]) == (7, {"ticket": "ML-1"}, [])
     events = team.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     assert [e["message"].split(" ")[0] for e in events] == ["Files", "Validating"]
@@ -40,9 +51,11 @@ def test_created_job_is_queued_with_resolved_hyperparameters(team, train_id) -> 
 
 
 def test_method_supervised_hyperparameters_are_read(team, train_id) -> None:
-    resp = create(team, training_file=train_id,
-                  method={"type": "supervised",
-                          "supervised": {"hyperparameters": {"batch_size": 2}}})
+    resp = create(
+        team,
+        training_file=train_id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2}}},
+    )
     assert resp.json()["hyperparameters"]["batch_size"] == 2
 
 
@@ -59,8 +72,12 @@ def test_created_job_is_sent_to_the_broker(team, train_id, api_env) -> None:
         ({"training_file": "file-nope"}, 400, "training_file", "file_not_found"),
         ({"validation_file": "file-nope"}, 400, "validation_file", "file_not_found"),
         ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs", "invalid_value"),
-        ({"hyperparameters": {"batch_size": "big"}}, 400, "hyperparameters.batch_size",
-         "invalid_value"),
+        (
+            {"hyperparameters": {"batch_size": "big"}},
+            400,
+            "hyperparameters.batch_size",
+            "invalid_value",
+        ),
         ({"lora": {"r": 0}}, 400, "lora.r", "invalid_value"),
         ({"quantization": {"type": "int3"}}, 400, "quantization.type", "invalid_value"),
         ({"lora_r": 8}, 400, "lora_r", "invalid_value"),
@@ -86,9 +103,17 @@ def test_result_file_cannot_be_a_training_file(team, api_env) -> None:
     engine = make_engine(api_env["LATHE_DATABASE_URL"])
     with make_sessionmaker(engine)() as session:
         team_pk = session.query(Team.pk).filter(Team.id == team.id).scalar()
-        session.add(File(id="file-results-x1", team_pk=team_pk, filename="metrics.csv",
-                         purpose="fine-tune-results", bytes=1, sha256="0" * 64,
-                         storage_key="files/none"))
+        session.add(
+            File(
+                id="file-results-x1",
+                team_pk=team_pk,
+                filename="metrics.csv",
+                purpose="fine-tune-results",
+                bytes=1,
+                sha256="0" * 64,
+                storage_key="files/none",
+            )
+        )
         session.commit()
     engine.dispose()
     resp = create(team, training_file="file-results-x1")

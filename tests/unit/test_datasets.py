@@ -13,7 +13,9 @@ def line(obj: object) -> bytes:
     return json.dumps(obj).encode()
 
 
-CHAT = line({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+CHAT = line(
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+)
 PC = line({"prompt": "2+2=", "completion": "4"})
 TEXT = line({"text": "hello"})
 
@@ -42,7 +44,11 @@ def error_for(lines: list[bytes]) -> DatasetError:
         (line({"prompt": "x"}), "missing_key", "'completion'"),
         (line({"input": "x"}), "missing_key", "found keys: 'input'"),
         (line({"messages": [{"role": "bot", "content": "x"}]}), "unknown_role", "'bot'"),
-        (line({"messages": [{"role": "user", "content": "x"}]}), "no_assistant_message", "assistant"),
+        (
+            line({"messages": [{"role": "user", "content": "x"}]}),
+            "no_assistant_message",
+            "assistant",
+        ),
         (line({"messages": [{"role": "assistant"}]}), "missing_key", "messages[0]"),
         (line({"messages": []}), "invalid_type", "non-empty"),
         (line({"text": ""}), "mixed_formats", "mixed formats"),

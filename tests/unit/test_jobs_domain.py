@@ -29,7 +29,9 @@ def test_final_states_are_final(final: JobStatus) -> None:
 
 def test_cancel_is_possible_from_every_unfinished_state() -> None:
     assert sources_of(JobStatus.CANCELLED) == {
-        JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING
+        JobStatus.VALIDATING_FILES,
+        JobStatus.QUEUED,
+        JobStatus.RUNNING,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from worker.training.data import (
     tokenize_prompt_completion,
 )
 from worker.training.run import run_training
-from worker.training.spec import TrainingHooks, TrainingSpec
+from worker.training.spec import LoraSpec, TrainingHooks, TrainingSpec
 from worker.training.tiny_model import ensure_tiny_random_llama
 
 QUESTIONS = [
@@ -63,6 +64,7 @@ def tokenizer() -> ByT5Tokenizer:
 
 
 def make_spec(tiny_model: Path, tmp_path: Path, *, valid: bool, n_epochs: int) -> TrainingSpec:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return TrainingSpec(
         base_model_path=tiny_model,
         chat_template=None,  # the tiny model's tokenizer carries DEFAULT_CHAT_TEMPLATE
@@ -131,7 +133,8 @@ def test_chat_trains_only_on_assistant_turns(tokenizer: ByT5Tokenizer) -> None:
     ]
     example = tokenize_chat({"messages": messages}, tokenizer, max_seq_length=512)
 
-    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    pairs = zip(example["input_ids"], example["labels"], strict=True)
+    trained = [token for token, label in pairs if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == "Hello!</s>4</s>"
     assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(
         messages, tokenize=False
@@ -218,3 +221,16 @@ def test_should_stop_ends_training_early(tiny_model: Path, tmp_path: Path) -> No
     assert all("valid_loss" not in r for r in result.metrics)
     assert checkpoints == [], "a cut-short epoch is not checkpointed"
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_validation_does_not_change_training(tiny_model: Path, tmp_path: Path) -> None:
+    # Guards keep_cpu_weights_trainable: bitsandbytes' CPU inference repacking, triggered by
+    # the validation pass, used to cut the gradient through the 4-bit layers. Without
+    # dropout, and the same seed, the train losses must not depend on evaluating.
+    def train_losses(valid: bool) -> list[float]:
+        spec = make_spec(tiny_model, tmp_path / str(valid), valid=valid, n_epochs=1)
+        spec = dataclasses.replace(spec, lora=LoraSpec(dropout=0.0))
+        return [r["train_loss"] for r in run_training(spec, TrainingHooks()).metrics]
+
+    assert train_losses(valid=True) == train_losses(valid=False)

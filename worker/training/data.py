@@ -155,8 +155,3 @@ def load_examples(
 def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads each batch to its longest sequence; padded label positions are ignored."""
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-
-
-def count_tokens(examples: list[Example]) -> int:
-    """Non-pad tokens in one pass over the examples."""
-    return sum(len(e["input_ids"]) for e in examples)
