@@ -96,6 +96,10 @@ def follow_job(client: httpx.Client, job_id: str) -> dict:
             time.sleep(0.5)
 
 
+def _fmt(value: str, spec: str = ".4f") -> str:
+    return format(float(value), spec) if value else "-"
+
+
 def show_results(client: httpx.Client, job: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -111,7 +115,9 @@ def show_results(client: httpx.Client, job: dict, out_dir: Path) -> None:
     losses = [float(r["train_loss"]) for r in rows if r["train_loss"]]
     table = Table("step", "train_loss", "valid_loss", "learning_rate", title="metrics.csv")
     for r in rows[:: max(1, len(rows) // 8)] + ([rows[-1]] if len(rows) > 1 else []):
-        table.add_row(r["step"], r["train_loss"][:6], r["valid_loss"][:6], r["learning_rate"][:8])
+        table.add_row(
+            r["step"], _fmt(r["train_loss"]), _fmt(r["valid_loss"]), _fmt(r["learning_rate"], ".2e")
+        )
     console.print(table)
     console.print(f"loss {sparkline(losses)}  {losses[0]:.3f} -> {losses[-1]:.3f}")
     if losses[-1] >= losses[0]:
