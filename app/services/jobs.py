@@ -12,7 +12,6 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.domain.datasets import DatasetFormat
 from app.domain.hyperparameters import resolve
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus, is_final, sources_of
@@ -60,16 +59,8 @@ def _job_file(session: Session, team: Team, file_id: str, param: str) -> File:
     return record
 
 
-def dataset_problem(
-    training: File, validation: File | None, has_chat_template: bool
-) -> dict | None:
+def dataset_problem(training: File, validation: File | None) -> dict | None:
     """Why these files cannot train together (an OpenAI-style error), or None."""
-    if training.format == DatasetFormat.CHAT and not has_chat_template:
-        return {
-            "code": "invalid_training_file",
-            "param": "training_file",
-            "message": "chat datasets need a base model with a chat template",
-        }
     if validation is not None and validation.format != training.format:
         return {
             "code": "invalid_validation_file",
@@ -137,7 +128,7 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
             "max_seq_length": job.max_seq_length,
         },
     )
-    problem = dataset_problem(training, validation, bool(base.chat_template))
+    problem = dataset_problem(training, validation)
     if problem:
         transition(
             session,

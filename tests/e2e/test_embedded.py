@@ -1,0 +1,83 @@
+"""The embedded default: `lathe serve` with nothing configured (SQLite, a local object
+directory, a folder queue and its own worker process) runs a job to the end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import free_port, wait_for
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parents[2] / "app" / "data"
+
+
+def lathe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def test_embedded_server_trains_a_job(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATHE_")}
+    env["LATHE_HOME"] = str(tmp_path / "home")
+    lathe("migrate", env=env)
+    key = lathe("admin", "create-team", "embedded", env=env).stdout.strip().splitlines()[-1]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=30,
+            headers={"Authorization": f"Bearer {key}"},
+        )
+
+        def ready() -> bool:
+            try:
+                return client.get("/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, 60, what="the embedded server")
+        with (DATA / "sample_chat.jsonl").open("rb") as fh:
+            file_id = client.post(
+                "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", fh)}
+            ).json()["id"]
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "tiny-random-llama",
+                "training_file": file_id,
+                "hyperparameters": {"n_epochs": 1, "batch_size": 8},
+            },
+        ).json()
+        job = wait_for(
+            lambda: (
+                (j := client.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"]
+                in ("succeeded", "failed", "cancelled")
+                and j
+            ),
+            180,
+            what="the embedded job",
+        )
+        assert job["status"] == "succeeded", job["error"]
+        assert (tmp_path / "home" / "lathe.db").exists()
+        assert (tmp_path / "home" / "models" / "tiny-random-llama" / "model.safetensors").exists()
+        assert len(list((tmp_path / "home" / "objects" / "files").iterdir())) == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
