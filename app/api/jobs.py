@@ -64,5 +64,5 @@ def list_events(
 def list_checkpoints(
     job_id: str, team: TeamDep, session: SessionDep, limit: Limit = 10, after: str | None = None
 ) -> dict:
-    job, rows, has_more = jobs.list_checkpoints(session, team, job_id, limit, after)
-    return list_envelope([checkpoint_object(c, job.id) for c in rows], has_more)
+    rows, has_more = jobs.list_checkpoints(session, team, job_id, limit, after)
+    return list_envelope([checkpoint_object(c, job_id) for c in rows], has_more)

@@ -12,6 +12,7 @@ from app.domain.datasets import DatasetError, DatasetValidator
 from app.domain.ids import new_id
 from app.errors import BadRequest, NotFound, PayloadTooLarge
 from app.models import File, Job, Team
+from app.services.pagination import newest_first_page
 from app.storage import ObjectStore
 
 UPLOAD_PURPOSES = ("fine-tune",)
@@ -136,13 +137,10 @@ def get_file(session: Session, team: Team, file_id: str) -> File:
 
 
 def list_files(session: Session, team: Team, purpose: str | None, limit: int, after: str | None):
-    query = select(File).where(File.team_pk == team.pk)
+    scope = File.team_pk == team.pk
     if purpose:
-        query = query.where(File.purpose == purpose)
-    if after:
-        query = query.where(File.pk < get_file(session, team, after).pk)
-    rows = list(session.scalars(query.order_by(File.pk.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+        scope = scope & (File.purpose == purpose)
+    return newest_first_page(session, File, scope, limit, after)
 
 
 def delete_file(session: Session, store: ObjectStore, team: Team, file_id: str) -> None:

@@ -19,6 +19,7 @@ from app.errors import BadRequest, Conflict, NotFound
 from app.models import Checkpoint, File, Job, JobEvent, Team, now
 from app.schemas import JobCreate
 from app.services.events import add_event
+from app.services.pagination import newest_first_page
 
 
 def transition(
@@ -162,62 +163,35 @@ def get_job(session: Session, team: Team, job_id: str) -> Job:
 
 
 def list_jobs(session: Session, team: Team, limit: int, after: str | None):
-    query = select(Job).where(Job.team_pk == team.pk)
-    if after:
-        query = query.where(Job.pk < get_job(session, team, after).pk)
-    rows = list(session.scalars(query.order_by(Job.pk.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, Job, Job.team_pk == team.pk, limit, after)
+
+
+def _not_cancellable(job: Job) -> Conflict:
+    return Conflict(
+        f"job {job.id} has already ended ({job.status}); it cannot be cancelled",
+        code="job_not_cancellable",
+        param="fine_tuning_job_id",
+    )
 
 
 def cancel_job(session: Session, team: Team, job_id: str) -> Job:
     job = get_job(session, team, job_id)
     if is_final(JobStatus(job.status)):
-        raise Conflict(
-            f"job {job_id} has already ended ({job.status}); it cannot be cancelled",
-            code="job_not_cancellable",
-            param="fine_tuning_job_id",
-        )
+        raise _not_cancellable(job)
     if not transition(
         session, job, JobStatus.CANCELLED, "Fine-tuning job cancelled", finished_at=now()
     ):
-        session.rollback()
-        job = get_job(session, team, job_id)
-        raise Conflict(
-            f"job {job_id} has already ended ({job.status}); it cannot be cancelled",
-            code="job_not_cancellable",
-            param="fine_tuning_job_id",
-        )
+        session.rollback()  # it ended between the read and the update
+        raise _not_cancellable(get_job(session, team, job_id))
     session.commit()
     return job
 
 
 def list_events(session: Session, team: Team, job_id: str, limit: int, after: str | None):
     job = get_job(session, team, job_id)
-    query = select(JobEvent).where(JobEvent.job_pk == job.pk)
-    if after:
-        cursor = session.scalar(
-            select(JobEvent.pk).where(JobEvent.job_pk == job.pk, JobEvent.id == after)
-        )
-        if cursor is None:
-            raise BadRequest(
-                f"no event {after!r} in job {job_id}", code="invalid_cursor", param="after"
-            )
-        query = query.where(JobEvent.pk < cursor)
-    rows = list(session.scalars(query.order_by(JobEvent.pk.desc()).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return newest_first_page(session, JobEvent, JobEvent.job_pk == job.pk, limit, after)
 
 
 def list_checkpoints(session: Session, team: Team, job_id: str, limit: int, after: str | None):
     job = get_job(session, team, job_id)
-    query = select(Checkpoint).where(Checkpoint.job_pk == job.pk)
-    if after:
-        cursor = session.scalar(
-            select(Checkpoint.pk).where(Checkpoint.job_pk == job.pk, Checkpoint.id == after)
-        )
-        if cursor is None:
-            raise BadRequest(
-                f"no checkpoint {after!r} in job {job_id}", code="invalid_cursor", param="after"
-            )
-        query = query.where(Checkpoint.pk < cursor)
-    rows = list(session.scalars(query.order_by(Checkpoint.pk.desc()).limit(limit + 1)))
-    return job, rows[:limit], len(rows) > limit
+    return newest_first_page(session, Checkpoint, Checkpoint.job_pk == job.pk, limit, after)
