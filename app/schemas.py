@@ -44,6 +44,8 @@ class QuantizationIn(Strict):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
@@ -55,7 +57,7 @@ class JobCreate(Strict):
     method: MethodIn | None = None
     suffix: Suffix | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
     integrations: Annotated[list[dict], Field(max_length=0)] | None = None
     # Lathe extensions, sent through the SDK's extra_body.
     lora: LoraIn = Field(default_factory=LoraIn)

@@ -38,9 +38,13 @@ class LocalStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as out:
-            shutil.copyfileobj(stream, out, CHUNK)
-        partial.replace(path)
+        try:
+            with partial.open("wb") as out:
+                shutil.copyfileobj(stream, out, CHUNK)
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
     def put_file(self, key: str, path: Path) -> None:
         with path.open("rb") as stream:
@@ -67,14 +71,20 @@ class S3Store:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        from boto3.s3.transfer import TransferConfig
+
         self.client = boto3.client("s3", endpoint_url=endpoint_url)
+        # A non-seekable upload stream is buffered a part at a time; keep few parts in flight
+        # so a large upload holds ~2 x 8 MB in memory, not s3transfer's default of 10 parts.
+        self.transfer = TransferConfig(max_concurrency=2)
+        self.transfer.max_in_memory_upload_chunks = 2  # s3transfer's knob; boto3 has no kwarg
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, stream: BinaryIO) -> None:
         # upload_fileobj streams in multipart chunks: the object is never whole in memory.
-        self.client.upload_fileobj(stream, self.bucket, self._key(key))
+        self.client.upload_fileobj(stream, self.bucket, self._key(key), Config=self.transfer)
 
     def put_file(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key))

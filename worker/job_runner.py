@@ -162,7 +162,9 @@ def _hooks(
 
     def on_metrics(row: dict) -> None:
         step, total = row["step"], row.get("total_steps") or row["step"]
-        parts = [f"Step {step}/{total}: training loss={row['train_loss']:.4f}"]
+        parts = [f"Step {step}/{total}"]
+        if row.get("train_loss") is not None:
+            parts[0] += f": training loss={row['train_loss']:.4f}"
         if row.get("valid_loss") is not None:
             parts.append(f"validation loss={row['valid_loss']:.4f}")
         rate = (time.monotonic() - started) / max(step, 1)

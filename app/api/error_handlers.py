@@ -8,6 +8,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import APIError
@@ -56,6 +57,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException):
         code = "not_found" if exc.status_code == 404 else None
         return envelope(exc.status_code, str(exc.detail), "invalid_request_error", code, None)
+
+    @app.exception_handler(DataError)
+    async def _data_error(_: Request, exc: DataError):
+        # The database refused a value the client sent (a NUL byte in an id, say).
+        reason = str(exc.orig).splitlines()[0] if exc.orig else "invalid value"
+        return envelope(400, f"invalid value in request: {reason}", "invalid_request_error",
+                        "invalid_value", None)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

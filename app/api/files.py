@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -62,9 +63,15 @@ def file_content(file_id: str, team: TeamDep, session: SessionDep, store: StoreD
         media_type=media,
         headers={
             "Content-Length": str(record.bytes),
-            "Content-Disposition": f'attachment; filename="{record.filename}"',
+            "Content-Disposition": content_disposition(record.filename),
         },
     )
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266: an ASCII fallback plus the UTF-8 name, safe in a latin-1 header."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.delete("/{file_id}")

@@ -143,6 +143,10 @@ class DatasetValidator:
             raise DatasetError(
                 "invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})", line
             ) from None
+        except RecursionError:
+            raise DatasetError("invalid_json", "invalid JSON: nested too deeply", line) from None
+        except ValueError as exc:  # e.g. an integer literal past Python's digit limit
+            raise DatasetError("invalid_json", f"invalid JSON: {exc}", line) from None
         if not isinstance(record, dict):
             raise DatasetError(
                 "invalid_type", f"expected a JSON object, got {type(record).__name__}", line

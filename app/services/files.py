@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import BinaryIO
 
 from sqlalchemy import select
@@ -17,6 +18,9 @@ from app.storage import ObjectStore
 
 UPLOAD_PURPOSES = ("fine-tune",)
 MAX_LINE_BYTES = 16 * 1024 * 1024
+MAX_FILENAME_CHARS = 255
+
+log = logging.getLogger(__name__)
 
 
 class TooLarge(Exception):
@@ -85,6 +89,12 @@ def store_upload(
             code="invalid_purpose",
             param="purpose",
         )
+    if len(filename) > MAX_FILENAME_CHARS or "\x00" in filename:
+        raise BadRequest(
+            f"filename must be at most {MAX_FILENAME_CHARS} characters with no NUL bytes",
+            code="invalid_filename",
+            param="file",
+        )
     file_id = new_id("file")
     key = f"files/{file_id}"
     validator = DatasetValidator()
@@ -94,19 +104,19 @@ def store_upload(
         reader.read()  # drain: make sure the validator saw end of file
         stats = validator.finish()
     except DatasetError as exc:
-        store.delete(key)
+        _discard(store, key)
         raise BadRequest(
             f"invalid fine-tuning file {filename!r}: {exc}", code=exc.code, param="file"
         ) from None
     except TooLarge:
-        store.delete(key)
+        _discard(store, key)
         raise PayloadTooLarge(
             f"file is larger than the limit of {max_bytes} bytes",
             code="file_too_large",
             param="file",
         ) from None
     except BaseException:
-        store.delete(key)
+        _discard(store, key)
         raise
     record = File(
         id=file_id,
@@ -124,9 +134,17 @@ def store_upload(
     try:
         session.commit()
     except BaseException:
-        store.delete(key)
+        _discard(store, key)
         raise
     return record
+
+
+def _discard(store: ObjectStore, key: str) -> None:
+    """Remove a refused upload's object; a failure here must not hide the original error."""
+    try:
+        store.delete(key)
+    except Exception:
+        log.exception("could not delete refused upload %s", key)
 
 
 def get_file(session: Session, team: Team, file_id: str) -> File:

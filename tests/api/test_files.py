@@ -128,3 +128,28 @@ def test_requests_without_a_valid_key_are_401(api) -> None:
     resp = api.get("/v1/files", headers={"Authorization": "Bearer lathe-not-a-key"})
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_non_ascii_filename_downloads_with_an_rfc_6266_header(team) -> None:
+    body = team.upload(CHAT, name="données-été.jsonl").json()
+    assert body["filename"] == "données-été.jsonl"
+    resp = team.get(f"/v1/files/{body['id']}/content")
+    assert resp.status_code == 200
+    disposition = resp.headers["content-disposition"]
+    assert 'filename="donn_es-_t_.jsonl"' in disposition
+    assert "filename*=UTF-8''donn%C3%A9es-%C3%A9t%C3%A9.jsonl" in disposition
+
+
+def test_overlong_filename_is_a_400_and_stores_nothing(team, api_env) -> None:
+    objects_before = object_count(api_env)
+    resp = team.upload(CHAT, name="a" * 600 + ".jsonl")
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_filename"
+    assert object_count(api_env) == objects_before
+
+
+@pytest.mark.parametrize("url", ["/v1/files/file-%00abc", "/v1/files?after=file-%00"])
+def test_nul_bytes_in_ids_are_a_400_not_a_500(team, url: str) -> None:
+    resp = team.get(url)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request_error"

@@ -82,6 +82,9 @@ def test_created_job_is_sent_to_the_broker(team, train_id, api_env) -> None:
         ({"quantization": {"type": "int3"}}, 400, "quantization.type", "invalid_value"),
         ({"lora_r": 8}, 400, "lora_r", "invalid_value"),
         ({"method": {"type": "dpo"}}, 400, "method.type", "invalid_value"),
+        ({"metadata": {"k" * 65: "v"}}, 400, "metadata." + "k" * 65, "invalid_value"),
+        ({"metadata": {"k": "v" * 513}}, 400, "metadata.k", "invalid_value"),
+        ({"training_file": "file-\x00"}, 400, None, "invalid_value"),
     ],
 )
 def test_bad_job_requests_are_refused_with_the_field_named(

@@ -53,6 +53,8 @@ def error_for(lines: list[bytes]) -> DatasetError:
         (line({"messages": []}), "invalid_type", "non-empty"),
         (line({"text": ""}), "mixed_formats", "mixed formats"),
         (b"\xff\xfe", "invalid_encoding", "UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json", "nested too deeply"),
+        (b'{"text": "a", "n": ' + b"9" * 5000 + b"}", "invalid_json", "invalid JSON"),
     ],
 )
 def test_bad_line_is_reported_with_its_number(bad: bytes, code: str, fragment: str) -> None:
