@@ -62,8 +62,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _data_error(_: Request, exc: DataError):
         # The database refused a value the client sent (a NUL byte in an id, say).
         reason = str(exc.orig).splitlines()[0] if exc.orig else "invalid value"
-        return envelope(400, f"invalid value in request: {reason}", "invalid_request_error",
-                        "invalid_value", None)
+        return envelope(
+            400,
+            f"invalid value in request: {reason}",
+            "invalid_request_error",
+            "invalid_value",
+            None,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
