@@ -34,6 +34,19 @@ class BaseModelSpec(BaseModel):
     parameters: int | None = None
     # Base learning rate; a job's learning_rate_multiplier scales it.
     learning_rate: float = 2e-4
+    # Shape for the GPU memory estimate; guessed from `parameters` when not given.
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None
+
+
+class QuotaDefaults(BaseModel):
+    """Per-team limits applied where a team has none of its own; None: unlimited."""
+
+    max_running_jobs: int | None = None
+    max_queued_jobs: int | None = 100
+    max_file_bytes: int | None = None
+    gpu_hours_per_month: float | None = None
 
 
 class Settings(BaseSettings):
@@ -50,6 +63,9 @@ class Settings(BaseSettings):
                 name=TINY_RANDOM_LLAMA,
                 chat_template=DEFAULT_CHAT_TEMPLATE,
                 parameters=130_000,
+                hidden_size=64,
+                num_layers=2,
+                vocab_size=384,
                 # Random weights and few steps: a high rate makes the loss fall visibly.
                 learning_rate=1e-2,
             )
@@ -61,6 +77,33 @@ class Settings(BaseSettings):
     cancel_poll_seconds: float = 1.0
     # Device the worker trains on: "auto" picks cuda when present.
     device: str = "auto"
+
+    # --- The GPU pool ---
+    # Classes the pool is declared to have (name -> GPU memory in GB). Workers announce
+    # their own class and memory too; a job is refused when it fits no class in either.
+    gpu_classes: dict[str, float] = Field(default_factory=lambda: {"cpu": 8.0})
+    # This worker's class, memory (GB) and name; detected from the GPU when unset.
+    worker_gpu_class: str | None = None
+    worker_memory_gb: float | None = None
+    worker_name: str | None = None
+    # Workers heartbeat this often; one silent for `worker_lease_seconds` is lost and its
+    # running job goes back in line.
+    heartbeat_seconds: float = 2.0
+    worker_lease_seconds: float = 30.0
+    # The scheduler's pass interval, and how long a dispatched task may wait for a
+    # worker to claim it before it is dispatched again (with a new fencing token).
+    scheduler_interval_seconds: float = 0.5
+    # Run the scheduler loop inside each API process (passes are serialised by a
+    # Postgres advisory lock); set false to run `lathe scheduler` on its own instead.
+    scheduler_in_api: bool = True
+    dispatch_timeout_seconds: float = 120.0
+    # Fair share: usage decays with this half-life; a just-dispatched job is charged
+    # at least this many GPU seconds so one pass alternates between teams.
+    fair_share_half_life_hours: float = 24.0
+    dispatch_charge_seconds: float = 300.0
+    # Used for estimated start times until the pool has finished jobs to learn from.
+    typical_job_seconds: float = 600.0
+    default_quotas: QuotaDefaults = Field(default_factory=QuotaDefaults)
 
     @property
     def resolved_database_url(self) -> str:

@@ -33,3 +33,20 @@ class Conflict(APIError):
 
 class PayloadTooLarge(APIError):
     status_code = 413
+
+
+class Forbidden(APIError):
+    status_code = 403
+    type = "permission_error"
+
+
+class QuotaError(APIError):
+    """A team quota refuses the request: 429 for limits that free up as jobs end (jobs
+    waiting or running), 403 for those that do not (GPU hours this month, dataset size)."""
+
+    type = "insufficient_quota"
+    TRANSIENT = ("max_queued_jobs", "max_running_jobs")
+
+    def __init__(self, exceeded) -> None:  # app.domain.quotas.QuotaExceeded
+        super().__init__(exceeded.message, code="quota_exceeded", param=exceeded.limit)
+        self.status_code = 429 if exceeded.limit in self.TRANSIENT else 403

@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
-from app.api import files, health, jobs, models
+from app.api import admin, files, health, jobs, models, pool
 from app.api.error_handlers import install_error_handlers
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.queue import make_celery
+from app.scheduler_loop import SchedulerThread
 from app.storage import open_store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="Lathe", version="0.1.0", summary="4-bit QLoRA fine-tuning jobs")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler = SchedulerThread(settings) if settings.scheduler_in_api else None
+        if scheduler:
+            scheduler.start()
+        yield
+        if scheduler:
+            scheduler.close()
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="Lathe", version="0.1.0", summary="4-bit QLoRA fine-tuning jobs", lifespan=lifespan
+    )
     app.state.settings = settings
     app.state.engine = make_engine(settings.resolved_database_url)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
     app.state.store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
-    for module in (health, files, jobs, models):
+    for module in (health, files, jobs, models, pool, admin):
         app.include_router(module.router)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Integer primary keys on SQLite must be INTEGER to autoincrement; BIGINT elsewhere.
@@ -26,12 +26,21 @@ class Team(Base):
     id: Mapped[str] = mapped_column(String(40), unique=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # Fair share: a team with weight 2 is entitled to twice the GPU time of weight 1.
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # Quotas; NULL takes the deployment default (LATHE_DEFAULT_QUOTAS).
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_file_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_hours_per_month: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True)
+    id: Mapped[str | None] = mapped_column(String(40), unique=True)
     team_pk: Mapped[int] = mapped_column(ForeignKey("teams.pk", ondelete="CASCADE"), index=True)
     # sha256 of the key: keys are 256-bit random, so a fast hash is enough.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -86,6 +95,17 @@ class Job(Base):
     error: Mapped[dict | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(200))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Scheduling: priority within the team, the class asked for (NULL: any that fits),
+    # the memory estimate, and the dispatch (late: only when a slot of the class is free).
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    gpu_class: Mapped[str | None] = mapped_column(String(64))
+    memory_gb: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    dispatched_at: Mapped[int | None] = mapped_column(BigInteger)
+    dispatched_class: Mapped[str | None] = mapped_column(String(64))
+    # Fencing token: bumped on every dispatch; a task carrying an older one is a no-op.
+    dispatch_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # GPU seconds metered by the worker, start to end of training, all attempts.
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
@@ -118,3 +138,50 @@ class Checkpoint(Base):
     metrics: Mapped[dict] = mapped_column(JSON)
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(300))
     storage_key: Mapped[str] = mapped_column(String(512))
+
+
+class Worker(Base):
+    """One GPU worker (a Celery worker process bound to one GPU) and its heartbeat."""
+
+    __tablename__ = "workers"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True)
+    id: Mapped[str] = mapped_column(String(200), unique=True)
+    host: Mapped[str] = mapped_column(String(200))
+    gpu_name: Mapped[str] = mapped_column(String(200))
+    gpu_class: Mapped[str] = mapped_column(String(64), index=True)
+    memory_gb: Mapped[float] = mapped_column(Float)
+    # active | draining | drained | lost | stopped
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    current_job: Mapped[str | None] = mapped_column(String(40))
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    last_seen: Mapped[float] = mapped_column(Float)
+
+
+class AdminKey(Base):
+    """Operator keys for /v1/admin; separate from team keys and never scoped to a team."""
+
+    __tablename__ = "admin_keys"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    """One admin action: who, what, on which object, with which values."""
+
+    __tablename__ = "audit_log"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(200))
+    details: Mapped[dict | None] = mapped_column(JSON)

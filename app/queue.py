@@ -8,7 +8,12 @@ from celery import Celery
 from app.config import Settings
 
 TRAIN_TASK = "lathe.train_job"
-DEFAULT_QUEUE = "lathe.gpu"
+QUEUE_PREFIX = "lathe.gpu."
+
+
+def class_queue(gpu_class: str) -> str:
+    """Each GPU class has its own queue; every worker of the class consumes it."""
+    return QUEUE_PREFIX + gpu_class
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -19,7 +24,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,  # an idle GPU never has a second job reserved
         worker_concurrency=1,  # one job per GPU
         worker_max_tasks_per_child=1,  # a fresh process per job returns all GPU memory
-        task_default_queue=DEFAULT_QUEUE,
+        task_create_missing_queues=True,
         task_ignore_result=True,  # outcomes live in the database, not a result backend
         task_serializer="json",
         accept_content=["json"],
@@ -42,5 +47,6 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-def send_training_task(celery: Celery, job_id: str) -> None:
-    celery.send_task(TRAIN_TASK, args=[job_id], queue=DEFAULT_QUEUE)
+def send_training_task(celery: Celery, job_id: str, token: int, gpu_class: str) -> None:
+    """Sent by the scheduler only when a slot of `gpu_class` is free (late dispatch)."""
+    celery.send_task(TRAIN_TASK, args=[job_id, token], queue=class_queue(gpu_class))

@@ -7,8 +7,8 @@ from worker.celery_app import celery
 
 
 @celery.task(name=TRAIN_TASK)
-def train_job(job_id: str) -> str:
+def train_job(job_id: str, token: int | None = None) -> str:
     # Imported here: torch loads in the per-job child process, never in the parent.
     from worker.job_runner import run_job
 
-    return run_job(job_id)
+    return run_job(job_id, token=token)

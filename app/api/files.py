@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import SessionDep, SettingsDep, StoreDep, TeamDep
 from app.schemas import file_object, list_envelope
 from app.services import files
+from app.services.pool import team_quotas
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -33,6 +34,7 @@ def upload_file(
         purpose,
         file.file,
         settings.max_file_bytes,
+        team_quotas(team, settings).max_file_bytes,
     )
     return file_object(record)
 

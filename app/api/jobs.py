@@ -7,12 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import CeleryDep, SessionDep, SettingsDep, TeamDep
-from app.domain.jobs import JobStatus
-from app.queue import send_training_task
+from app.api.deps import SessionDep, SettingsDep, TeamDep
 from app.schemas import JobCreate, checkpoint_object, event_object, job_object, list_envelope
 from app.services import jobs
-from app.services.events import add_event
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger(__name__)
@@ -20,18 +17,9 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 
 
 @router.post("")
-def create_job(
-    body: JobCreate, team: TeamDep, session: SessionDep, settings: SettingsDep, celery: CeleryDep
-) -> dict:
-    job = jobs.create_job(session, settings, team, body)
-    if job.status == JobStatus.QUEUED:
-        try:
-            send_training_task(celery, job.id)
-        except Exception as exc:  # the job stays queued; the broker outage is recorded
-            log.exception("could not dispatch %s", job.id)
-            add_event(session, job.pk, f"Dispatch to the broker failed: {exc}", level="warn")
-            session.commit()
-    return job_object(job, team.id)
+def create_job(body: JobCreate, team: TeamDep, session: SessionDep, settings: SettingsDep) -> dict:
+    # The job waits in the database; the scheduler dispatches it when a slot is free.
+    return job_object(jobs.create_job(session, settings, team, body), team.id)
 
 
 @router.get("")
@@ -50,6 +38,16 @@ def retrieve_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
 @router.post("/{job_id}/cancel")
 def cancel_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
     return job_object(jobs.cancel_job(session, team, job_id), team.id)
+
+
+@router.post("/{job_id}/pause")
+def pause_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
+    return job_object(jobs.pause_job(session, team, job_id), team.id)
+
+
+@router.post("/{job_id}/resume")
+def resume_job(job_id: str, team: TeamDep, session: SessionDep, settings: SettingsDep) -> dict:
+    return job_object(jobs.resume_job(session, settings, team, job_id), team.id)
 
 
 @router.get("/{job_id}/events")

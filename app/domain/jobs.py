@@ -9,22 +9,36 @@ class JobStatus(StrEnum):
     VALIDATING_FILES = "validating_files"
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
+# Jobs waiting for a GPU (they count against a team's queued-jobs quota).
+WAITING_STATES = frozenset({JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.PAUSED})
 FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.VALIDATING_FILES: frozenset(
         {JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}
     ),
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED}
+    ),
     # running -> queued: the worker was lost and the job goes back in line.
     JobStatus.RUNNING: frozenset(
-        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
+        {
+            JobStatus.SUCCEEDED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+            JobStatus.QUEUED,
+            JobStatus.PAUSED,
+        }
     ),
+    # paused -> queued is resume: the job waits its turn again and continues from its
+    # last checkpoint.
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from app.domain.datasets import DatasetError, DatasetValidator
 from app.domain.ids import new_id
-from app.errors import BadRequest, NotFound, PayloadTooLarge
+from app.domain.quotas import QuotaExceeded
+from app.errors import BadRequest, NotFound, PayloadTooLarge, QuotaError
 from app.models import File, Job, Team
 from app.services.pagination import newest_first_page
 from app.storage import ObjectStore
@@ -82,7 +83,10 @@ def store_upload(
     purpose: str,
     stream: BinaryIO,
     max_bytes: int,
+    quota_bytes: int | None = None,
 ) -> File:
+    """Store an upload; `max_bytes` is the deployment's limit (413), `quota_bytes` the
+    team's largest-dataset quota (403)."""
     if purpose not in UPLOAD_PURPOSES:
         raise BadRequest(
             f"purpose {purpose!r} is not accepted; use one of: {', '.join(UPLOAD_PURPOSES)}",
@@ -98,7 +102,8 @@ def store_upload(
     file_id = new_id("file")
     key = f"files/{file_id}"
     validator = DatasetValidator()
-    reader = ValidatingReader(stream, validator, max_bytes)
+    limit = min(max_bytes, quota_bytes) if quota_bytes is not None else max_bytes
+    reader = ValidatingReader(stream, validator, limit)
     try:
         store.put(key, reader)  # type: ignore[arg-type]
         reader.read()  # drain: make sure the validator saw end of file
@@ -110,6 +115,16 @@ def store_upload(
         ) from None
     except TooLarge:
         _discard(store, key)
+        if quota_bytes is not None and quota_bytes < max_bytes:
+            raise QuotaError(
+                QuotaExceeded(
+                    limit="max_file_bytes",
+                    value=quota_bytes,
+                    current=reader.bytes,
+                    message=f"quota max_file_bytes exceeded: the file is larger than the "
+                    f"team's limit of {quota_bytes} bytes",
+                )
+            ) from None
         raise PayloadTooLarge(
             f"file is larger than the limit of {max_bytes} bytes",
             code="file_too_large",

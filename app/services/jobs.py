@@ -7,19 +7,23 @@ racing on one job (a cancel against a finishing worker, say) cannot both win.
 from __future__ import annotations
 
 import secrets
+import time
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.config import Settings
+from app.config import BaseModelSpec, Settings
 from app.domain.hyperparameters import resolve
 from app.domain.ids import new_id
-from app.domain.jobs import JobStatus, is_final, sources_of
-from app.errors import BadRequest, Conflict, NotFound
+from app.domain.jobs import WAITING_STATES, JobStatus, is_final, sources_of
+from app.domain.memory import ModelShape, estimate_memory_gb, fitting_classes, shape_from_parameters
+from app.domain.quotas import check_new_job, month_start
+from app.errors import BadRequest, Conflict, NotFound, QuotaError
 from app.models import Checkpoint, File, Job, JobEvent, Team, now
-from app.schemas import JobCreate
+from app.schemas import JobCreate, QuantizationIn
 from app.services.events import add_event
 from app.services.pagination import newest_first_page
+from app.services.pool import pool_classes, team_quotas
 
 
 def transition(
@@ -30,13 +34,16 @@ def transition(
     *,
     level: str = "info",
     data: dict | None = None,
+    guard: tuple = (),
     **fields: object,
 ) -> bool:
-    """Move `job` to `target` if its current state allows; write the event. No commit."""
+    """Move `job` to `target` if its current state allows; write the event. No commit.
+
+    `guard` adds conditions to the UPDATE (a fencing token, say)."""
     sources = [s.value for s in sources_of(target)]
     result = session.execute(
         update(Job)
-        .where(Job.pk == job.pk, Job.status.in_(sources))
+        .where(Job.pk == job.pk, Job.status.in_(sources), *guard)
         .values(status=target.value, **fields)
         .execution_options(synchronize_session=False)
     )
@@ -96,6 +103,9 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
     )
     lora = body.lora.model_dump()
     lora["target_modules"] = lora["target_modules"] or list(base.target_modules)
+    check_new_job_quota(session, settings, team)
+    memory_gb = job_memory_gb(base, lora, hp.batch_size, body.max_seq_length, body.quantization)
+    check_fits_pool(session, settings, body.gpu_class, memory_gb)
     job = Job(
         id=new_id("ftjob"),
         team_pk=team.pk,
@@ -116,6 +126,9 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
         result_files=[],
+        priority=body.priority,
+        gpu_class=body.gpu_class,
+        memory_gb=round(memory_gb, 3),
     )
     session.add(job)
     session.flush()
@@ -127,6 +140,9 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
             "lora": job.lora,
             "quantization": job.quantization,
             "max_seq_length": job.max_seq_length,
+            "priority": job.priority,
+            "gpu_class": job.gpu_class,
+            "memory_gb": job.memory_gb,
         },
     )
     problem = dataset_problem(training, validation)
@@ -149,6 +165,92 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         )
     session.commit()
     return job
+
+
+def job_memory_gb(
+    base: BaseModelSpec, lora: dict, batch_size: int, seq_len: int, quant: QuantizationIn
+) -> float:
+    if base.hidden_size and base.num_layers:
+        shape = ModelShape(
+            parameters=base.parameters or 0,
+            hidden_size=base.hidden_size,
+            num_layers=base.num_layers,
+            vocab_size=base.vocab_size or 32000,
+        )
+    else:
+        shape = shape_from_parameters(base.parameters or 7_000_000_000)
+    return estimate_memory_gb(
+        shape,
+        lora_r=lora["r"],
+        target_modules=len(lora["target_modules"]),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        double_quant=quant.double_quant,
+    ).total_gb
+
+
+def check_fits_pool(
+    session: Session, settings: Settings, gpu_class: str | None, memory_gb: float
+) -> None:
+    """Refuse, at creation, a job no class in the pool can run: it would wait forever."""
+    classes = pool_classes(session, settings)
+    if gpu_class is not None:
+        if gpu_class not in classes:
+            raise BadRequest(
+                f"gpu_class {gpu_class!r} is not in this pool; classes: "
+                + (", ".join(sorted(classes)) or "none"),
+                code="unknown_gpu_class",
+                param="gpu_class",
+            )
+        if classes[gpu_class] < memory_gb:
+            raise BadRequest(
+                f"the job needs about {memory_gb:.1f} GB of GPU memory but gpu_class "
+                f"{gpu_class!r} has {classes[gpu_class]:.0f} GB; lower batch_size or "
+                "max_seq_length, or choose a larger class",
+                code="insufficient_gpu_memory",
+                param="gpu_class",
+            )
+        return
+    if not fitting_classes(memory_gb, classes):
+        largest = max(classes.items(), key=lambda kv: kv[1], default=("none", 0.0))
+        raise BadRequest(
+            f"the job needs about {memory_gb:.1f} GB of GPU memory; the largest class in "
+            f"this pool, {largest[0]!r}, has {largest[1]:.0f} GB; lower batch_size or "
+            "max_seq_length",
+            code="insufficient_gpu_memory",
+            param="max_seq_length",
+        )
+
+
+def check_new_job_quota(
+    session: Session, settings: Settings, team: Team, *, already_waiting: bool = False
+) -> None:
+    quotas = team_quotas(team, settings)
+    waiting = 0
+    if not already_waiting:
+        waiting = session.scalar(
+            select(func.count()).where(
+                Job.team_pk == team.pk, Job.status.in_([s.value for s in WAITING_STATES])
+            )
+        )
+    exceeded = check_new_job(quotas, waiting or 0, month_gpu_seconds(session, team))
+    if exceeded is not None:
+        raise QuotaError(exceeded)
+
+
+def month_gpu_seconds(session: Session, team: Team, at: float | None = None) -> float:
+    """GPU seconds this calendar month (UTC): ended jobs plus running ones so far."""
+    at = time.time() if at is None else at
+    start = month_start(at)
+    ended = session.scalar(
+        select(func.coalesce(func.sum(Job.gpu_seconds), 0.0)).where(
+            Job.team_pk == team.pk, func.coalesce(Job.finished_at, Job.started_at) >= start
+        )
+    )
+    running = session.scalars(
+        select(Job.started_at).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
+    ).all()
+    return float(ended or 0.0) + sum(max(0.0, at - max(s or at, start)) for s in running)
 
 
 def get_job(session: Session, team: Team, job_id: str) -> Job:
@@ -183,6 +285,56 @@ def cancel_job(session: Session, team: Team, job_id: str) -> Job:
     ):
         session.rollback()  # it ended between the read and the update
         raise _not_cancellable(get_job(session, team, job_id))
+    session.commit()
+    return job
+
+
+def pause_job(session: Session, team: Team, job_id: str) -> Job:
+    """Queued: taken out of line. Running: the worker stops within a few steps, keeping
+    the job's checkpoints; resume puts it back in line to continue from the last one."""
+    job = get_job(session, team, job_id)
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise Conflict(
+            f"job {job.id} is {job.status}; only a queued or running job can be paused",
+            code="job_not_pausable",
+            param="fine_tuning_job_id",
+        )
+    if not transition(
+        session,
+        job,
+        JobStatus.PAUSED,
+        "Fine-tuning job paused",
+        guard=(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),),
+        dispatched_at=None,
+        dispatched_class=None,
+        estimated_finish=None,
+    ):
+        session.rollback()
+        raise Conflict(f"job {job.id} changed state; try again", code="job_not_pausable")
+    session.commit()
+    return job
+
+
+def resume_job(session: Session, settings: Settings, team: Team, job_id: str) -> Job:
+    job = get_job(session, team, job_id)
+    if job.status != JobStatus.PAUSED:
+        raise Conflict(
+            f"job {job.id} is {job.status}; only a paused job can be resumed",
+            code="job_not_paused",
+            param="fine_tuning_job_id",
+        )
+    # A paused job already counts as waiting; only the GPU-hours quota can refuse it.
+    check_new_job_quota(session, settings, team, already_waiting=True)
+    if not transition(
+        session,
+        job,
+        JobStatus.QUEUED,
+        "Fine-tuning job resumed; back in line",
+        guard=(Job.status == JobStatus.PAUSED.value,),
+        worker=None,
+    ):
+        session.rollback()
+        raise Conflict(f"job {job.id} changed state; try again", code="job_not_paused")
     session.commit()
     return job
 

@@ -36,7 +36,7 @@ def create_team(session: Session, name: str) -> tuple[Team, str]:
 
 def issue_key(session: Session, team: Team) -> str:
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(team_pk=team.pk, key_hash=hash_key(key), prefix=key[:12]))
+    session.add(ApiKey(id=new_id("key"), team_pk=team.pk, key_hash=hash_key(key), prefix=key[:12]))
     return key
 
 

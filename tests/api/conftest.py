@@ -14,9 +14,21 @@ from tests.conftest import create_team_key, settings_from
 
 
 @pytest.fixture(scope="session")
-def api_env(stack_env: dict[str, str]) -> dict[str, str]:
-    # Redis database 1: tasks sent here are never taken by the e2e tests' worker.
-    return {**stack_env, "LATHE_BROKER_URL": stack_env["LATHE_BROKER_URL"][:-1] + "1"}
+def api_env(stack_env: dict[str, str], postgres_server) -> Iterator[dict[str, str]]:
+    """The stack with a database and Redis db of its own, and no scheduler thread: the
+    jobs these tests queue stay queued (the e2e tests' workers never see them), and
+    tests that need a pass run `schedule_once` themselves."""
+    from app.migrate import upgrade
+
+    url = postgres_server.create_database("lathe_api")
+    upgrade(url)
+    yield {
+        **stack_env,
+        "LATHE_DATABASE_URL": url,
+        "LATHE_BROKER_URL": stack_env["LATHE_BROKER_URL"][:-1] + "1",
+        "LATHE_SCHEDULER_IN_API": "false",
+    }
+    postgres_server.drop_database(url)
 
 
 @pytest.fixture(scope="session")

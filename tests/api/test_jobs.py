@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import redis
 
 from tests.api.datasets import CHAT, PROMPT_COMPLETION
 
@@ -57,12 +54,6 @@ def test_method_supervised_hyperparameters_are_read(team, train_id) -> None:
         method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2}}},
     )
     assert resp.json()["hyperparameters"]["batch_size"] == 2
-
-
-def test_created_job_is_sent_to_the_broker(team, train_id, api_env) -> None:
-    job_id = create(team, training_file=train_id).json()["id"]
-    queue = redis.Redis.from_url(api_env["LATHE_BROKER_URL"]).lrange("lathe.gpu", 0, -1)
-    assert any(json.loads(m)["headers"]["argsrepr"] == repr([job_id]) for m in queue)
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,15 @@ def test_cancel_is_possible_from_every_unfinished_state() -> None:
         JobStatus.VALIDATING_FILES,
         JobStatus.QUEUED,
         JobStatus.RUNNING,
+        JobStatus.PAUSED,
     }
+
+
+def test_pause_and_resume_paths() -> None:
+    assert sources_of(JobStatus.PAUSED) == {JobStatus.QUEUED, JobStatus.RUNNING}
+    check_transition(JobStatus.PAUSED, JobStatus.QUEUED)  # resume
+    with pytest.raises(InvalidTransition):
+        check_transition(JobStatus.PAUSED, JobStatus.RUNNING)  # only through the queue
 
 
 def test_only_a_queued_job_can_be_claimed() -> None:

@@ -1,0 +1,132 @@
+"""GPU memory estimates for a QLoRA job, and which GPU classes can hold it.
+
+The estimate decides which GPU classes a job is eligible for before it is queued, so a job
+never waits for a GPU it cannot fit on. It is deliberately simple and slightly generous:
+a job sent to a class too small fails with an out-of-memory error after waiting in line,
+which is worse than waiting for a larger GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+GB = 1024**3
+"""Bytes per GB (GiB), as GPU memory is quoted by drivers and nvidia-smi."""
+
+NF4_BITS_PER_PARAM = 4.0
+"""QLoRA stores frozen base weights as 4-bit NormalFloat (NF4)."""
+
+QUANT_CONSTANT_BITS = 0.5
+"""One fp32 absmax constant per 64-weight block: 32/64 = 0.5 bit per parameter."""
+
+DOUBLE_QUANT_CONSTANT_BITS = 0.127
+"""Double quantization (QLoRA paper, sec. 3): the constants quantized to 8 bit in blocks of
+256 with one fp32 second-level constant, 8/64 + 32/(64*256) = 0.127 bit per parameter."""
+
+LORA_BYTES_PER_PARAM = 16
+"""LoRA adapter params are trained in fp32: weight 4 + gradient 4 + Adam m 4 + Adam v 4."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int
+    """Total parameter count."""
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    intermediate_size: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    base_weights_gb: float
+    """Frozen base model in NF4: 4 bits per parameter plus the quantization constants."""
+    lora_gb: float
+    """LoRA adapters with their gradients and Adam states, 16 bytes per adapter parameter."""
+    activations_gb: float
+    """Activations kept with gradient checkpointing, plus the fp32 logits and their gradient."""
+    overhead_gb: float
+    """CUDA context, cuBLAS workspaces and allocator fragmentation."""
+
+    @property
+    def total_gb(self) -> float:
+        return self.base_weights_gb + self.lora_gb + self.activations_gb + self.overhead_gb
+
+
+def shape_from_parameters(parameters: int) -> ModelShape:
+    """A rough Llama-like shape when only the parameter count is known.
+
+    A decoder layer holds about 12·hidden² parameters (4·hidden² attention, 8·hidden² MLP)
+    and such models have about hidden/128 layers, so parameters ≈ 12·hidden³/128. The layer
+    count is clamped to [2, 128] and the hidden size then solved from it. For 7B this gives
+    33 layers of 4204, close to Llama 2 7B's 32 of 4096.
+    """
+    if parameters <= 0:
+        raise ValueError(f"parameters must be > 0, got {parameters}")
+    hidden_guess = (parameters * 128 / 12) ** (1 / 3)
+    num_layers = min(128, max(2, round(hidden_guess / 128)))
+    hidden_size = max(1, round(math.sqrt(parameters / (12 * num_layers))))
+    return ModelShape(
+        parameters=parameters,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vocab_size=32000,
+    )
+
+
+def estimate_memory_gb(
+    shape: ModelShape,
+    *,
+    lora_r: int,
+    target_modules: int,
+    batch_size: int,
+    seq_len: int,
+    double_quant: bool = True,
+    overhead_gb: float = 0.5,
+) -> MemoryEstimate:
+    """Peak GPU memory for QLoRA training of `shape`, term by term.
+
+    `target_modules` is the number of projection matrices per layer that get an adapter
+    (e.g. 4 for q, k, v, o). Every adapted matrix is treated as hidden x hidden, which
+    undercounts MLP projections a little; the overhead term absorbs that.
+    """
+    for name, value in (
+        ("lora_r", lora_r),
+        ("target_modules", target_modules),
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    constant_bits = DOUBLE_QUANT_CONSTANT_BITS if double_quant else QUANT_CONSTANT_BITS
+    base_bytes = shape.parameters * (NF4_BITS_PER_PARAM + constant_bits) / 8
+
+    # A and B of a rank-r adapter on a hidden x hidden matrix: r·hidden each.
+    lora_params = 2 * lora_r * shape.hidden_size * target_modules * shape.num_layers
+    lora_bytes = lora_params * LORA_BYTES_PER_PARAM
+
+    tokens = batch_size * seq_len
+    # Checkpointing keeps each layer's bf16 input (2 bytes), about doubled while one layer
+    # is recomputed during the backward pass.
+    layer_bytes = tokens * shape.hidden_size * shape.num_layers * 2 * 2
+    # Logits are upcast to fp32 for the loss, and their gradient is the same size.
+    logits_bytes = tokens * shape.vocab_size * 4 * 2
+
+    return MemoryEstimate(
+        base_weights_gb=base_bytes / GB,
+        lora_gb=lora_bytes / GB,
+        activations_gb=(layer_bytes + logits_bytes) / GB,
+        overhead_gb=overhead_gb,
+    )
+
+
+def fitting_classes(needed_gb: float, classes: Mapping[str, float]) -> list[str]:
+    """GPU class names with at least `needed_gb` of memory, smallest first (ties by name).
+
+    Smallest first, so a caller that takes the first entry uses the smallest GPU that fits
+    and leaves the large ones to jobs that need them.
+    """
+    fitting = [(memory_gb, name) for name, memory_gb in classes.items() if memory_gb >= needed_gb]
+    return [name for _, name in sorted(fitting)]

@@ -1,0 +1,47 @@
+"""The scheduler as a long-running loop: a thread in the API process, or `lathe scheduler`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker
+from app.queue import make_celery
+from app.services.scheduler import schedule_once
+
+log = logging.getLogger(__name__)
+
+
+def run_forever(settings: Settings, stop: threading.Event | None = None) -> None:
+    """One pass every `scheduler_interval_seconds` until `stop` is set."""
+    stop = stop or threading.Event()
+    engine = make_engine(settings.resolved_database_url)
+    sessions = make_sessionmaker(engine)
+    celery = make_celery(settings)
+    try:
+        while not stop.is_set():
+            try:
+                schedule_once(sessions, settings, celery)
+            except Exception:  # the database or broker may be briefly away
+                log.exception("scheduler pass failed; retrying")
+            stop.wait(settings.scheduler_interval_seconds)
+    finally:
+        engine.dispose()
+
+
+class SchedulerThread:
+    """Runs the loop beside the API (LATHE_SCHEDULER_IN_API, the default)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=run_forever, args=(settings, self.stop), name="lathe-scheduler", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)

@@ -1,0 +1,147 @@
+"""The GPU pool as the database sees it: live workers, classes, free slots, team shares.
+
+Read by the scheduler (what to dispatch), by job creation (does the job fit a class?)
+and by the queue and workers endpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.domain.jobs import JobStatus
+from app.domain.quotas import Quotas, merge
+from app.domain.scheduling import TeamShare, decayed_usage
+from app.models import Job, Team, Worker
+
+LIVE_STATUSES = ("active", "draining", "drained")
+
+
+def quota_defaults(settings: Settings) -> Quotas:
+    return Quotas(**settings.default_quotas.model_dump())
+
+
+def team_quotas(team: Team, settings: Settings) -> Quotas:
+    own = Quotas(
+        max_running_jobs=team.max_running_jobs,
+        max_queued_jobs=team.max_queued_jobs,
+        max_file_bytes=team.max_file_bytes,
+        gpu_hours_per_month=team.gpu_hours_per_month,
+    )
+    return merge(own, quota_defaults(settings))
+
+
+def live_workers(session: Session, settings: Settings, at: float | None = None) -> list[Worker]:
+    at = time.time() if at is None else at
+    return list(
+        session.scalars(
+            select(Worker)
+            .where(
+                Worker.status.in_(LIVE_STATUSES),
+                Worker.last_seen >= at - settings.worker_lease_seconds,
+            )
+            .order_by(Worker.gpu_class, Worker.id)
+        )
+    )
+
+
+def pool_classes(session: Session, settings: Settings, at: float | None = None) -> dict[str, float]:
+    """Declared classes plus those live workers announce (the larger memory wins)."""
+    classes = dict(settings.gpu_classes)
+    for worker in live_workers(session, settings, at):
+        classes[worker.gpu_class] = max(classes.get(worker.gpu_class, 0.0), worker.memory_gb)
+    return classes
+
+
+def pending_dispatches(session: Session) -> dict[str, int]:
+    """Jobs sent to a class queue that no worker has claimed yet, per class."""
+    rows = session.execute(
+        select(Job.dispatched_class, func.count())
+        .where(Job.status == JobStatus.QUEUED.value, Job.dispatched_at.is_not(None))
+        .group_by(Job.dispatched_class)
+    )
+    return {cls: n for cls, n in rows if cls}
+
+
+def free_slots(session: Session, settings: Settings, at: float) -> dict[str, int]:
+    """Per class: idle, undrained live workers minus dispatches still waiting for one."""
+    idle: dict[str, int] = {}
+    for worker in live_workers(session, settings, at):
+        if worker.status == "active" and worker.current_job is None:
+            idle[worker.gpu_class] = idle.get(worker.gpu_class, 0) + 1
+    pending = pending_dispatches(session)
+    return {cls: n - pending.get(cls, 0) for cls, n in idle.items() if n > pending.get(cls, 0)}
+
+
+@dataclass(frozen=True)
+class ClassSlots:
+    """How busy a class is: its live workers and, for each, when it frees (seconds)."""
+
+    workers: int
+    free_in: list[float]
+
+
+def slot_free_times(session: Session, settings: Settings, at: float) -> dict[str, ClassSlots]:
+    running = {
+        j.id: j for j in session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value))
+    }
+    slots: dict[str, ClassSlots] = {}
+    for worker in live_workers(session, settings, at):
+        if worker.status != "active" and worker.current_job is None:
+            continue  # drained: frees nothing
+        entry = slots.setdefault(worker.gpu_class, ClassSlots(0, []))
+        job = running.get(worker.current_job or "")
+        if job is None:
+            free_in = 0.0
+        elif job.estimated_finish:
+            free_in = max(0.0, job.estimated_finish - at)
+        else:
+            free_in = settings.typical_job_seconds
+        if worker.status != "active":
+            continue  # draining: finishes its job, then takes nothing
+        slots[worker.gpu_class] = ClassSlots(entry.workers + 1, [*entry.free_in, free_in])
+    return slots
+
+
+def team_shares(session: Session, settings: Settings, at: float) -> dict[int, TeamShare]:
+    """Each team's weight, decayed recent GPU usage, running jobs and running quota."""
+    half_life = settings.fair_share_half_life_hours * 3600
+    defaults = quota_defaults(settings)
+    shares: dict[int, TeamShare] = {}
+    for team in session.scalars(select(Team)):
+        limit = team.max_running_jobs
+        shares[team.pk] = TeamShare(
+            team=team.pk,
+            weight=team.weight if team.weight > 0 else 1.0,
+            recent_gpu_seconds=0.0,
+            running=[],
+            max_running=limit if limit is not None else defaults.max_running_jobs,
+        )
+    ended = func.coalesce(Job.finished_at, Job.started_at)
+    bucket = (ended / 3600).label("bucket")
+    usage = session.execute(
+        select(Job.team_pk, bucket, func.sum(Job.gpu_seconds))
+        .where(Job.gpu_seconds > 0, ended >= at - 6 * half_life)
+        .group_by(Job.team_pk, bucket)
+    )
+    per_team: dict[int, list[tuple[float, float]]] = {}
+    for team_pk, hour, seconds in usage:
+        per_team.setdefault(team_pk, []).append((float(hour) * 3600 + 1800, float(seconds)))
+    for team_pk, buckets in per_team.items():
+        if team_pk in shares:
+            shares[team_pk].recent_gpu_seconds = decayed_usage(buckets, at, half_life)
+    in_flight = session.execute(
+        select(Job.team_pk, Job.status, Job.started_at).where(
+            (Job.status == JobStatus.RUNNING.value)
+            | ((Job.status == JobStatus.QUEUED.value) & Job.dispatched_at.is_not(None))
+        )
+    )
+    for team_pk, status, started_at in in_flight:
+        elapsed = at - started_at if status == JobStatus.RUNNING.value and started_at else 0.0
+        if team_pk in shares:
+            shares[team_pk].running.append(max(0.0, elapsed))
+    return shares

@@ -1,0 +1,213 @@
+"""One scheduler pass: reconcile the pool, then dispatch queued jobs to free GPU slots.
+
+Late dispatch: a job waits in Postgres as `queued` and is sent to its class's Celery queue
+only when a worker of that class is free, so the fair-share decision (app.domain.scheduling)
+is taken at the last moment, with the latest usage. Each dispatch bumps the job's fencing
+token; the task carries it and the worker's claim requires it, so a task re-sent after a
+timeout, or redelivered by the broker, can never start the job twice.
+
+Passes are serialised across processes with a Postgres advisory lock, so any number of
+API replicas or `lathe scheduler` processes may run them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from celery import Celery
+from sqlalchemy import case, func, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.domain.jobs import JobStatus
+from app.domain.scheduling import QueuedJob, plan_dispatch
+from app.models import Job, Team, Worker
+from app.queue import send_training_task
+from app.services.jobs import transition
+from app.services.pool import free_slots, pool_classes, team_shares
+
+log = logging.getLogger(__name__)
+SCHEDULER_LOCK = 0x1A7E  # pg advisory lock key: one pass at a time, pool-wide
+MAX_ATTEMPTS = 3
+
+PRIORITY_RANK = case((Job.priority == "high", 0), (Job.priority == "normal", 1), else_=2)
+
+
+@dataclass
+class PassResult:
+    dispatched: list[tuple[str, str]] = field(default_factory=list)  # (job id, class)
+    lost_workers: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    skipped: bool = False  # another process held the lock
+
+
+def _try_lock(session: Session) -> bool:
+    if session.get_bind().dialect.name != "postgresql":
+        return True  # SQLite: one embedded process
+    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SCHEDULER_LOCK}))
+
+
+def reconcile_workers(session: Session, settings: Settings, at: float, result: PassResult) -> None:
+    """Workers silent past their lease are lost; their running jobs go back in line."""
+    lost = session.scalars(
+        select(Worker).where(
+            Worker.status.in_(("active", "draining", "drained")),
+            Worker.last_seen < at - settings.worker_lease_seconds,
+        )
+    ).all()
+    for worker in lost:
+        worker.status = "lost"
+        result.lost_workers.append(worker.id)
+        job = session.scalar(
+            select(Job).where(Job.worker == worker.id, Job.status == JobStatus.RUNNING.value)
+        )
+        worker.current_job = None
+        if job is None:
+            continue
+        if job.attempt >= MAX_ATTEMPTS:
+            transition(
+                session,
+                job,
+                JobStatus.FAILED,
+                f"Worker {worker.id} was lost; the job failed after {job.attempt} attempts",
+                level="error",
+                error={
+                    "code": "worker_lost",
+                    "param": None,
+                    "message": f"the job's worker was lost {job.attempt} times",
+                },
+                finished_at=int(at),
+                estimated_finish=None,
+            )
+        else:
+            transition(
+                session,
+                job,
+                JobStatus.QUEUED,
+                f"Worker {worker.id} was lost; the job is back in line "
+                f"(attempt {job.attempt + 1} of {MAX_ATTEMPTS} next)",
+                level="warn",
+                dispatched_at=None,
+                dispatched_class=None,
+                worker=None,
+                estimated_finish=None,
+            )
+            result.requeued.append(job.id)
+
+
+def expire_dispatches(session: Session, settings: Settings, at: float) -> None:
+    """A dispatch no worker claimed in time (a lost message) is taken back for re-dispatch."""
+    session.execute(
+        update(Job)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.dispatched_at.is_not(None),
+            Job.dispatched_at < at - settings.dispatch_timeout_seconds,
+        )
+        .values(dispatched_at=None, dispatched_class=None)
+    )
+
+
+def load_candidates(
+    session: Session, classes: dict[str, float], free: dict[str, int]
+) -> list[QueuedJob]:
+    """Per free class, each team's best few fitting jobs (not all 10,000 in line)."""
+    found: dict[int, QueuedJob] = {}
+    for gpu_class, slots in free.items():
+        memory = classes.get(gpu_class, 0.0)
+        fits = (Job.gpu_class == gpu_class) | (Job.gpu_class.is_(None) & (Job.memory_gb <= memory))
+        ranked = (
+            select(
+                Job.pk,
+                Job.team_pk,
+                Job.priority,
+                Job.created_at,
+                Job.gpu_class,
+                Job.memory_gb,
+                func.row_number()
+                .over(partition_by=Job.team_pk, order_by=(PRIORITY_RANK, Job.created_at, Job.pk))
+                .label("rank"),
+            )
+            .join(Team, Team.pk == Job.team_pk)
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                Job.dispatched_at.is_(None),
+                Team.disabled.is_(False),
+                fits,
+            )
+            .subquery()
+        )
+        for row in session.execute(select(ranked).where(ranked.c.rank <= slots)):
+            eligible = frozenset(
+                [row.gpu_class]
+                if row.gpu_class
+                else [c for c, m in classes.items() if m >= row.memory_gb]
+            )
+            found[row.pk] = QueuedJob(
+                key=row.pk,
+                team=row.team_pk,
+                priority=row.priority,
+                created_at=float(row.created_at),
+                eligible=eligible,
+            )
+    return list(found.values())
+
+
+def schedule_once(
+    sessions: sessionmaker[Session], settings: Settings, celery: Celery
+) -> PassResult:
+    at = time.time()
+    result = PassResult()
+    sent: list[tuple[str, int, str]] = []
+    with sessions() as session:
+        if not _try_lock(session):
+            result.skipped = True
+            return result
+        reconcile_workers(session, settings, at, result)
+        expire_dispatches(session, settings, at)
+        free = free_slots(session, settings, at)
+        if free:
+            classes = pool_classes(session, settings, at)
+            candidates = load_candidates(session, classes, free)
+            if candidates:
+                shares = team_shares(session, settings, at)
+                for job, gpu_class in plan_dispatch(
+                    candidates, shares, free, settings.dispatch_charge_seconds
+                ):
+                    row = session.execute(
+                        update(Job)
+                        .where(
+                            Job.pk == job.key,
+                            Job.status == JobStatus.QUEUED.value,
+                            Job.dispatched_at.is_(None),
+                        )
+                        .values(
+                            dispatched_at=int(at),
+                            dispatched_class=gpu_class,
+                            dispatch_token=Job.dispatch_token + 1,
+                        )
+                        .returning(Job.id, Job.dispatch_token)
+                    ).first()
+                    if row is not None:
+                        sent.append((row.id, row.dispatch_token, gpu_class))
+        session.commit()
+    # Sent after the commit, so the worker's claim sees the token. A crash in between
+    # leaves a dispatch nobody claims, which expire_dispatches takes back.
+    for job_id, token, gpu_class in sent:
+        try:
+            send_training_task(celery, job_id, token, gpu_class)
+            result.dispatched.append((job_id, gpu_class))
+        except Exception:
+            log.exception("could not send %s to the broker; it will be dispatched again", job_id)
+            with sessions() as session:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.dispatch_token == token)
+                    .values(dispatched_at=None, dispatched_class=None)
+                )
+                session.commit()
+    if result.dispatched or result.requeued or result.lost_workers:
+        log.info("scheduler pass: %s", result)
+    return result

@@ -1,0 +1,82 @@
+"""Metered GPU time per team and calendar month (UTC), for chargeback.
+
+A job's GPU seconds are metered by its worker from claim to end (all attempts) and
+count in the month the job ended; a running job counts its time so far in this month.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.domain.jobs import JobStatus
+from app.errors import BadRequest
+from app.models import Job, Team
+
+
+def period_bounds(period: str | None, at: float | None = None) -> tuple[str, int, int]:
+    """ "2026-11" -> ("2026-11", start, end) in epoch seconds; None: the current month."""
+    if period is None:
+        period = datetime.fromtimestamp(at or time.time(), UTC).strftime("%Y-%m")
+    try:
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise BadRequest(
+            f"period {period!r} is not a month; use YYYY-MM", code="invalid_period", param="period"
+        ) from None
+    days = calendar.monthrange(start.year, start.month)[1]
+    return period, int(start.timestamp()), int(start.timestamp()) + days * 86400
+
+
+def usage_for(session: Session, teams: list[Team], period: str | None) -> list[dict]:
+    name, start, end = period_bounds(period)
+    at = time.time()
+    pks = [t.pk for t in teams]
+    ended = func.coalesce(Job.finished_at, Job.started_at)
+    rows = session.execute(
+        select(Job.team_pk, Job.dispatched_class, func.count(), func.sum(Job.gpu_seconds))
+        .where(Job.team_pk.in_(pks), Job.gpu_seconds > 0, ended >= start, ended < end)
+        .group_by(Job.team_pk, Job.dispatched_class)
+    ).all()
+    running = session.execute(
+        select(Job.team_pk, Job.dispatched_class, Job.started_at).where(
+            Job.team_pk.in_(pks), Job.status == JobStatus.RUNNING.value
+        )
+    ).all()
+    report = {
+        t.pk: {
+            "object": "usage",
+            "team_id": t.id,
+            "team": t.name,
+            "period": name,
+            "gpu_seconds": 0.0,
+            "jobs": 0,
+            "by_gpu_class": {},
+        }
+        for t in teams
+    }
+    for team_pk, gpu_class, jobs, seconds in rows:
+        entry = report[team_pk]
+        entry["gpu_seconds"] += float(seconds or 0)
+        entry["jobs"] += jobs
+        by_class = entry["by_gpu_class"]
+        by_class[gpu_class or "unknown"] = by_class.get(gpu_class or "unknown", 0.0) + float(
+            seconds or 0
+        )
+    for team_pk, gpu_class, started_at in running:
+        if started_at is None or at < start or at >= end:
+            continue
+        seconds = at - max(started_at, start)
+        entry = report[team_pk]
+        entry["gpu_seconds"] += seconds
+        by_class = entry["by_gpu_class"]
+        by_class[gpu_class or "unknown"] = by_class.get(gpu_class or "unknown", 0.0) + seconds
+    for entry in report.values():
+        entry["gpu_seconds"] = round(entry["gpu_seconds"], 1)
+        entry["gpu_hours"] = round(entry["gpu_seconds"] / 3600, 4)
+        entry["by_gpu_class"] = {k: round(v, 1) for k, v in entry["by_gpu_class"].items()}
+    return list(report.values())

@@ -1,0 +1,252 @@
+"""The pool on real Postgres + Redis: scheduler passes, class fit, lost workers, queue
+positions, usage and the workers view. Worker rows are inserted as a worker's heartbeat
+would; no process consumes here (tests/e2e has the real workers)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from sqlalchemy import select, update
+
+from app.db import make_engine, make_sessionmaker
+from app.models import Job, JobEvent, Team, Worker
+from app.queue import class_queue, make_celery
+from app.services.scheduler import schedule_once
+from tests.api.datasets import CHAT
+from tests.conftest import settings_from
+
+MODEL = "tiny-random-llama"
+
+
+@pytest.fixture
+def sessions(api_env):
+    engine = make_engine(api_env["LATHE_DATABASE_URL"])
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def gpu_class() -> str:
+    """A class no other test uses, so their rows and jobs never mix."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def add_worker(sessions) -> Iterator[Callable[..., str]]:
+    """Inserts worker rows; first cancels what earlier tests left queued (class-less jobs
+    fit any class and would compete for these workers)."""
+    with sessions() as session:
+        session.execute(update(Job).where(Job.status == "queued").values(status="cancelled"))
+        session.commit()
+    ids: list[str] = []
+
+    def add(gpu_class: str, memory_gb: float = 8.0, last_seen: float | None = None) -> str:
+        worker_id = f"w-{uuid.uuid4().hex[:8]}@host"
+        with sessions() as session:
+            session.add(
+                Worker(
+                    id=worker_id,
+                    host="host",
+                    gpu_name="test",
+                    gpu_class=gpu_class,
+                    memory_gb=memory_gb,
+                    status="active",
+                    jobs_done=0,
+                    last_seen=last_seen or time.time(),
+                )
+            )
+            session.commit()
+        ids.append(worker_id)
+        return worker_id
+
+    yield add
+    with sessions() as session:
+        session.execute(update(Worker).where(Worker.id.in_(ids)).values(status="stopped"))
+        session.commit()
+
+
+def schedule(api_env, sessions):
+    settings = settings_from(api_env)
+    return schedule_once(sessions, settings, make_celery(settings))
+
+
+def create(team, train_id: str, **body):
+    return team.post(
+        "/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": train_id, **body}
+    )
+
+
+@pytest.fixture
+def train_id(team) -> str:
+    return team.upload(CHAT).json()["id"]
+
+
+def test_a_pass_dispatches_to_the_free_class_queue_with_a_fencing_token(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    add_worker(gpu_class)
+    job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    result = schedule(api_env, sessions)
+    assert (job_id, gpu_class) in result.dispatched
+    messages = redis.Redis.from_url(api_env["LATHE_BROKER_URL"]).lrange(
+        class_queue(gpu_class), 0, -1
+    )
+    assert [json.loads(m)["headers"]["argsrepr"] for m in messages] == [repr([job_id, 1])]
+    # The one slot now has a dispatch waiting on it: a second pass sends nothing more.
+    second = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    assert schedule(api_env, sessions).dispatched == []
+    with sessions() as session:
+        assert session.scalar(select(Job.dispatched_at).where(Job.id == second)) is None
+
+
+def test_a_job_fitting_no_class_is_refused_at_creation(team, train_id, add_worker) -> None:
+    unknown = create(team, train_id, gpu_class="no-such-class")
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["code"] == "unknown_gpu_class"
+    huge = create(team, train_id, max_seq_length=32768, hyperparameters={"batch_size": 256})
+    assert huge.status_code == 400, huge.text
+    error = huge.json()["error"]
+    assert error["code"] == "insufficient_gpu_memory"
+    assert "GB" in error["message"]
+
+
+def test_a_lost_workers_running_job_goes_back_in_line(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    worker_id = add_worker(gpu_class)
+    job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    with sessions() as session:  # it took the job, then went silent for an hour
+        session.execute(
+            update(Worker).where(Worker.id == worker_id).values(last_seen=time.time() - 3600)
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="running", worker=worker_id, attempt=1, started_at=int(time.time()))
+        )
+        session.execute(update(Worker).where(Worker.id == worker_id).values(current_job=job_id))
+        session.commit()
+    result = schedule(api_env, sessions)
+    assert worker_id in result.lost_workers
+    assert job_id in result.requeued
+    job = team.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "queued"
+    with sessions() as session:
+        messages = session.scalars(select(JobEvent.message).join(Job).where(Job.id == job_id)).all()
+        status = session.scalar(select(Worker.status).where(Worker.id == worker_id))
+    assert status == "lost"
+    assert any("was lost" in m for m in messages)
+
+
+def test_fair_share_dispatches_the_idle_team_first(
+    team, other_team, api_env, sessions, add_worker, gpu_class
+) -> None:
+    add_worker(gpu_class)
+    heavy = team.upload(CHAT).json()["id"]
+    light = other_team.upload(CHAT).json()["id"]
+    a_jobs = [create(team, heavy, gpu_class=gpu_class).json()["id"] for _ in range(3)]
+    b_job = create(other_team, light, gpu_class=gpu_class).json()["id"]
+    with sessions() as session:  # team A has used the GPU recently; B has not
+        session.execute(
+            update(Job)
+            .where(Job.id == a_jobs[0])
+            .values(status="succeeded", gpu_seconds=120.0, finished_at=int(time.time()))
+        )
+        session.commit()
+    assert [j for j, _ in schedule(api_env, sessions).dispatched] == [b_job]
+    position = team.get(f"/v1/fine_tuning/jobs/{a_jobs[1]}/queue").json()
+    assert position["status"] == "queued"
+    assert position["position"] == 1  # B's job is dispatched; A's next is first in line
+    assert position["eligible_gpu_classes"] == [gpu_class]
+    assert position["estimated_start"] is not None
+
+
+def test_max_running_jobs_holds_a_teams_jobs_back(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    with sessions() as session:
+        session.execute(update(Team).where(Team.id == team.id).values(max_running_jobs=1))
+        session.commit()
+    add_worker(gpu_class)
+    add_worker(gpu_class)
+    first = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    second = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    assert [j for j, _ in schedule(api_env, sessions).dispatched] == [first]
+    assert schedule(api_env, sessions).dispatched == []
+    assert team.get(f"/v1/fine_tuning/jobs/{second}").json()["status"] == "queued"
+
+
+def test_queued_jobs_quota_refuses_with_429_naming_the_limit(team, train_id, sessions) -> None:
+    with sessions() as session:
+        session.execute(update(Team).where(Team.id == team.id).values(max_queued_jobs=1))
+        session.commit()
+    assert create(team, train_id).status_code == 200
+    refused = create(team, train_id)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_queued_jobs")
+    assert "limit 1" in error["message"]
+
+
+def test_gpu_hours_quota_refuses_with_403_and_usage_reports_the_seconds(
+    team, train_id, sessions
+) -> None:
+    done = create(team, train_id).json()["id"]
+    with sessions() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == done)
+            .values(
+                status="succeeded",
+                gpu_seconds=7200.0,
+                finished_at=int(time.time()),
+                dispatched_class="a100-80gb",
+            )
+        )
+        session.execute(update(Team).where(Team.id == team.id).values(gpu_hours_per_month=2))
+        session.commit()
+    usage = team.get("/v1/usage").json()
+    assert usage["gpu_seconds"] == 7200.0
+    assert usage["gpu_hours"] == 2.0
+    assert usage["by_gpu_class"] == {"a100-80gb": 7200.0}
+    assert usage["gpu_hours_quota"] == 2
+    refused = create(team, train_id)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["param"] == "gpu_hours_per_month"
+    assert team.get("/v1/usage", params={"period": "2020-01"}).json()["gpu_seconds"] == 0
+    assert team.get("/v1/usage", params={"period": "soon"}).status_code == 400
+
+
+def test_file_size_quota_refuses_with_403(team, sessions) -> None:
+    with sessions() as session:
+        session.execute(update(Team).where(Team.id == team.id).values(max_file_bytes=100))
+        session.commit()
+    refused = team.upload(CHAT)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["param"] == "max_file_bytes"
+
+
+def test_workers_and_queue_views(team, train_id, add_worker, gpu_class) -> None:
+    worker_id = add_worker(gpu_class, memory_gb=24.0)
+    create(team, train_id, gpu_class=gpu_class)
+    workers = {w["id"]: w for w in team.get("/v1/workers").json()["data"]}
+    assert workers[worker_id]["gpu_class"] == gpu_class
+    assert workers[worker_id]["status"] == "active"
+    queue = team.get("/v1/queue").json()
+    entry = next(c for c in queue["classes"] if c["gpu_class"] == gpu_class)
+    assert (entry["workers"], entry["queued"], entry["memory_gb"]) == (1, 1, 24.0)
+    assert entry["queued_by_team"] == {team.id: 1}
+
+
+def test_pause_and_resume_a_queued_job(team, train_id) -> None:
+    job_id = create(team, train_id).json()["id"]
+    paused = team.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()
+    assert paused["status"] == "paused"
+    assert team.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 409
+    assert team.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+    assert team.post(f"/v1/fine_tuning/jobs/{job_id}/resume").status_code == 409

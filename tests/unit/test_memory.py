@@ -1,0 +1,75 @@
+"""GPU memory estimates for QLoRA jobs and choosing GPU classes that fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.domain.memory import (
+    ModelShape,
+    estimate_memory_gb,
+    fitting_classes,
+    shape_from_parameters,
+)
+
+SEVEN_B = shape_from_parameters(7_000_000_000)
+
+
+def estimate(shape: ModelShape = SEVEN_B, **overrides: int) -> float:
+    settings = {"lora_r": 16, "target_modules": 4, "batch_size": 4, "seq_len": 1024}
+    return estimate_memory_gb(shape, **(settings | overrides)).total_gb
+
+
+def test_a_7b_shape_looks_like_llama() -> None:
+    assert 28 <= SEVEN_B.num_layers <= 36
+    assert 3584 <= SEVEN_B.hidden_size <= 4608
+    assert SEVEN_B.vocab_size == 32000
+
+
+@pytest.mark.parametrize("parameters", [1, 1000, 10**6, 10**13])
+def test_layer_count_is_clamped(parameters: int) -> None:
+    shape = shape_from_parameters(parameters)
+    assert 2 <= shape.num_layers <= 128
+    assert shape.hidden_size >= 1
+
+
+def test_7b_base_weights_take_about_3_and_a_half_gb() -> None:
+    result = estimate_memory_gb(SEVEN_B, lora_r=16, target_modules=4, batch_size=1, seq_len=512)
+    assert 3.3 <= result.base_weights_gb <= 4.0
+    single = estimate_memory_gb(
+        SEVEN_B, lora_r=16, target_modules=4, batch_size=1, seq_len=512, double_quant=False
+    )
+    assert single.base_weights_gb > result.base_weights_gb
+
+
+def test_lora_term_is_16_bytes_per_adapter_parameter() -> None:
+    shape = ModelShape(parameters=10**9, hidden_size=1024, num_layers=8, vocab_size=1000)
+    result = estimate_memory_gb(shape, lora_r=8, target_modules=2, batch_size=1, seq_len=1)
+    assert result.lora_gb == pytest.approx(2 * 8 * 1024 * 2 * 8 * 16 / 1024**3)
+
+
+def test_total_grows_with_batch_size_and_sequence_length() -> None:
+    assert estimate(batch_size=8) > estimate(batch_size=4)
+    assert estimate(seq_len=4096) > estimate(seq_len=1024)
+    assert estimate(lora_r=64) > estimate(lora_r=8)
+
+
+def test_total_is_the_sum_of_the_terms() -> None:
+    result = estimate_memory_gb(
+        SEVEN_B, lora_r=16, target_modules=4, batch_size=2, seq_len=256, overhead_gb=1.5
+    )
+    assert result.overhead_gb == 1.5
+    assert result.total_gb == pytest.approx(
+        result.base_weights_gb + result.lora_gb + result.activations_gb + 1.5
+    )
+
+
+def test_a_zero_batch_size_is_an_error() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        estimate(batch_size=0)
+
+
+def test_fitting_classes_smallest_first_ties_by_name() -> None:
+    classes = {"h100": 80.0, "a10": 24.0, "l4": 24.0, "t4": 16.0, "a100": 80.0}
+    assert fitting_classes(20.0, classes) == ["a10", "l4", "a100", "h100"]
+    assert fitting_classes(24.0, classes) == ["a10", "l4", "a100", "h100"]
+    assert fitting_classes(100.0, classes) == []

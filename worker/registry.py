@@ -1,0 +1,166 @@
+"""The worker's row in the pool registry: what it is, a heartbeat, and drain handling.
+
+The Celery parent process registers at start, beats every `heartbeat_seconds` from a
+thread, and marks itself stopped at shutdown. The job's child process shows its job on
+the row (worker.job_runner.set_current_job). An operator's drain is seen on the next
+beat: the worker stops consuming its class queue, finishes the job it has, then shows
+`drained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.models import Worker, now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu_name: str
+    gpu_class: str
+    memory_gb: float
+
+
+def class_from_gpu_name(name: str, memory_gb: float) -> str:
+    """ "NVIDIA H100 80GB HBM3", 79.6 -> "h100-80gb": the model token plus its memory."""
+    tokens = re.findall(r"[A-Za-z]+\d+[A-Za-z]*|\d+[A-Za-z]+", name.replace("NVIDIA", ""))
+    model = next((t for t in tokens if not t.lower().endswith("gb")), name.split()[-1])
+    return f"{model.lower()}-{round(memory_gb)}gb"
+
+
+def detect_hardware() -> Hardware:
+    """The first visible GPU through nvidia-smi (no torch in the parent); else the CPU."""
+    if shutil.which("nvidia-smi"):
+        index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        try:
+            out = (
+                subprocess.run(
+                    [
+                        "nvidia-smi",
+                        "-i",
+                        index,
+                        "--query-gpu=name,memory.total",
+                        "--format=csv,noheader,nounits",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
+            name, mib = (part.strip() for part in out.split(","))
+            memory_gb = float(mib) / 1024
+            return Hardware(name, class_from_gpu_name(name, memory_gb), round(memory_gb, 1))
+        except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+            log.warning("nvidia-smi did not answer; registering as a CPU worker")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return Hardware("cpu", "cpu", round(memory, 1))
+
+
+def resolve_hardware(settings: Settings) -> Hardware:
+    """Detected hardware, with LATHE_WORKER_GPU_CLASS / _MEMORY_GB taking precedence."""
+    found = detect_hardware()
+    return Hardware(
+        found.gpu_name,
+        settings.worker_gpu_class or found.gpu_class,
+        settings.worker_memory_gb or found.memory_gb,
+    )
+
+
+def default_worker_id(gpu_class: str) -> str:
+    return f"lathe-{gpu_class}-{os.getpid()}@{socket.gethostname()}"
+
+
+class Heartbeat:
+    """Registers the worker and keeps its row alive from a daemon thread."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        worker_id: str,
+        hardware: Hardware,
+        on_drain,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.worker_id = worker_id
+        self.hardware = hardware
+        self.on_drain = on_drain  # called once when a drain is first seen
+        self.draining = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lathe-heartbeat", daemon=True)
+
+    def register(self) -> None:
+        with self.sessions() as session:
+            row = session.scalar(select(Worker).where(Worker.id == self.worker_id))
+            if row is None:
+                row = Worker(id=self.worker_id, jobs_done=0)
+                session.add(row)
+            row.host = socket.gethostname()
+            row.gpu_name = self.hardware.gpu_name
+            row.gpu_class = self.hardware.gpu_class
+            row.memory_gb = self.hardware.memory_gb
+            row.status = "active"
+            row.current_job = None
+            row.started_at = now()
+            row.last_seen = time.time()
+            session.commit()
+        log.info("registered worker %s (%s)", self.worker_id, self.hardware)
+
+    def start(self) -> None:
+        self.register()
+        self._thread.start()
+
+    def beat(self) -> None:
+        with self.sessions() as session:
+            row = session.scalar(select(Worker).where(Worker.id == self.worker_id))
+            if row is None:  # removed by an operator: register again
+                session.rollback()
+                self.register()
+                return
+            row.last_seen = time.time()
+            if row.status == "lost":  # we were silent too long but are alive: back in
+                row.status = "active"
+            if row.status in ("draining", "drained"):
+                if not self.draining:
+                    self.draining = True
+                    self.on_drain()
+                row.status = "drained" if row.current_job is None else "draining"
+            elif self.draining and row.status == "active":  # an operator undrained us
+                self.draining = False
+                self.on_drain(resume=True)
+            session.commit()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                self.beat()
+            except Exception:  # the database may be briefly away: try again next beat
+                log.exception("heartbeat failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self.sessions() as session:
+            session.execute(
+                update(Worker)
+                .where(Worker.id == self.worker_id)
+                .values(status="stopped", last_seen=time.time())
+            )
+            session.commit()
