@@ -61,29 +61,58 @@ def serve(
 
 @app.command()
 def worker(
-    queue: str = typer.Option(None, help="Celery queue to consume (default: lathe.gpu)."),
-    name: str = typer.Option(None, help="Worker node name (default: lathe@HOST)."),
+    gpu_class: str = typer.Option(
+        None, help="GPU class to announce and consume (default: detected, e.g. h100-80gb)."
+    ),
+    memory_gb: float = typer.Option(None, help="GPU memory to announce (default: detected)."),
+    name: str = typer.Option(None, help="Worker id (default: lathe-CLASS-PID@HOST)."),
     loglevel: str = typer.Option("INFO"),
 ) -> None:
-    """Run a Celery GPU worker: one job at a time, each in a fresh child process."""
-    from app.queue import DEFAULT_QUEUE
+    """Run a Celery GPU worker for one GPU: one job at a time, each in a fresh process."""
+    if gpu_class:
+        os.environ["LATHE_WORKER_GPU_CLASS"] = gpu_class
+    if memory_gb:
+        os.environ["LATHE_WORKER_MEMORY_GB"] = str(memory_gb)
+    get_settings.cache_clear()
+    settings = get_settings()
+
+    from app.queue import class_queue
+    from worker.registry import default_worker_id, resolve_hardware
+
+    hardware = resolve_hardware(settings)
+    worker_id = name or settings.worker_name or default_worker_id(hardware.gpu_class)
+    os.environ["LATHE_WORKER_ID"] = worker_id  # read by the heartbeat and the job process
+
     from worker.celery_app import celery
 
-    argv = [
-        "worker",
-        f"--loglevel={loglevel}",
-        "--concurrency=1",
-        "--pool=prefork",
-        "-O",
-        "fair",
-        "-Q",
-        queue or DEFAULT_QUEUE,
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    if name:
-        argv += ["-n", name]
-    celery.worker_main(argv)
+    console.print(
+        f"worker {worker_id}: class {hardware.gpu_class}, {hardware.memory_gb} GB "
+        f"({hardware.gpu_name}), queue {class_queue(hardware.gpu_class)}"
+    )
+    celery.worker_main(
+        [
+            "worker",
+            f"--loglevel={loglevel}",
+            "--concurrency=1",
+            "--pool=prefork",
+            "-O",
+            "fair",
+            "-Q",
+            class_queue(hardware.gpu_class),
+            "-n",
+            worker_id,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+@app.command()
+def scheduler() -> None:
+    """Run the scheduler: dispatch queued jobs to free GPU slots, fairly; mark lost workers."""
+    from app.scheduler_loop import run_forever
+
+    run_forever(get_settings())
 
 
 @admin.command("create-team")
@@ -111,6 +140,27 @@ def create_team(name: str) -> None:
     finally:
         engine.dispose()
     console.print(f"created team {team.name} ({team.id}); its API key is shown once:")
+    print(key)
+
+
+@admin.command("create-admin-key")
+def create_admin_key(name: str) -> None:
+    """Create an admin key for /v1/admin and print it (shown once) as the last line."""
+    from app.db import make_engine, make_sessionmaker
+    from app.errors import APIError
+    from app.services.admin import create_admin_key as create
+
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            record, key = create(session, name)
+    except APIError as exc:
+        console.print(exc.message)
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    console.print(f"created admin key {record.name} ({record.id}); it is shown once:")
     print(key)
 
 

@@ -46,6 +46,7 @@ class QuantizationIn(Strict):
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+GpuClass = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
@@ -63,6 +64,8 @@ class JobCreate(Strict):
     lora: LoraIn = Field(default_factory=LoraIn)
     quantization: QuantizationIn = Field(default_factory=QuantizationIn)
     max_seq_length: Annotated[int, Field(ge=16, le=32768)] = 1024
+    priority: Literal["low", "normal", "high"] = "normal"
+    gpu_class: GpuClass | None = None
 
     def requested_hyperparameters(self) -> HyperparametersIn:
         if self.method and self.method.supervised and self.method.supervised.hyperparameters:

@@ -27,6 +27,7 @@ A fresh empty database per test module::
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -231,9 +232,14 @@ def stack_env(
 
 
 def settings_from(env: dict[str, str]):
+    """Settings from LATHE_* variables, parsed as pydantic-settings parses the environment
+    (complex values are JSON)."""
     from app.config import Settings
 
-    return Settings(**{k.removeprefix("LATHE_").lower(): v for k, v in env.items()})
+    def value(raw: str):
+        return json.loads(raw) if raw[:1] in "{[" else raw
+
+    return Settings(**{k.removeprefix("LATHE_").lower(): value(v) for k, v in env.items()})
 
 
 def create_team_key(env: dict[str, str], prefix: str = "team") -> tuple[str, str]:

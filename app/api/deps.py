@@ -10,8 +10,9 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Unauthorized
-from app.models import Team
+from app.errors import Forbidden, Unauthorized
+from app.models import AdminKey, Team
+from app.services.admin import admin_for_key
 from app.services.teams import team_for_key
 from app.storage import ObjectStore
 
@@ -49,7 +50,34 @@ def current_team(request: Request, session: SessionDep) -> Team:
     team = team_for_key(session, key.strip())
     if team is None:
         raise Unauthorized("invalid or revoked API key", code="invalid_api_key")
+    if team.disabled:
+        raise Forbidden(f"team {team.name} is disabled; ask an administrator", code="team_disabled")
     return team
 
 
 TeamDep = Annotated[Team, Depends(current_team)]
+
+
+def current_admin(request: Request, session: SessionDep) -> AdminKey:
+    """The caller's admin key; a team key is refused (403), a missing or unknown one 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise Unauthorized(
+            "missing admin key: send 'Authorization: Bearer <admin key>'",
+            code="missing_api_key",
+        )
+    admin = admin_for_key(session, key)
+    if admin is not None:
+        return admin
+    if team_for_key(session, key) is not None:
+        raise Forbidden(
+            "this is a team API key; the admin API needs an admin key "
+            "(lathe admin create-admin-key NAME)",
+            code="admin_key_required",
+        )
+    raise Unauthorized("invalid or revoked admin key", code="invalid_api_key")
+
+
+AdminDep = Annotated[AdminKey, Depends(current_admin)]

@@ -1,5 +1,6 @@
-"""A production-shaped deployment for end-to-end tests: the API under uvicorn, a separate
-`lathe worker` process, Postgres, Redis and moto's S3 server."""
+"""A production-shaped deployment for end-to-end tests: the API (with its scheduler thread)
+under uvicorn, two separate `lathe worker` processes of different GPU classes, Postgres,
+Redis and moto's S3 server."""
 
 from __future__ import annotations
 
@@ -25,12 +26,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SMALL, LARGE = "cpu-small", "cpu-large"
+WORKERS = {SMALL: ("small@e2e", 0.6), LARGE: ("large@e2e", 4.0)}  # class: (id, GB)
+
+
 @pytest.fixture(scope="session")
-def live_api(stack_env: dict[str, str]) -> Iterator[str]:
-    """Base URL of the API served by uvicorn in a thread."""
+def e2e_env(stack_env: dict[str, str]) -> dict[str, str]:
+    """The stack, with a pool made only of the workers below and quick heartbeats."""
+    return {
+        **stack_env,
+        "LATHE_GPU_CLASSES": "{}",
+        "LATHE_HEARTBEAT_SECONDS": "0.5",
+        "LATHE_WORKER_LEASE_SECONDS": "20",
+        "LATHE_SCHEDULER_INTERVAL_SECONDS": "0.2",
+    }
+
+
+@pytest.fixture(scope="session")
+def live_api(e2e_env: dict[str, str]) -> Iterator[str]:
+    """Base URL of the API served by uvicorn in a thread; it runs the scheduler too."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings_from(stack_env)), host="127.0.0.1", port=port, log_level="warning"
+        create_app(settings_from(e2e_env)), host="127.0.0.1", port=port, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -44,34 +61,66 @@ def live_api(stack_env: dict[str, str]) -> Iterator[str]:
     thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def worker_process(
-    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[subprocess.Popen]:
-    """A real `lathe worker` process consuming the stack's Redis queue."""
-    log_path: Path = tmp_path_factory.mktemp("worker") / "worker.log"
+def start_worker(
+    env: dict[str, str], gpu_class: str, name: str, memory_gb: float, log_path: Path
+) -> subprocess.Popen:
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker", "--name", "e2e@%h"],
-        env={**os.environ, **stack_env},
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "worker",
+            "--gpu-class",
+            gpu_class,
+            "--memory-gb",
+            str(memory_gb),
+            "--name",
+            name,
+        ],
+        env={**os.environ, **env},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    log.close()
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + 90
     while b" ready." not in log_path.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the worker did not start:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.1)
-    yield proc
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+
+
+@pytest.fixture(scope="session")
+def workers(
+    e2e_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """Two real `lathe worker` processes, one per class: {class: worker id}."""
+    logs = tmp_path_factory.mktemp("workers")
+    procs = {}
+    for gpu_class, (name, memory) in WORKERS.items():
+        log_path = logs / f"{gpu_class}.log"
+        procs[gpu_class] = (start_worker(e2e_env, gpu_class, name, memory, log_path), log_path)
+    for proc, log_path in procs.values():
+        wait_ready(proc, log_path)
+    yield {gpu_class: name for gpu_class, (name, _) in WORKERS.items()}
+    for proc, _ in procs.values():
+        stop_worker(proc)
     if os.environ.get("LATHE_TEST_SHOW_WORKER_LOG"):
-        print(log_path.read_text())
+        for _, log_path in procs.values():
+            print(log_path.read_text())
 
 
 def wait_for(check, deadline_s: float, interval: float = 0.25, what: str = "condition"):

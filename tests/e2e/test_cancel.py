@@ -1,5 +1,5 @@
 """Cancel of a running job on a real worker: training stops within a few steps, nothing
-is published, and the worker takes the next job."""
+is published, and the same worker (the only one of its class) takes the next job."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import create_team_key, settings_from
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import SMALL, wait_for
 from worker.job_runner import run_job
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ DATA = Path(__file__).resolve().parents[2] / "app" / "data"
 
 
 @pytest.fixture(scope="module")
-def api(live_api: str, stack_env: dict[str, str], worker_process) -> httpx.Client:
+def api(live_api: str, stack_env: dict[str, str], workers) -> httpx.Client:
     _, key = create_team_key(stack_env, "cancel")
     with httpx.Client(
         base_url=live_api, headers={"Authorization": f"Bearer {key}"}, timeout=30
@@ -37,6 +37,7 @@ def start_job(api: httpx.Client, n_epochs: int) -> str:
             "training_file": file_id,
             "hyperparameters": {"n_epochs": n_epochs, "batch_size": 2},
             "max_seq_length": 128,
+            "gpu_class": SMALL,
         },
     )
     assert resp.status_code == 200, resp.text
@@ -47,7 +48,7 @@ def events(api: httpx.Client, job_id: str) -> list[dict]:
     return api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
 
 
-def test_cancel_stops_training_and_frees_the_worker(api: httpx.Client) -> None:
+def test_cancel_stops_training_and_frees_the_worker(api: httpx.Client, workers) -> None:
     long_job = start_job(api, n_epochs=50)
     wait_for(
         lambda: any(e["type"] == "metrics" for e in events(api, long_job)),
@@ -63,6 +64,7 @@ def test_cancel_stops_training_and_frees_the_worker(api: httpx.Client) -> None:
         120,
         what="the next job to start",
     )
+    assert api.get(f"/v1/fine_tuning/jobs/{next_job}/queue").json()["worker"] == workers[SMALL]
     api.post(f"/v1/fine_tuning/jobs/{next_job}/cancel")
 
     timeline = events(api, long_job)[::-1]  # oldest first

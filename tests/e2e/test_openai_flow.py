@@ -22,7 +22,7 @@ FINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
-def sdk(live_api: str, stack_env: dict[str, str], worker_process) -> OpenAI:
+def sdk(live_api: str, stack_env: dict[str, str], workers) -> OpenAI:
     _, key = create_team_key(stack_env, "sdk")
     return OpenAI(base_url=f"{live_api}/v1", api_key=key, max_retries=0)
 

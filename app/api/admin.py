@@ -1,0 +1,179 @@
+"""/v1/admin: teams, their keys and quotas, workers, any team's jobs, and the audit log.
+
+Admin keys only (AdminDep); a team key gets 403 admin_key_required. Every change is
+audited (app.services.admin).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import Field, StringConstraints
+
+from app import models
+from app.api.deps import AdminDep, SessionDep
+from app.schemas import Strict, job_object, list_envelope
+from app.services import admin
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+Limit = Annotated[int, Query(ge=1, le=100)]
+TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Weight = Annotated[float, Field(gt=0, le=1_000_000)]
+Count = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+class QuotasIn(Strict):
+    """A team's own limits; null (or absent on creation) takes the deployment default."""
+
+    max_running_jobs: Count | None = None
+    max_queued_jobs: Count | None = None
+    max_file_bytes: Annotated[int, Field(ge=0)] | None = None
+    gpu_hours_per_month: Annotated[float, Field(ge=0)] | None = None
+
+
+class TeamCreate(Strict):
+    name: TeamName
+    weight: Weight = 1.0
+    quotas: QuotasIn | None = None
+
+
+class TeamUpdate(Strict):
+    """Fields sent are set, absent ones kept; a quota sent as null clears it."""
+
+    weight: Weight | None = None
+    disabled: bool | None = None
+    quotas: QuotasIn | None = None
+
+    def changes(self) -> dict:
+        # weight or disabled sent as null is passed on, for the service to refuse.
+        fields = {
+            name: getattr(self, name) for name in {"weight", "disabled"} & self.model_fields_set
+        }
+        if self.quotas is not None:
+            fields.update(
+                {name: getattr(self.quotas, name) for name in self.quotas.model_fields_set}
+            )
+        return fields
+
+
+def team_object(team: models.Team) -> dict:
+    return {
+        "id": team.id,
+        "object": "team",
+        "name": team.name,
+        "weight": team.weight,
+        "disabled": team.disabled,
+        "created_at": team.created_at,
+        "quotas": {name: getattr(team, name) for name in admin.QUOTA_FIELDS},
+    }
+
+
+def key_object(key: models.ApiKey, clear: str | None = None) -> dict:
+    body = {
+        "id": key.id,
+        "object": "api_key",
+        "prefix": key.prefix,
+        "created_at": key.created_at,
+        "revoked_at": key.revoked_at,
+    }
+    if clear is not None:
+        body["key"] = clear  # shown once, at creation or rotation
+    return body
+
+
+def worker_object(worker: models.Worker) -> dict:
+    return {
+        "id": worker.id,
+        "object": "worker",
+        "host": worker.host,
+        "gpu_name": worker.gpu_name,
+        "gpu_class": worker.gpu_class,
+        "memory_gb": worker.memory_gb,
+        "status": worker.status,
+        "current_job": worker.current_job,
+        "jobs_done": worker.jobs_done,
+        "started_at": worker.started_at,
+        "last_seen": worker.last_seen,
+    }
+
+
+def audit_object(entry: models.AuditEntry) -> dict:
+    return {
+        "id": entry.id,
+        "object": "audit_entry",
+        "created_at": entry.created_at,
+        "actor": entry.actor,
+        "action": entry.action,
+        "target": entry.target,
+        "details": entry.details,
+    }
+
+
+@router.post("/teams")
+def create_team(body: TeamCreate, caller: AdminDep, session: SessionDep) -> dict:
+    quotas = body.quotas.model_dump(include=body.quotas.model_fields_set) if body.quotas else {}
+    team, key = admin.create_team(session, caller, body.name, body.weight, quotas)
+    return {**team_object(team), "key": key}
+
+
+@router.get("/teams")
+def list_teams(
+    caller: AdminDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+) -> dict:
+    rows, has_more = admin.list_teams(session, limit, after)
+    return list_envelope([team_object(t) for t in rows], has_more)
+
+
+@router.get("/teams/{team_id}")
+def retrieve_team(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    return team_object(admin.get_team(session, team_id))
+
+
+@router.patch("/teams/{team_id}")
+def update_team(team_id: str, body: TeamUpdate, caller: AdminDep, session: SessionDep) -> dict:
+    return team_object(admin.update_team(session, caller, team_id, body.changes()))
+
+
+@router.get("/teams/{team_id}/keys")
+def list_keys(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    return list_envelope([key_object(k) for k in admin.list_keys(session, team_id)], False)
+
+
+@router.post("/teams/{team_id}/keys")
+def issue_key(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    return key_object(*admin.issue_key(session, caller, team_id))
+
+
+@router.post("/teams/{team_id}/keys/rotate")
+def rotate_keys(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    return key_object(*admin.rotate_keys(session, caller, team_id))
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key(key_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    return key_object(admin.revoke_key(session, caller, key_id))
+
+
+@router.post("/workers/{worker_id}/drain")
+def drain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    return worker_object(admin.drain_worker(session, caller, worker_id))
+
+
+@router.post("/workers/{worker_id}/undrain")
+def undrain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    return worker_object(admin.undrain_worker(session, caller, worker_id))
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, caller: AdminDep, session: SessionDep) -> dict:
+    job = admin.cancel_job(session, caller, job_id)
+    return job_object(job, job.team.id)
+
+
+@router.get("/audit")
+def list_audit(
+    caller: AdminDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+) -> dict:
+    rows, has_more = admin.list_audit(session, limit, after)
+    return list_envelope([audit_object(e) for e in rows], has_more)
