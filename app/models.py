@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Integer primary keys on SQLite must be INTEGER to autoincrement; BIGINT elsewhere.
@@ -34,6 +45,11 @@ class Team(Base):
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
     max_file_bytes: Mapped[int | None] = mapped_column(BigInteger)
     gpu_hours_per_month: Mapped[float | None] = mapped_column(Float)
+    # Recent GPU use for fair share: GPU seconds decayed with the configured half-life,
+    # as of `usage_updated_at` (epoch seconds). Kept per team so a scheduling pass reads
+    # 100 team rows, not every job's history.
+    usage_gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    usage_updated_at: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class ApiKey(Base):
@@ -112,6 +128,23 @@ class Job(Base):
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
 
     team: Mapped[Team] = relationship()
+
+    __table_args__ = (
+        # The scheduler's reads: each team's waiting jobs, and dispatches not yet claimed.
+        Index(
+            "ix_jobs_waiting",
+            "team_pk",
+            "created_at",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+            sqlite_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
+        Index(
+            "ix_jobs_dispatched",
+            "dispatched_class",
+            postgresql_where=text("dispatched_at IS NOT NULL"),
+            sqlite_where=text("dispatched_at IS NOT NULL"),
+        ),
+    )
 
 
 class JobEvent(Base):

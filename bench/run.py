@@ -5,6 +5,8 @@
   call alone on the chosen device.
 - get_job: latency of GET /v1/fine_tuning/jobs/{id} over HTTP, the API on Postgres.
 - upload: the API process's memory growth while a 1 GB JSONL streams in.
+- schedule, pickup: the GPU pool (bench/pool.py): one scheduling decision over 10,000
+  queued jobs, and the time from a slot freeing to the next job being picked up.
 """
 
 from __future__ import annotations
@@ -265,9 +267,13 @@ def bench_upload(size_mb: int) -> dict:
 
 
 def main() -> None:
+    from bench.pool import bench_pickup, bench_schedule
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--only", choices=["demo_job", "training", "get_job", "upload"])
+    parser.add_argument(
+        "--only", choices=["demo_job", "training", "get_job", "upload", "schedule", "pickup"]
+    )
     parser.add_argument(
         "--database-url",
         default=os.environ.get(
@@ -286,6 +292,10 @@ def main() -> None:
         "training": lambda: bench_training_call(args.device),
         "get_job": lambda: bench_get_job(args.database_url, args.requests),
         "upload": lambda: bench_upload(args.upload_mb),
+        "schedule": lambda: bench_schedule(args.database_url),
+        "pickup": lambda: bench_pickup(
+            args.database_url, os.environ.get("LATHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+        ),
     }
     for name, run in runs.items():
         if args.only in (None, name):

@@ -61,7 +61,7 @@ def pending_dispatches(session: Session) -> dict[str, int]:
     """Jobs sent to a class queue that no worker has claimed yet, per class."""
     rows = session.execute(
         select(Job.dispatched_class, func.count())
-        .where(Job.status == JobStatus.QUEUED.value, Job.dispatched_at.is_not(None))
+        .where(Job.dispatched_at.is_not(None), Job.status == JobStatus.QUEUED.value)
         .group_by(Job.dispatched_class)
     )
     return {cls: n for cls, n in rows if cls}
@@ -108,7 +108,10 @@ def slot_free_times(session: Session, settings: Settings, at: float) -> dict[str
 
 
 def team_shares(session: Session, settings: Settings, at: float) -> dict[int, TeamShare]:
-    """Each team's weight, decayed recent GPU usage, running jobs and running quota."""
+    """Each team's weight, decayed recent GPU usage, running jobs and running quota.
+
+    A job's dispatch is cleared when a worker claims it, so "in flight" is the running
+    jobs plus those dispatched and not yet claimed (both small sets, indexed)."""
     half_life = settings.fair_share_half_life_hours * 3600
     defaults = quota_defaults(settings)
     shares: dict[int, TeamShare] = {}
@@ -117,27 +120,15 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
         shares[team.pk] = TeamShare(
             team=team.pk,
             weight=team.weight if team.weight > 0 else 1.0,
-            recent_gpu_seconds=0.0,
+            recent_gpu_seconds=decayed_usage(
+                [(team.usage_updated_at, team.usage_gpu_seconds)], at, half_life
+            ),
             running=[],
             max_running=limit if limit is not None else defaults.max_running_jobs,
         )
-    ended = func.coalesce(Job.finished_at, Job.started_at)
-    bucket = (ended / 3600).label("bucket")
-    usage = session.execute(
-        select(Job.team_pk, bucket, func.sum(Job.gpu_seconds))
-        .where(Job.gpu_seconds > 0, ended >= at - 6 * half_life)
-        .group_by(Job.team_pk, bucket)
-    )
-    per_team: dict[int, list[tuple[float, float]]] = {}
-    for team_pk, hour, seconds in usage:
-        per_team.setdefault(team_pk, []).append((float(hour) * 3600 + 1800, float(seconds)))
-    for team_pk, buckets in per_team.items():
-        if team_pk in shares:
-            shares[team_pk].recent_gpu_seconds = decayed_usage(buckets, at, half_life)
     in_flight = session.execute(
         select(Job.team_pk, Job.status, Job.started_at).where(
-            (Job.status == JobStatus.RUNNING.value)
-            | ((Job.status == JobStatus.QUEUED.value) & Job.dispatched_at.is_not(None))
+            (Job.status == JobStatus.RUNNING.value) | Job.dispatched_at.is_not(None)
         )
     )
     for team_pk, status, started_at in in_flight:

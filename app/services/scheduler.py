@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from celery import Celery
-from sqlalchemy import case, func, select, text, update
+from sqlalchemy import case, func, or_, select, text, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -110,49 +110,63 @@ def expire_dispatches(session: Session, settings: Settings, at: float) -> None:
     )
 
 
+def _best_per_team(session: Session, classes: dict[str, float], free: dict[str, int]):
+    """Each enabled team's best waiting jobs that fit one of the free classes: as many as
+    there are free slots, since that is the most one pass can give a team."""
+    fits = or_(
+        *(
+            (Job.gpu_class == name)
+            | (Job.gpu_class.is_(None) & (Job.memory_gb <= classes.get(name, 0.0)))
+            for name in free
+        )
+    )
+    waiting = (Job.status == JobStatus.QUEUED.value, Job.dispatched_at.is_(None), fits)
+    columns = (Job.pk, Job.team_pk, Job.priority, Job.created_at, Job.gpu_class, Job.memory_gb)
+    order = (PRIORITY_RANK, Job.created_at, Job.pk)
+    slots = sum(free.values())
+    if session.get_bind().dialect.name == "postgresql":
+        # One short index probe per team (ix_jobs_waiting), not a sort of the whole queue.
+        best = (
+            select(*columns)
+            .where(Job.team_pk == Team.pk, *waiting)
+            .order_by(*order)
+            .limit(slots)
+            .lateral()
+        )
+        query = select(best).select_from(Team).join(best, true()).where(Team.disabled.is_(False))
+        return session.execute(query)
+    ranked = (
+        select(
+            *columns, func.row_number().over(partition_by=Job.team_pk, order_by=order).label("n")
+        )
+        .join(Team, Team.pk == Job.team_pk)
+        .where(Team.disabled.is_(False), *waiting)
+        .subquery()
+    )
+    return session.execute(select(ranked).where(ranked.c.n <= slots))
+
+
 def load_candidates(
     session: Session, classes: dict[str, float], free: dict[str, int]
 ) -> list[QueuedJob]:
-    """Per free class, each team's best few fitting jobs (not all 10,000 in line)."""
-    found: dict[int, QueuedJob] = {}
-    for gpu_class, slots in free.items():
-        memory = classes.get(gpu_class, 0.0)
-        fits = (Job.gpu_class == gpu_class) | (Job.gpu_class.is_(None) & (Job.memory_gb <= memory))
-        ranked = (
-            select(
-                Job.pk,
-                Job.team_pk,
-                Job.priority,
-                Job.created_at,
-                Job.gpu_class,
-                Job.memory_gb,
-                func.row_number()
-                .over(partition_by=Job.team_pk, order_by=(PRIORITY_RANK, Job.created_at, Job.pk))
-                .label("rank"),
-            )
-            .join(Team, Team.pk == Job.team_pk)
-            .where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.dispatched_at.is_(None),
-                Team.disabled.is_(False),
-                fits,
-            )
-            .subquery()
-        )
-        for row in session.execute(select(ranked).where(ranked.c.rank <= slots)):
-            eligible = frozenset(
-                [row.gpu_class]
-                if row.gpu_class
-                else [c for c, m in classes.items() if m >= row.memory_gb]
-            )
-            found[row.pk] = QueuedJob(
+    """The jobs one pass chooses among (not all 10,000 in line), with their classes."""
+    by_memory = sorted(classes.items(), key=lambda kv: kv[1])
+    candidates = []
+    for row in _best_per_team(session, classes, free):
+        if row.gpu_class:
+            eligible = frozenset([row.gpu_class])
+        else:
+            eligible = frozenset(name for name, memory in by_memory if memory >= row.memory_gb)
+        candidates.append(
+            QueuedJob(
                 key=row.pk,
                 team=row.team_pk,
                 priority=row.priority,
                 created_at=float(row.created_at),
                 eligible=eligible,
             )
-    return list(found.values())
+        )
+    return candidates
 
 
 def schedule_once(

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.domain.jobs import JobStatus
+from app.domain.scheduling import decayed_usage
 from app.errors import BadRequest
 from app.models import Job, Team
 
@@ -80,3 +81,21 @@ def usage_for(session: Session, teams: list[Team], period: str | None) -> list[d
         entry["gpu_hours"] = round(entry["gpu_seconds"] / 3600, 4)
         entry["by_gpu_class"] = {k: round(v, 1) for k, v in entry["by_gpu_class"].items()}
     return list(report.values())
+
+
+def record_gpu_seconds(
+    session: Session, job_id: str, seconds: float, half_life_hours: float, at: float | None = None
+) -> None:
+    """Meter a job's GPU time: on the job (chargeback) and, decayed, on its team (fair
+    share). The team row is locked so two workers ending jobs at once both count."""
+    at = time.time() if at is None else at
+    job = session.scalar(select(Job).where(Job.id == job_id))
+    if job is None:
+        return
+    job.gpu_seconds = (job.gpu_seconds or 0.0) + seconds
+    team = session.scalar(select(Team).where(Team.pk == job.team_pk).with_for_update())
+    team.usage_gpu_seconds = (
+        decayed_usage([(team.usage_updated_at, team.usage_gpu_seconds)], at, half_life_hours * 3600)
+        + seconds
+    )
+    team.usage_updated_at = at

@@ -91,10 +91,34 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("max_queued_jobs", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("max_file_bytes", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("gpu_hours_per_month", sa.Float(), nullable=True))
+        batch_op.add_column(
+            sa.Column("usage_gpu_seconds", sa.Float(), server_default="0", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column("usage_updated_at", sa.Float(), server_default="0", nullable=False)
+        )
+    op.create_index(
+        "ix_jobs_waiting",
+        "jobs",
+        ["team_pk", "created_at"],
+        postgresql_where=sa.text("status = 'queued' AND dispatched_at IS NULL"),
+        sqlite_where=sa.text("status = 'queued' AND dispatched_at IS NULL"),
+    )
+    op.create_index(
+        "ix_jobs_dispatched",
+        "jobs",
+        ["dispatched_class"],
+        postgresql_where=sa.text("dispatched_at IS NOT NULL"),
+        sqlite_where=sa.text("dispatched_at IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_dispatched", table_name="jobs")
+    op.drop_index("ix_jobs_waiting", table_name="jobs")
     with op.batch_alter_table("teams", schema=None) as batch_op:
+        batch_op.drop_column("usage_updated_at")
+        batch_op.drop_column("usage_gpu_seconds")
         batch_op.drop_column("gpu_hours_per_month")
         batch_op.drop_column("max_file_bytes")
         batch_op.drop_column("max_queued_jobs")

@@ -17,6 +17,7 @@ from app.db import make_engine, make_sessionmaker
 from app.models import Job, JobEvent, Team, Worker
 from app.queue import class_queue, make_celery
 from app.services.scheduler import schedule_once
+from app.services.usage import record_gpu_seconds
 from tests.api.datasets import CHAT
 from tests.conftest import settings_from
 
@@ -152,11 +153,8 @@ def test_fair_share_dispatches_the_idle_team_first(
     a_jobs = [create(team, heavy, gpu_class=gpu_class).json()["id"] for _ in range(3)]
     b_job = create(other_team, light, gpu_class=gpu_class).json()["id"]
     with sessions() as session:  # team A has used the GPU recently; B has not
-        session.execute(
-            update(Job)
-            .where(Job.id == a_jobs[0])
-            .values(status="succeeded", gpu_seconds=120.0, finished_at=int(time.time()))
-        )
+        session.execute(update(Job).where(Job.id == a_jobs[0]).values(status="succeeded"))
+        record_gpu_seconds(session, a_jobs[0], 120.0, half_life_hours=24)
         session.commit()
     assert [j for j, _ in schedule(api_env, sessions).dispatched] == [b_job]
     position = team.get(f"/v1/fine_tuning/jobs/{a_jobs[1]}/queue").json()
