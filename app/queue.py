@@ -34,12 +34,14 @@ def make_celery(settings: Settings) -> Celery:
         # No broker configured: a folder on disk is the queue (kombu's filesystem
         # transport), so the embedded default needs no server.
         folder = settings.broker_folder
-        for sub in ("in", "processed"):
+        for sub in ("in", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "in"),
             "data_folder_out": str(folder / "in"),
             "processed_folder": str(folder / "processed"),
+            # Where queue bindings live (kombu's default is ./control, the cwd).
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": 0.5,
         }
