@@ -10,11 +10,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import Field, StringConstraints
+from sqlalchemy import select
 
 from app import models
 from app.api.deps import AdminDep, SessionDep
 from app.schemas import Strict, job_object, list_envelope
 from app.services import admin
+from app.services.usage import usage_for
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 Limit = Annotated[int, Query(ge=1, le=100)]
@@ -177,3 +179,10 @@ def list_audit(
 ) -> dict:
     rows, has_more = admin.list_audit(session, limit, after)
     return list_envelope([audit_object(e) for e in rows], has_more)
+
+
+@router.get("/usage")
+def usage_all_teams(caller: AdminDep, session: SessionDep, period: str | None = None) -> dict:
+    """GPU seconds per team for one month (YYYY-MM, default this month): chargeback."""
+    teams = list(session.scalars(select(models.Team).order_by(models.Team.pk)))
+    return {"object": "list", "data": usage_for(session, teams, period), "has_more": False}

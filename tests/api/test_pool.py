@@ -16,8 +16,10 @@ from sqlalchemy import select, update
 from app.db import make_engine, make_sessionmaker
 from app.models import Job, JobEvent, Team, Worker
 from app.queue import class_queue, make_celery
+from app.services.admin import create_admin_key
 from app.services.scheduler import schedule_once
 from app.services.usage import record_gpu_seconds
+from tests.api.conftest import TeamClient
 from tests.api.datasets import CHAT
 from tests.conftest import settings_from
 
@@ -29,6 +31,13 @@ def sessions(api_env):
     engine = make_engine(api_env["LATHE_DATABASE_URL"])
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def admin_client(api, sessions) -> TeamClient:
+    with sessions() as session:
+        _, key = create_admin_key(session, f"ops-{uuid.uuid4().hex[:6]}")
+    return TeamClient("admin", key, api)
 
 
 @pytest.fixture
@@ -192,7 +201,7 @@ def test_queued_jobs_quota_refuses_with_429_naming_the_limit(team, train_id, ses
 
 
 def test_gpu_hours_quota_refuses_with_403_and_usage_reports_the_seconds(
-    team, train_id, sessions
+    team, train_id, sessions, admin_client
 ) -> None:
     done = create(team, train_id).json()["id"]
     with sessions() as session:
@@ -217,6 +226,9 @@ def test_gpu_hours_quota_refuses_with_403_and_usage_reports_the_seconds(
     assert refused.status_code == 403
     assert refused.json()["error"]["param"] == "gpu_hours_per_month"
     assert team.get("/v1/usage", params={"period": "2020-01"}).json()["gpu_seconds"] == 0
+    everyone = {u["team_id"]: u for u in admin_client.get("/v1/admin/usage").json()["data"]}
+    assert everyone[team.id]["gpu_hours"] == 2.0
+    assert team.get("/v1/admin/usage").status_code == 403
     assert team.get("/v1/usage", params={"period": "soon"}).status_code == 400
 
 
