@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     # --- The GPU pool ---
     # Classes the pool is declared to have (name -> GPU memory in GB). Workers announce
     # their own class and memory too; a job is refused when it fits no class in either.
-    gpu_classes: dict[str, float] = Field(default_factory=lambda: {"cpu": 8.0})
+    # Unset: none, except the embedded default, which declares its own worker's "cpu".
+    gpu_classes: dict[str, float] | None = None
     # This worker's class, memory (GB) and name; detected from the GPU when unset.
     worker_gpu_class: str | None = None
     worker_memory_gb: float | None = None
@@ -117,6 +118,12 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """No broker configured: `lathe serve` runs its own worker on a file-system queue."""
         return not self.broker_url
+
+    @property
+    def declared_gpu_classes(self) -> dict[str, float]:
+        if self.gpu_classes is not None:
+            return self.gpu_classes
+        return {"cpu": 8.0} if self.embedded else {}
 
     @property
     def resolved_broker_url(self) -> str:

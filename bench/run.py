@@ -191,6 +191,7 @@ def bench_get_job(database_url: str, requests: int) -> dict:
             "LATHE_BROKER_URL": os.environ.get(
                 "LATHE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15"
             ),
+            "LATHE_GPU_CLASSES": '{"cpu": 8}',
         }
         with Server(env) as server:
             client = httpx.Client(

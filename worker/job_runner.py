@@ -1,31 +1,36 @@
 """One fine-tuning job, start to end: claim it, fetch its data, train, publish the adapter.
 
 Reads top to bottom. The database is the truth: the claim is a guarded transition
-(queued -> running), so a second delivery of the same task is a no-op, and a cancel
-written by the API is seen by the training loop through `should_stop`.
+(queued -> running) fenced by the dispatch token the scheduler put in the task, so a
+second or stale delivery of a task is a no-op, and a cancel or pause written by the API
+is seen by the training loop through `should_stop`. The worker's registry row shows the
+job while it runs; the job's GPU seconds are metered from claim to end.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
+import os
 import socket
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import TINY_RANDOM_LLAMA, Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
-from app.models import Checkpoint, File, Job, now
+from app.models import Checkpoint, File, Job, JobEvent, Worker, now
 from app.services.events import add_event
 from app.services.jobs import transition
+from app.services.usage import record_gpu_seconds
 from app.storage import ObjectStore, open_store
 from worker.training.spec import LoraSpec, QuantSpec, TrainingHooks, TrainingResult, TrainingSpec
 
@@ -33,29 +38,41 @@ log = logging.getLogger(__name__)
 METRICS_COLUMNS = ["step", "train_loss", "valid_loss", "learning_rate", "epoch"]
 
 
-def run_job(job_id: str, settings: Settings | None = None) -> str:
+def worker_id() -> str:
+    """The registry id of the worker this process serves (set by the worker's parent)."""
+    return os.environ.get("LATHE_WORKER_ID") or socket.gethostname()
+
+
+def run_job(job_id: str, settings: Settings | None = None, token: int | None = None) -> str:
+    """Run one job; `token` is the dispatch token the task carries (None: any)."""
     settings = settings or get_settings()
     engine = make_engine(settings.resolved_database_url)
     sessions = make_sessionmaker(engine)
     store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    me = worker_id()
     try:
         with sessions() as session:
             job = session.scalar(select(Job).where(Job.id == job_id))
             if job is None:
                 return "missing"
+            fence = () if token is None else (Job.dispatch_token == token,)
             claimed = transition(
                 session,
                 job,
                 JobStatus.RUNNING,
-                "Fine-tuning job started",
-                worker=socket.gethostname(),
+                f"Fine-tuning job started on worker {me}",
+                guard=(Job.status == JobStatus.QUEUED.value, *fence),
+                worker=me,
                 attempt=job.attempt + 1,
                 started_at=now(),
+                dispatched_at=None,  # claimed: no longer a dispatch waiting for a worker
             )
-            if not claimed:  # cancelled meanwhile, or a duplicate delivery
+            if not claimed:  # cancelled or paused meanwhile, or a stale/duplicate delivery
                 session.rollback()
                 return f"skipped ({job.status})"
+            set_current_job(session, me, job_id)
             session.commit()
+        started = time.monotonic()
         try:
             return _train_and_publish(job_id, settings, sessions, store)
         except Exception as exc:
@@ -79,8 +96,26 @@ def run_job(job_id: str, settings: Settings | None = None) -> str:
                 )
                 session.commit()
             return "failed"
+        finally:
+            with sessions() as session:
+                record_gpu_seconds(
+                    session,
+                    job_id,
+                    time.monotonic() - started,
+                    settings.fair_share_half_life_hours,
+                )
+                set_current_job(session, me, None)
+                session.commit()
     finally:
         engine.dispose()
+
+
+def set_current_job(session: Session, worker: str, job_id: str | None) -> None:
+    """Show the job on the worker's registry row (None: the slot is free again)."""
+    values: dict = {"current_job": job_id}
+    if job_id is None:
+        values["jobs_done"] = Worker.jobs_done + 1
+    session.execute(update(Worker).where(Worker.id == worker).values(**values))
 
 
 def _train_and_publish(
@@ -97,6 +132,13 @@ def _train_and_publish(
             )
         }
         team_name = job.team.name
+        # An earlier attempt's last checkpoint (a pause, later a crash): continue from it.
+        latest = session.execute(
+            select(Checkpoint.step_number, Checkpoint.storage_key)
+            .where(Checkpoint.job_pk == job.pk)
+            .order_by(Checkpoint.step_number.desc(), Checkpoint.pk.desc())
+            .limit(1)
+        ).first()
     with tempfile.TemporaryDirectory(prefix=f"lathe-{job_id}-") as tmp:
         workdir = Path(tmp)
         train_path = workdir / "train.jsonl"
@@ -106,12 +148,56 @@ def _train_and_publish(
             valid_path = workdir / "valid.jsonl"
             store.get_file(files[job.validation_file].storage_key, valid_path)
         spec = _training_spec(job, settings, train_path, valid_path, workdir / "run")
+        resumed_at = 0
+        if latest is not None:
+            checkpoint_dir = _fetch_checkpoint(store, latest.storage_key, workdir / "resume")
+            if (checkpoint_dir / "trainer_state.json").is_file():
+                resumed_at = latest.step_number
+                spec = dataclasses.replace(spec, resume_from=checkpoint_dir)
+                message = f"Resuming from checkpoint at step {resumed_at}"
+            else:  # an adapter-only checkpoint, from before checkpoints were resumable
+                message = f"Checkpoint at step {latest.step_number} is not resumable; starting over"
+            with sessions() as session:
+                add_event(session, job.pk, message)
+                session.commit()
         model_name = f"ft:{job.model}:{team_name}:{job.suffix or ''}:{job.id.split('-')[1][:8]}"
         hooks = _hooks(job, settings, sessions, store, model_name)
         result = run_training(spec, hooks)
-        if result.stopped:
-            return "cancelled"
+        if result.stopped:  # cancelled or paused: nothing is published
+            with sessions() as session:
+                status = session.scalar(select(Job.status).where(Job.id == job_id))
+                if status == JobStatus.PAUSED:
+                    add_event(session, job.pk, f"Paused at step {result.step}; checkpoint kept")
+                    session.commit()
+                return status or "missing"
+        if resumed_at:  # the metrics file covers the whole run, not only this attempt
+            earlier = _metrics_up_to(sessions, job.pk, resumed_at)
+            result = dataclasses.replace(result, metrics=earlier + result.metrics)
         return _publish(job, sessions, store, result, workdir, model_name)
+
+
+def _fetch_checkpoint(store: ObjectStore, key: str, target: Path) -> Path:
+    """Download and unpack a checkpoint tarball (flat: a Trainer checkpoint directory)."""
+    target.mkdir(parents=True)
+    archive = target.parent / f"{target.name}.tar.gz"
+    store.get_file(key, archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(target, filter="data")  # no absolute paths, links out or devices
+    archive.unlink()
+    return target
+
+
+def _metrics_up_to(sessions: sessionmaker[Session], job_pk: int, step: int) -> list[dict]:
+    """The job's metrics rows up to `step`, from earlier attempts' events (the latest row
+    of each step wins, should an attempt have run past its last checkpoint)."""
+    with sessions() as session:
+        rows = session.scalars(
+            select(JobEvent.data)
+            .where(JobEvent.job_pk == job_pk, JobEvent.type == "metrics")
+            .order_by(JobEvent.pk)
+        )
+        by_step = {row["step"]: row for row in rows if row and row["step"] <= step}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _training_spec(
@@ -157,8 +243,9 @@ def _hooks(
     model_name: str,
 ) -> TrainingHooks:
     started = time.monotonic()
+    first_step: list[int] = []  # this attempt's first step (a resumed run starts past 1)
     last_poll = [0.0]
-    stop = [False]
+    stop: list[str | None] = [None]
 
     def on_metrics(row: dict) -> None:
         step, total = row["step"], row.get("total_steps") or row["step"]
@@ -167,7 +254,9 @@ def _hooks(
             parts[0] += f": training loss={row['train_loss']:.4f}"
         if row.get("valid_loss") is not None:
             parts.append(f"validation loss={row['valid_loss']:.4f}")
-        rate = (time.monotonic() - started) / max(step, 1)
+        if not first_step:
+            first_step.append(step)
+        rate = (time.monotonic() - started) / max(step - first_step[0] + 1, 1)
         with sessions() as session:
             add_event(session, job.pk, ", ".join(parts), type="metrics", data=row)
             session.execute(
@@ -177,21 +266,32 @@ def _hooks(
             )
             session.commit()
 
-    def should_stop() -> bool:
-        if stop[0]:
-            return True
-        if time.monotonic() - last_poll[0] >= settings.cancel_poll_seconds:
+    def should_stop() -> str | None:
+        """Why training should stop: "pause" once the job is paused (it checkpoints, then
+        stops), "cancel" once it is anything else but running (it stops, saving nothing),
+        or running again under a later attempt (paused and resumed before this one saw it)."""
+        if stop[0] is None and time.monotonic() - last_poll[0] >= settings.cancel_poll_seconds:
             last_poll[0] = time.monotonic()
             with sessions() as session:
-                status = session.scalar(select(Job.status).where(Job.pk == job.pk))
-            stop[0] = status != JobStatus.RUNNING
+                status, attempt = session.execute(
+                    select(Job.status, Job.attempt).where(Job.pk == job.pk)
+                ).one()
+            if attempt != job.attempt:
+                stop[0] = "cancel"  # not this attempt's job any more: save nothing
+            elif status == JobStatus.PAUSED:
+                stop[0] = "pause"
+            elif status != JobStatus.RUNNING:
+                stop[0] = "cancel"
         return stop[0]
 
-    def on_checkpoint(step: int, adapter_dir: Path, metrics: dict) -> None:
+    def on_checkpoint(step: int, checkpoint_dir: Path, metrics: dict) -> None:
+        # The whole Trainer checkpoint, flat: the adapter at the root (PeftModel loads the
+        # tarball as is) plus what resuming needs: optimizer, scheduler, RNG, trainer state.
         key = f"jobs/{job.id}/checkpoints/step-{step}.tar.gz"
-        archive = adapter_dir.parent / f"checkpoint-{step}.tar.gz"
-        _tar_adapter(adapter_dir, archive)
+        archive = checkpoint_dir.parent / f"{checkpoint_dir.name}.tar.gz"
+        _tar_adapter(checkpoint_dir, archive)
         store.put_file(key, archive)
+        archive.unlink()
         with sessions() as session:
             session.add(
                 Checkpoint(

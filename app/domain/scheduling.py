@@ -196,18 +196,23 @@ def plan_dispatch(
     shares: Mapping[int, TeamShare],
     free_slots: Mapping[str, int],
     dispatch_charge: float = DEFAULT_DISPATCH_CHARGE,
+    class_order: Sequence[str] | None = None,
 ) -> list[tuple[QueuedJob, str]]:
     """Fill every free slot (GPU class -> count) in one pass, as (job, class) pairs.
 
     Each pick charges its team `dispatch_charge` before the next, so free slots are spread
-    across teams. Classes are filled in name order so the same inputs always give the same
-    plan. The caller's shares are not modified.
+    across teams. Classes are filled in `class_order` (the scheduler passes smallest memory
+    first, so jobs that fit a small GPU take it and leave the large ones to jobs that need
+    them), else in name order; the same inputs always give the same plan. The caller's
+    shares are not modified.
     """
     _check_priorities(candidates)
     teams = _teams(candidates, shares, dispatch_charge)
     taken: set[int] = set()
     plan: list[tuple[QueuedJob, str]] = []
-    for gpu_class in sorted(free_slots):
+    order = [c for c in class_order if c in free_slots] if class_order else []
+    order += sorted(c for c in free_slots if c not in order)
+    for gpu_class in order:
         slots = free_slots[gpu_class]
         if slots <= 0:
             continue

@@ -51,7 +51,7 @@ def live_workers(session: Session, settings: Settings, at: float | None = None) 
 
 def pool_classes(session: Session, settings: Settings, at: float | None = None) -> dict[str, float]:
     """Declared classes plus those live workers announce (the larger memory wins)."""
-    classes = dict(settings.gpu_classes)
+    classes = dict(settings.declared_gpu_classes)
     for worker in live_workers(session, settings, at):
         classes[worker.gpu_class] = max(classes.get(worker.gpu_class, 0.0), worker.memory_gb)
     return classes
@@ -128,7 +128,8 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
         )
     in_flight = session.execute(
         select(Job.team_pk, Job.status, Job.started_at).where(
-            (Job.status == JobStatus.RUNNING.value) | Job.dispatched_at.is_not(None)
+            (Job.status == JobStatus.RUNNING.value)
+            | (Job.dispatched_at.is_not(None) & (Job.status == JobStatus.QUEUED.value))
         )
     )
     for team_pk, status, started_at in in_flight:

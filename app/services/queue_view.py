@@ -136,7 +136,18 @@ def queue_summary(session: Session, settings: Settings) -> dict:
     for pk, team_pk in queued:
         team_id = teams[team_pk].id
         for name in waiting[pk].eligible if pk in waiting else ():
-            entry = per_class[name]
+            entry = per_class.setdefault(
+                name,
+                {
+                    "gpu_class": name,
+                    "memory_gb": None,
+                    "workers": 0,
+                    "busy": 0,
+                    "draining": 0,
+                    "queued": 0,
+                    "queued_by_team": {},
+                },
+            )
             entry["queued"] += 1
             entry["queued_by_team"][team_id] = entry["queued_by_team"].get(team_id, 0) + 1
         team_rows.setdefault(team_pk, {"queued": 0})["queued"] += 1

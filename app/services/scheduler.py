@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.scheduling import QueuedJob, plan_dispatch
-from app.models import Job, Team, Worker
+from app.models import Job, JobEvent, Team, Worker
 from app.queue import send_training_task
 from app.services.jobs import transition
 from app.services.pool import free_slots, pool_classes, team_shares
@@ -66,17 +66,25 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
         worker.current_job = None
         if job is None:
             continue
-        if job.attempt >= MAX_ATTEMPTS:
+        losses = 1 + (
+            session.scalar(
+                select(func.count()).where(
+                    JobEvent.job_pk == job.pk, JobEvent.message.like("Worker % was lost%")
+                )
+            )
+            or 0
+        )
+        if losses >= MAX_ATTEMPTS:
             transition(
                 session,
                 job,
                 JobStatus.FAILED,
-                f"Worker {worker.id} was lost; the job failed after {job.attempt} attempts",
+                f"Worker {worker.id} was lost; the job failed after {losses} lost workers",
                 level="error",
                 error={
                     "code": "worker_lost",
                     "param": None,
-                    "message": f"the job's worker was lost {job.attempt} times",
+                    "message": f"the job's worker was lost {losses} times",
                 },
                 finished_at=int(at),
                 estimated_finish=None,
@@ -87,7 +95,7 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
                 job,
                 JobStatus.QUEUED,
                 f"Worker {worker.id} was lost; the job is back in line "
-                f"(attempt {job.attempt + 1} of {MAX_ATTEMPTS} next)",
+                f"({losses} of {MAX_ATTEMPTS} losses allowed)",
                 level="warn",
                 dispatched_at=None,
                 dispatched_class=None,
@@ -187,8 +195,9 @@ def schedule_once(
             candidates = load_candidates(session, classes, free)
             if candidates:
                 shares = team_shares(session, settings, at)
+                smallest_first = sorted(classes, key=lambda name: (classes[name], name))
                 for job, gpu_class in plan_dispatch(
-                    candidates, shares, free, settings.dispatch_charge_seconds
+                    candidates, shares, free, settings.dispatch_charge_seconds, smallest_first
                 ):
                     row = session.execute(
                         update(Job)

@@ -27,6 +27,7 @@ def api_env(stack_env: dict[str, str], postgres_server) -> Iterator[dict[str, st
         "LATHE_DATABASE_URL": url,
         "LATHE_BROKER_URL": stack_env["LATHE_BROKER_URL"][:-1] + "1",
         "LATHE_SCHEDULER_IN_API": "false",
+        "LATHE_GPU_CLASSES": '{"cpu": 8}',  # a declared class, so jobs are accepted
     }
     postgres_server.drop_database(url)
 

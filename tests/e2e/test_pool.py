@@ -181,3 +181,32 @@ def test_pause_keeps_the_checkpoint_and_resume_continues(team_a) -> None:
     events = team_a.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
     assert any("Resuming from checkpoint" in e["message"] for e in events["data"])
     assert min(s for s in steps() if s > paused_at) >= paused_at  # continued, not from 1
+
+
+def test_quotas_set_by_an_admin_refuse_jobs_with_the_limit_named(live_api, admin, workers) -> None:
+    created = admin.post(
+        "/v1/admin/teams", json={"name": "quota-e2e", "quotas": {"max_queued_jobs": 1}}
+    )
+    assert created.status_code == 200, created.text
+    team_id, key = created.json()["id"], created.json()["key"]
+    with client(live_api, key) as team:
+        file_id = upload(team)
+        first = submit(team, file_id, gpu_class=SMALL)
+        try:
+            refused = team.post(
+                "/v1/fine_tuning/jobs",
+                json={"model": "tiny-random-llama", "training_file": file_id},
+            )
+            assert refused.status_code == 429
+            assert refused.json()["error"]["param"] == "max_queued_jobs"
+        finally:
+            team.post(f"/v1/fine_tuning/jobs/{first}/cancel")
+        patched = admin.patch(
+            f"/v1/admin/teams/{team_id}", json={"quotas": {"gpu_hours_per_month": 0}}
+        )
+        assert patched.status_code == 200, patched.text
+        refused = team.post(
+            "/v1/fine_tuning/jobs", json={"model": "tiny-random-llama", "training_file": file_id}
+        )
+        assert refused.status_code == 403
+        assert "gpu_hours_per_month" in refused.json()["error"]["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,17 @@ from worker.training.data import (
 from worker.training.run import run_training
 from worker.training.spec import LoraSpec, TrainingHooks, TrainingSpec
 from worker.training.tiny_model import ensure_tiny_random_llama
+
+# What a checkpoint directory (and so its tarball) holds: the adapter, at the root, and
+# what Trainer.train(resume_from_checkpoint=...) restores.
+CHECKPOINT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+)
 
 QUESTIONS = [
     ("Say hi.", "Hi!"),
@@ -161,11 +173,13 @@ def test_training_lowers_loss_and_saves_a_loadable_adapter(
 ) -> None:
     spec = make_spec(tiny_model, tmp_path, valid=True, n_epochs=3)
     rows: list[dict] = []
-    checkpoints: list[tuple[int, Path, dict]] = []
-    hooks = TrainingHooks(
-        on_metrics=rows.append,
-        on_checkpoint=lambda step, path, metrics: checkpoints.append((step, path, metrics)),
-    )
+    checkpoints: list[tuple[int, list[str], dict]] = []
+
+    def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
+        # The directory is only there during the call: the Trainer rotates it out later.
+        checkpoints.append((step, sorted(p.name for p in path.iterdir()), metrics))
+
+    hooks = TrainingHooks(on_metrics=rows.append, on_checkpoint=on_checkpoint)
 
     result = run_training(spec, hooks)
 
@@ -179,8 +193,8 @@ def test_training_lowers_loss_and_saves_a_loadable_adapter(
     assert rows[-1]["total_steps"] == 12
 
     assert [step for step, _, _ in checkpoints] == [4, 8, 12]
-    for step, path, metrics in checkpoints:
-        assert (path / "adapter_model.safetensors").is_file()
+    for step, files, metrics in checkpoints:
+        assert set(CHECKPOINT_FILES) <= set(files)
         assert metrics["step"] == step and "valid_loss" in metrics
 
     tokenizer = load_tokenizer(tiny_model, chat_template=None)
@@ -203,10 +217,10 @@ def test_should_stop_ends_training_early(tiny_model: Path, tmp_path: Path) -> No
     polls = 0
     checkpoints: list[int] = []
 
-    def should_stop() -> bool:
+    def should_stop() -> str | None:
         nonlocal polls
         polls += 1
-        return polls >= 2
+        return "cancel" if polls >= 2 else None
 
     result = run_training(
         spec,
@@ -219,8 +233,91 @@ def test_should_stop_ends_training_early(tiny_model: Path, tmp_path: Path) -> No
     assert result.stopped
     assert [r["step"] for r in result.metrics] == [1, 2]
     assert all("valid_loss" not in r for r in result.metrics)
-    assert checkpoints == [], "a cut-short epoch is not checkpointed"
+    assert checkpoints == [], "a cancel saves no checkpoint"
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_paused_run_resumes_from_its_checkpoint_where_it_stopped(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # 32 examples / 8 = 4 steps an epoch, 2 epochs. The pause lands mid-epoch, so the
+    # resumed run must also skip the batches of epoch 0 already trained on.
+    def spec(name: str, **changes) -> TrainingSpec:
+        return dataclasses.replace(
+            make_spec(tiny_model, tmp_path / name, valid=True, n_epochs=2), **changes
+        )
+
+    def copy_checkpoints(into: list[tuple[int, Path, dict]], root: Path):
+        def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
+            into.append((step, shutil.copytree(path, root / path.name), metrics))
+
+        return on_checkpoint
+
+    full_checkpoints: list[tuple[int, Path, dict]] = []
+    full = run_training(
+        spec("full", checkpoint_steps=3),
+        TrainingHooks(on_checkpoint=copy_checkpoints(full_checkpoints, tmp_path / "full-ckpt")),
+    )
+    assert [step for step, _, _ in full_checkpoints] == [3, 4, 6, 8], "every 3 + epoch ends"
+
+    paused_checkpoints: list[tuple[int, Path, dict]] = []
+    polls = 0
+
+    def pause_at_step_3() -> str | None:
+        nonlocal polls
+        polls += 1
+        return "pause" if polls >= 3 else None
+
+    paused = run_training(
+        spec("paused"),
+        TrainingHooks(
+            should_stop=pause_at_step_3,
+            on_checkpoint=copy_checkpoints(paused_checkpoints, tmp_path / "paused-ckpt"),
+        ),
+    )
+
+    assert paused.stopped and paused.step == 3
+    assert [r["step"] for r in paused.metrics] == [1, 2, 3]
+    [(step, checkpoint, metrics)] = paused_checkpoints
+    assert step == 3
+    assert metrics["step"] == 3 and "valid_loss" in metrics, "the pause step is evaluated"
+    assert set(CHECKPOINT_FILES) <= {p.name for p in checkpoint.iterdir()}
+    assert [p for p in checkpoint.iterdir() if p.is_dir()] == [], "flat, for the tarball"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
+
+    messages: list[str] = []
+    resumed_checkpoints: list[tuple[int, Path, dict]] = []
+    resumed = run_training(
+        spec("resumed", resume_from=checkpoint),
+        TrainingHooks(
+            on_message=messages.append,
+            on_checkpoint=copy_checkpoints(resumed_checkpoints, tmp_path / "resumed-ckpt"),
+        ),
+    )
+
+    assert "Training for 8 steps, continuing after step 3" in messages
+    assert not resumed.stopped and resumed.step == 8
+    assert [r["step"] for r in resumed.metrics] == [4, 5, 6, 7, 8]
+    assert resumed.metrics[-1]["total_steps"] == full.metrics[-1]["total_steps"] == 8
+    assert [step for step, _, _ in resumed_checkpoints] == [4, 8]
+
+    def losses(rows: list[dict]) -> list[float]:
+        return [loss for r in rows for loss in (r["train_loss"], r["valid_loss"])]
+
+    # Adapter, optimizer, scheduler, RNG and data position all came back: the resumed steps
+    # are the uninterrupted run's (on one machine, exactly; other dropout masks alone would
+    # move the losses by ~5e-3).
+    resumed_losses = losses(paused.metrics + resumed.metrics)
+    assert resumed_losses == pytest.approx(losses(full.metrics), abs=1e-4)
+    assert resumed.trained_tokens == full.trained_tokens, "tokens seen before the pause count"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for adapter in (checkpoint, resumed.adapter_dir):  # a checkpoint is a loadable adapter
+        tuned = PeftModel.from_pretrained(base, adapter)
+        with torch.no_grad():
+            assert tuned(input_ids=torch.tensor([[10, 20, 30]])).logits.shape == (1, 3, 384)
+        base = tuned.unload()
 
 
 @pytest.mark.slow

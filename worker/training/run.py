@@ -18,6 +18,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from worker.training.data import load_examples, load_tokenizer, make_collator
 from worker.training.model import (
@@ -30,30 +31,61 @@ from worker.training.spec import TrainingHooks, TrainingResult, TrainingSpec
 
 
 class HooksCallback(TrainerCallback):
-    """Turns the Trainer's events into the job's metrics, cancel checks and checkpoints."""
+    """Turns the Trainer's events into the job's metrics, stops and checkpoints.
 
-    def __init__(self, hooks: TrainingHooks, checkpoints_dir: Path, validating: bool) -> None:
+    Which steps are checkpointed is decided here (epoch ends, every `checkpoint_steps`, a
+    pause); the saving is the Trainer's own (`control.should_save`: adapter, optimizer,
+    scheduler, RNG and trainer state), and `on_save` hands the directory to the hooks.
+    """
+
+    def __init__(
+        self, hooks: TrainingHooks, validating: bool, checkpoint_steps: int | None
+    ) -> None:
         self.hooks = hooks
-        self.checkpoints_dir = checkpoints_dir
         self.validating = validating
+        self.checkpoint_steps = checkpoint_steps
         self.rows: list[dict] = []
         self.pending: dict | None = None  # a step's train row, waiting for its eval loss
-        self.stopped = False
+        self.stop_reason: str | None = None  # "pause" | "cancel" once should_stop said so
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
-        self.hooks.on_message(f"Training for {state.max_steps} steps")
+        message = f"Training for {state.max_steps} steps"
+        if state.global_step:  # resumed: the Trainer restored the step count
+            message += f", continuing after step {state.global_step}"
+        self.hooks.on_message(message)
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.hooks.should_stop():
-            self.stopped = True
+        reason = self.hooks.should_stop()
+        if reason == "pause":
+            # Keep what was trained: this step is checkpointed like an epoch end, evaluation
+            # included. An uninterrupted run evaluates here too (eval_steps is
+            # logging_steps), and each evaluation draws from the torch RNG (its DataLoader's
+            # seed) before the RNG state is saved: skipping it would shift every dropout
+            # mask after the resume.
+            self.stop_reason = "pause"
+            control.should_training_stop = True
+            self.checkpoint_here(control)
+        elif reason:
+            self.stop_reason = "cancel"
             control.should_training_stop = True
             control.should_evaluate = False  # stop now, not after a pass over the valid set
-        elif state.epoch is not None and float(state.epoch).is_integer():
-            # Every epoch ends on a logged (and evaluated) step, so each checkpoint carries
-            # the losses of the exact point it was taken at.
-            control.should_log = True
-            control.should_evaluate = self.validating
+            control.should_save = False  # not even a save_steps checkpoint on this step
+        elif self.checkpoint_due(state):
+            self.checkpoint_here(control)
         return control
+
+    def checkpoint_due(self, state: TrainerState) -> bool:
+        if state.epoch is not None and float(state.epoch).is_integer():
+            return True  # the last step of an epoch
+        every = self.checkpoint_steps
+        return every is not None and state.global_step % every == 0
+
+    def checkpoint_here(self, control: TrainerControl) -> None:
+        # Every checkpoint is taken on a logged (and evaluated) step, so it carries the
+        # losses of the exact point it was taken at.
+        control.should_log = True
+        control.should_evaluate = self.validating
+        control.should_save = True
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         logs = logs or {}
@@ -82,12 +114,13 @@ class HooksCallback(TrainerCallback):
         self.rows.append(row)
         self.hooks.on_metrics(row)
 
-    def on_epoch_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
-        if self.stopped:
-            return  # cut short mid-epoch: not an epoch's worth of training
-        adapter_dir = self.checkpoints_dir / f"step-{state.global_step}"
-        kwargs["model"].save_pretrained(adapter_dir)
-        self.hooks.on_checkpoint(state.global_step, adapter_dir, self.rows[-1] if self.rows else {})
+    def on_save(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        # Called right after Trainer._save_checkpoint wrote this directory (logging and
+        # evaluation of the step come before the save, so its row is complete).
+        step = state.global_step
+        checkpoint_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        row = next((r for r in reversed(self.rows) if r["step"] == step), {})
+        self.hooks.on_checkpoint(step, checkpoint_dir, row)
 
 
 def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
@@ -110,7 +143,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     hooks.on_message(f"Loading base model in 4-bit on {device}")
     model = add_lora(load_quantized_base(spec.base_model_path, spec.quant, device), spec.lora)
 
-    # 3. Train. Checkpoints are ours (adapter only, at epoch ends), not the Trainer's.
+    # 3. Train, or go on training from a checkpoint of an earlier run.
     compute_dtype = resolve_compute_dtype(spec.quant.compute_dtype, device)
     validating = valid_examples is not None
     args = TrainingArguments(
@@ -124,7 +157,12 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         logging_steps=spec.logging_steps,
         eval_strategy="steps" if validating else "no",
         eval_steps=spec.logging_steps if validating else None,
-        save_strategy="no",
+        # The Trainer's own checkpoints, every checkpoint_steps; HooksCallback adds the epoch
+        # ends and a pause. Each is uploaded by on_checkpoint as soon as it is written, so
+        # one local copy is enough: older ones are deleted.
+        save_strategy="steps" if spec.checkpoint_steps else "no",
+        save_steps=spec.checkpoint_steps,
+        save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
         use_cpu=device == "cpu",
@@ -135,7 +173,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         fp16=device == "cuda" and compute_dtype == torch.float16,
         include_num_input_tokens_seen="non_padding",
     )
-    callback = HooksCallback(hooks, spec.output_dir / "checkpoints", validating)
+    callback = HooksCallback(hooks, validating, spec.checkpoint_steps)
     trainer = Trainer(
         model=model,
         args=args,
@@ -147,7 +185,11 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     )
     # With tqdm off the Trainer prints every log dict instead; the hooks are our log.
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    # Resuming loads the adapter weights into the LoRA model (PeftModel.load_adapter), the
+    # optimizer, scheduler and RNG states, and trainer_state.json: the step count, the tokens
+    # seen, and the data position (the batches already trained in the epoch are skipped).
+    resume_from = str(spec.resume_from) if spec.resume_from is not None else None
+    trainer.train(resume_from_checkpoint=resume_from)
 
     # 4. Save the adapter: adapter_config.json + adapter_model.safetensors.
     adapter_dir = spec.output_dir / "adapter"
@@ -157,5 +199,6 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         adapter_dir=adapter_dir,
         trained_tokens=int(trainer.state.num_input_tokens_seen),
         metrics=callback.rows,
-        stopped=callback.stopped,
+        stopped=callback.stop_reason is not None,
+        step=trainer.state.global_step,
     )

@@ -39,6 +39,12 @@ class TrainingSpec:
     quant: QuantSpec = field(default_factory=QuantSpec)
     device: str = "auto"  # auto | cpu | cuda
     logging_steps: int = 1
+    # A checkpoint at every epoch end, and also every this many steps when set.
+    checkpoint_steps: int | None = None
+    # A checkpoint directory an earlier run handed to on_checkpoint (extracted from its
+    # tarball): training continues from it (adapter, optimizer, scheduler, RNG, data
+    # position, step count) instead of from step 0. The rest of the spec must match that run.
+    resume_from: Path | None = None
 
 
 @dataclass
@@ -48,10 +54,16 @@ class TrainingHooks:
     # Called after each logged step with {"step", "train_loss", "valid_loss"?, "learning_rate",
     # "epoch", "total_steps"}.
     on_metrics: Callable[[dict], None] = lambda row: None
-    # Polled every step; True stops training at once (cooperative cancel).
-    should_stop: Callable[[], bool] = lambda: False
-    # Called at each epoch end with (step, adapter_dir, metrics) where adapter_dir holds
-    # adapter_config.json + adapter_model.safetensors for that point.
+    # Polled after every step: None goes on; "pause" stops at once and checkpoints that step
+    # first, so a run resumed from it loses nothing; "cancel" (or any other truthy value)
+    # stops at once and saves nothing.
+    should_stop: Callable[[], str | None] = lambda: None
+    # Called with (step, checkpoint_dir, metrics) at each epoch end, every checkpoint_steps
+    # steps and on pause. checkpoint_dir is a Trainer checkpoint, flat: the adapter
+    # (adapter_config.json + adapter_model.safetensors, loadable with
+    # PeftModel.from_pretrained), optimizer.pt, scheduler.pt, rng_state.pth,
+    # trainer_state.json, the tokenizer and training_args.bin. Copy it during the call:
+    # the Trainer deletes it once a newer checkpoint is saved. metrics is that step's row.
     on_checkpoint: Callable[[int, Path, dict], None] = lambda step, path, metrics: None
     # Free-text progress messages ("Loading base model in 4-bit", ...).
     on_message: Callable[[str], None] = lambda message: None
@@ -60,6 +72,7 @@ class TrainingHooks:
 @dataclass
 class TrainingResult:
     adapter_dir: Path  # adapter_config.json + adapter_model.safetensors
-    trained_tokens: int  # tokens seen in training, all epochs (non-pad input tokens)
-    metrics: list[dict]  # every row passed to on_metrics, in order
+    trained_tokens: int  # non-pad input tokens seen, all epochs, steps before a resume included
+    metrics: list[dict]  # every row passed to on_metrics in this run, in order
     stopped: bool  # True when should_stop ended training early
+    step: int  # the global step training ended at (counting the steps before a resume)
