@@ -23,7 +23,9 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,  # ...and requeued if its process dies
         worker_prefetch_multiplier=1,  # an idle GPU never has a second job reserved
         worker_concurrency=1,  # one job per GPU
-        worker_max_tasks_per_child=1,  # a fresh process per job returns all GPU memory
+        # No worker_max_tasks_per_child: each job trains in a subprocess of its own
+        # (worker.job_process), which returns all GPU memory when it exits, while the pool
+        # process stays warm, so a freed slot takes its next task at once.
         task_create_missing_queues=True,
         task_ignore_result=True,  # outcomes live in the database, not a result backend
         task_serializer="json",

@@ -243,6 +243,10 @@ def bench_pickup(database_url: str, redis_url: str, jobs: int = 30) -> dict:
             worker.terminate()
             worker.wait(timeout=30)
             worker_log.close()
+            if os.environ.get("LATHE_BENCH_KEEP_LOG"):
+                import shutil
+
+                shutil.copy(os.path.join(home, "worker.log"), os.environ["LATHE_BENCH_KEEP_LOG"])
     return {
         "jobs": jobs,
         "slot_free_to_pickup": _percentiles(gaps),

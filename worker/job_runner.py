@@ -15,6 +15,8 @@ import hashlib
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -43,12 +45,22 @@ def worker_id() -> str:
     return os.environ.get("LATHE_WORKER_ID") or socket.gethostname()
 
 
-def run_job(job_id: str, settings: Settings | None = None, token: int | None = None) -> str:
-    """Run one job; `token` is the dispatch token the task carries (None: any)."""
+def run_job(
+    job_id: str,
+    settings: Settings | None = None,
+    token: int | None = None,
+    isolate: bool = False,
+) -> str:
+    """Run one job; `token` is the dispatch token the task carries (None: any).
+
+    With `isolate` (the Celery task), training runs in a fresh Python process
+    (worker.job_process): torch and CUDA memory go away with it, the Celery pool process
+    stays warm for the next job, and a training process that dies (OOM kill, segfault)
+    fails the job with its exit status instead of leaving it running.
+    """
     settings = settings or get_settings()
     engine = make_engine(settings.resolved_database_url)
     sessions = make_sessionmaker(engine)
-    store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     me = worker_id()
     try:
         with sessions() as session:
@@ -74,28 +86,9 @@ def run_job(job_id: str, settings: Settings | None = None, token: int | None = N
             session.commit()
         started = time.monotonic()
         try:
-            return _train_and_publish(job_id, settings, sessions, store)
-        except Exception as exc:
-            log.exception("job %s failed", job_id)
-            with sessions() as session:
-                job = session.scalar(select(Job).where(Job.id == job_id))
-                error = {
-                    "code": "training_failed",
-                    "param": None,
-                    "message": f"{type(exc).__name__}: {exc}"[:1000],
-                }
-                transition(
-                    session,
-                    job,
-                    JobStatus.FAILED,
-                    f"Training failed: {error['message']}",
-                    level="error",
-                    error=error,
-                    finished_at=now(),
-                    estimated_finish=None,
-                )
-                session.commit()
-            return "failed"
+            if isolate:
+                return _train_in_subprocess(job_id, sessions)
+            return train_or_fail(job_id, settings, sessions)
         finally:
             with sessions() as session:
                 record_gpu_seconds(
@@ -108,6 +101,48 @@ def run_job(job_id: str, settings: Settings | None = None, token: int | None = N
                 session.commit()
     finally:
         engine.dispose()
+
+
+def train_or_fail(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str:
+    """Train and publish a claimed job; any error fails it with the cause."""
+    store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    try:
+        return _train_and_publish(job_id, settings, sessions, store)
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        _fail(sessions, job_id, "training_failed", f"{type(exc).__name__}: {exc}")
+        return "failed"
+
+
+def _fail(sessions: sessionmaker[Session], job_id: str, code: str, message: str) -> None:
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        transition(
+            session,
+            job,
+            JobStatus.FAILED,
+            f"Training failed: {message[:1000]}",
+            level="error",
+            error={"code": code, "param": None, "message": message[:1000]},
+            finished_at=now(),
+            estimated_finish=None,
+        )
+        session.commit()
+
+
+def _train_in_subprocess(job_id: str, sessions: sessionmaker[Session]) -> str:
+    proc = subprocess.run([sys.executable, "-m", "worker.job_process", job_id], check=False)
+    with sessions() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if proc.returncode != 0 and status == JobStatus.RUNNING:
+        how = (
+            f"was killed by signal {-proc.returncode}"
+            if proc.returncode < 0
+            else f"exited with status {proc.returncode}"
+        )
+        _fail(sessions, job_id, "training_process_died", f"the training process {how}")
+        return "failed"
+    return status or "missing"
 
 
 def set_current_job(session: Session, worker: str, job_id: str | None) -> None:

@@ -8,7 +8,7 @@ from worker.celery_app import celery
 
 @celery.task(name=TRAIN_TASK)
 def train_job(job_id: str, token: int | None = None) -> str:
-    # Imported here: torch loads in the per-job child process, never in the parent.
     from worker.job_runner import run_job
 
-    return run_job(job_id, token=token)
+    # Training runs in a fresh process per job: torch never loads in the pool process.
+    return run_job(job_id, token=token, isolate=True)

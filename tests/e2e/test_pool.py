@@ -3,6 +3,8 @@ teams, class routing, drain, and pause/resume, through the API and its scheduler
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -210,3 +212,30 @@ def test_quotas_set_by_an_admin_refuse_jobs_with_the_limit_named(live_api, admin
         )
         assert refused.status_code == 403
         assert "gpu_hours_per_month" in refused.json()["error"]["message"]
+
+
+def training_process(job_id: str) -> int | None:
+    """The pid of the `python -m worker.job_process JOB` training the job, if any."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker.job_process" in argv and job_id.encode() in argv:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_training_process_fails_its_job_and_frees_the_worker(team_a) -> None:
+    file_id = upload(team_a)
+    job_id = submit(team_a, file_id, n_epochs=30, gpu_class=SMALL)
+    pid = wait_for(lambda: training_process(job_id), 120, what="the training process")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: job(team_a, job_id)["status"] in FINAL, 60, what="the job to end")
+    ended = job(team_a, job_id)
+    assert ended["status"] == "failed"
+    assert ended["error"]["code"] == "training_process_died"
+    assert "signal 9" in ended["error"]["message"]
+    after = submit(team_a, file_id, gpu_class=SMALL)
+    wait_for(lambda: job(team_a, after)["status"] in FINAL, 180, what="the next job")
+    assert job(team_a, after)["status"] == "succeeded"
