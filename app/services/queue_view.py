@@ -41,27 +41,37 @@ def typical_job_seconds(session: Session, settings: Settings) -> float:
     return float(mean) if mean else settings.typical_job_seconds
 
 
-def _waiting(session: Session, classes: dict[str, float]) -> tuple[list[QueuedJob], dict[int, Job]]:
-    rows = session.scalars(
-        select(Job)
+def _waiting(
+    session: Session, classes: dict[str, float]
+) -> tuple[list[QueuedJob], dict[int, int | None]]:
+    """Queued jobs as the policy sees them, and each one's dispatch time (if sent)."""
+    rows = session.execute(
+        select(
+            Job.pk,
+            Job.team_pk,
+            Job.priority,
+            Job.created_at,
+            Job.gpu_class,
+            Job.memory_gb,
+            Job.dispatched_at,
+        )
         .join(Team, Team.pk == Job.team_pk)
         .where(Job.status == JobStatus.QUEUED.value, Team.disabled.is_(False))
     ).all()
-    candidates = [
-        QueuedJob(
-            key=j.pk,
-            team=j.team_pk,
-            priority=j.priority,
-            created_at=float(j.created_at),
-            eligible=frozenset(
-                [j.gpu_class]
-                if j.gpu_class
-                else [c for c, m in classes.items() if m >= j.memory_gb]
-            ),
+    by_memory = sorted(classes.items(), key=lambda kv: kv[1])
+    fits: dict[float, frozenset[str]] = {}
+    candidates = []
+    for row in rows:
+        if row.gpu_class:
+            eligible = frozenset([row.gpu_class])
+        else:
+            if row.memory_gb not in fits:
+                fits[row.memory_gb] = frozenset(n for n, m in by_memory if m >= row.memory_gb)
+            eligible = fits[row.memory_gb]
+        candidates.append(
+            QueuedJob(row.pk, row.team_pk, row.priority, float(row.created_at), eligible)
         )
-        for j in rows
-    ]
-    return candidates, {j.pk: j for j in rows}
+    return candidates, {row.pk: row.dispatched_at for row in rows}
 
 
 def positions(session: Session, settings: Settings) -> dict[int, Position]:
@@ -92,7 +102,7 @@ def positions(session: Session, settings: Settings) -> dict[int, Position]:
     result: dict[int, Position] = {}
     for job, position in placed:
         wait = starts[job.eligible][position - 1]
-        dispatched = jobs[job.key].dispatched_at
+        dispatched = jobs[job.key]
         estimate = None if math.isinf(wait) else int(dispatched or at + wait)
         result[job.key] = Position(position, estimate, job.eligible)
     return result
