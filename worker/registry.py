@@ -23,7 +23,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Worker, now
+from app.domain.jobs import JobStatus
+from app.models import Job, Worker, now
+from app.services.jobs import transition
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ def class_from_gpu_name(name: str, memory_gb: float) -> str:
     """ "NVIDIA H100 80GB HBM3", 79.6 -> "h100-80gb": the model token plus its memory."""
     tokens = re.findall(r"[A-Za-z]+\d+[A-Za-z]*|\d+[A-Za-z]+", name.replace("NVIDIA", ""))
     model = next((t for t in tokens if not t.lower().endswith("gb")), name.split()[-1])
-    return f"{model.lower()}-{round(memory_gb)}gb"
+    stated = re.search(r"(\d+)\s*GB", name, re.IGNORECASE)  # "80GB" in the name wins
+    return f"{model.lower()}-{stated.group(1) if stated else round(memory_gb)}gb"
 
 
 def detect_hardware() -> Hardware:
@@ -121,8 +124,28 @@ class Heartbeat:
             row.current_job = None
             row.started_at = now()
             row.last_seen = time.time()
+            self._requeue_orphans(session)
             session.commit()
         log.info("registered worker %s (%s)", self.worker_id, self.hardware)
+
+    def _requeue_orphans(self, session: Session) -> None:
+        """Jobs still `running` under this worker's id belonged to a previous incarnation
+        that died (a restart within the lease): they go back in line."""
+        orphans = session.scalars(
+            select(Job).where(Job.worker == self.worker_id, Job.status == JobStatus.RUNNING.value)
+        ).all()
+        for job in orphans:
+            transition(
+                session,
+                job,
+                JobStatus.QUEUED,
+                f"Worker {self.worker_id} restarted; the job is back in line",
+                level="warn",
+                dispatched_at=None,
+                dispatched_class=None,
+                worker=None,
+                estimated_finish=None,
+            )
 
     def start(self) -> None:
         self.register()
