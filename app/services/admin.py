@@ -110,7 +110,7 @@ def create_team(
     fields = {"weight": weight, **(quotas or {})}
     _check_team_fields(fields)
     try:
-        team, key = teams.create_team(session, name)
+        team, key = teams.create_team(session, name, commit=False)
     except teams.TeamExists as exc:
         raise Conflict(str(exc), code="team_exists", param="name") from None
     except IntegrityError:  # a concurrent create of the same name won the race

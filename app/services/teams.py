@@ -22,15 +22,19 @@ class TeamExists(Exception):
     pass
 
 
-def create_team(session: Session, name: str) -> tuple[Team, str]:
-    """Create a team and its first API key; returns the key in clear text, once."""
+def create_team(session: Session, name: str, *, commit: bool = True) -> tuple[Team, str]:
+    """Create a team and its first API key; returns the key in clear text, once.
+
+    `commit=False` leaves the transaction open so a caller can add settings and an audit
+    entry that land with the team, or not at all."""
     if session.scalar(select(Team).where(Team.name == name)) is not None:
         raise TeamExists(f"a team named {name!r} already exists")
     team = Team(id=new_id("team"), name=name)
     session.add(team)
     session.flush()
     key = issue_key(session, team)
-    session.commit()
+    if commit:
+        session.commit()
     return team, key
 
 
