@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -35,6 +35,8 @@ def get_celery(request: Request) -> Celery:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+# Retries of a POST with the same key return the first result (app.services.idempotency).
+IdempotencyKeyDep = Annotated[str | None, Header(alias="Idempotency-Key")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]

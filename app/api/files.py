@@ -8,9 +8,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import SessionDep, SettingsDep, StoreDep, TeamDep
+from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.schemas import file_object, list_envelope
 from app.services import files
+from app.services.idempotency import fingerprint, idempotent
 from app.services.pool import team_quotas
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -20,23 +21,33 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 def upload_file(
     team: TeamDep,
     session: SessionDep,
-    store: StoreDep,
+    objects: StoreDep,
     settings: SettingsDep,
     file: UploadFile,
     purpose: Annotated[str, Form()],
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> dict:
-    # Starlette spools the multipart body to a temporary file; it is read back in chunks.
-    record = files.store_upload(
-        session,
-        store,
-        team,
-        file.filename or "upload.jsonl",
-        purpose,
-        file.file,
-        settings.max_file_bytes,
-        team_quotas(team, settings).max_file_bytes,
+    filename = file.filename or "upload.jsonl"
+
+    def store() -> dict:
+        # Starlette spools the multipart body to a temporary file; it is read back in chunks.
+        record = files.store_upload(
+            session,
+            objects,
+            team,
+            filename,
+            purpose,
+            file.file,
+            settings.max_file_bytes,
+            team_quotas(team, settings).max_file_bytes,
+        )
+        return file_object(record)
+
+    # A retry with the same key and name returns the first file; the body is not compared
+    # (that would mean storing it again).
+    return idempotent(
+        session, team, "POST /v1/files", idempotency_key, fingerprint(filename, purpose), store
     )
-    return file_object(record)
 
 
 @router.get("")

@@ -7,9 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import SessionDep, SettingsDep, TeamDep
+from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TeamDep
 from app.schemas import JobCreate, checkpoint_object, event_object, job_object, list_envelope
 from app.services import jobs
+from app.services.idempotency import fingerprint, idempotent
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 log = logging.getLogger(__name__)
@@ -17,9 +18,22 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 
 
 @router.post("")
-def create_job(body: JobCreate, team: TeamDep, session: SessionDep, settings: SettingsDep) -> dict:
+def create_job(
+    body: JobCreate,
+    team: TeamDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> dict:
     # The job waits in the database; the scheduler dispatches it when a slot is free.
-    return job_object(jobs.create_job(session, settings, team, body), team.id)
+    return idempotent(
+        session,
+        team,
+        "POST /v1/fine_tuning/jobs",
+        idempotency_key,
+        fingerprint(body.model_dump_json()),
+        lambda: job_object(jobs.create_job(session, settings, team, body), team.id),
+    )
 
 
 @router.get("")

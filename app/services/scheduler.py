@@ -25,6 +25,7 @@ from app.domain.jobs import JobStatus
 from app.domain.scheduling import QueuedJob, plan_dispatch
 from app.models import Job, JobEvent, Team, Worker
 from app.queue import send_training_task
+from app.services.idempotency import purge_expired
 from app.services.jobs import transition
 from app.services.pool import free_slots, pool_classes, team_shares
 
@@ -189,6 +190,7 @@ def schedule_once(
             return result
         reconcile_workers(session, settings, at, result)
         expire_dispatches(session, settings, at)
+        purge_expired(session, at)
         free = free_slots(session, settings, at)
         if free:
             classes = pool_classes(session, settings, at)

@@ -44,17 +44,17 @@ class TeamClient:
     key: str
     client: TestClient
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"}
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", **(extra or {})}
 
-    def get(self, url: str, **kw) -> httpx.Response:
-        return self.client.get(url, headers=self._headers(), **kw)
+    def get(self, url: str, headers: dict[str, str] | None = None, **kw) -> httpx.Response:
+        return self.client.get(url, headers=self._headers(headers), **kw)
 
-    def post(self, url: str, **kw) -> httpx.Response:
-        return self.client.post(url, headers=self._headers(), **kw)
+    def post(self, url: str, headers: dict[str, str] | None = None, **kw) -> httpx.Response:
+        return self.client.post(url, headers=self._headers(headers), **kw)
 
-    def delete(self, url: str, **kw) -> httpx.Response:
-        return self.client.delete(url, headers=self._headers(), **kw)
+    def delete(self, url: str, headers: dict[str, str] | None = None, **kw) -> httpx.Response:
+        return self.client.delete(url, headers=self._headers(headers), **kw)
 
     def upload(self, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):
         return self.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
