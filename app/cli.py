@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -81,6 +82,8 @@ def worker(
 
     hardware = resolve_hardware(settings)
     worker_id = name or settings.worker_name or default_worker_id(hardware.gpu_class)
+    if "@" not in worker_id:  # Celery names nodes NAME@HOST; drains address that name
+        worker_id = f"{worker_id}@{socket.gethostname()}"
     os.environ["LATHE_WORKER_ID"] = worker_id  # read by the heartbeat and the job process
 
     from worker.celery_app import celery

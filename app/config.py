@@ -73,8 +73,11 @@ class Settings(BaseSettings):
     )
     # Largest upload accepted, in bytes.
     max_file_bytes: int = 8 * 1024**3
-    # How often (seconds) the training loop re-reads the job to notice a cancel.
+    # How often (seconds) the training loop re-reads the job to notice a cancel; and how
+    # long a cancelled or paused job's training process may take to stop before the worker
+    # kills it (a step can be slow; a hung process must not hold the GPU).
     cancel_poll_seconds: float = 1.0
+    stop_grace_seconds: float = 120.0
     # Device the worker trains on: "auto" picks cuda when present.
     device: str = "auto"
 

@@ -1,4 +1,4 @@
-"""`python -m worker.job_process JOB_ID`: train and publish one already-claimed job in a
+"""`python -m worker.job_process JOB_ID [ATTEMPT]`: train and publish one already-claimed job in a
 process of its own (see worker.job_runner.run_job's `isolate`). Settings come from the
 LATHE_* environment the worker passed down."""
 
@@ -12,12 +12,12 @@ from app.db import make_engine, make_sessionmaker
 from worker.job_runner import train_or_fail
 
 
-def main(job_id: str) -> int:
+def main(job_id: str, attempt: int | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/job] %(message)s")
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)
     try:
-        outcome = train_or_fail(job_id, settings, make_sessionmaker(engine))
+        outcome = train_or_fail(job_id, settings, make_sessionmaker(engine), attempt)
     finally:
         engine.dispose()
     logging.info("job %s: %s", job_id, outcome)
@@ -25,4 +25,4 @@ def main(job_id: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))

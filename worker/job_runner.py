@@ -68,6 +68,7 @@ def run_job(
             if job is None:
                 return "missing"
             fence = () if token is None else (Job.dispatch_token == token,)
+            attempt = job.attempt + 1
             claimed = transition(
                 session,
                 job,
@@ -75,7 +76,7 @@ def run_job(
                 f"Fine-tuning job started on worker {me}",
                 guard=(Job.status == JobStatus.QUEUED.value, *fence),
                 worker=me,
-                attempt=job.attempt + 1,
+                attempt=attempt,
                 started_at=now(),
                 dispatched_at=None,  # claimed: no longer a dispatch waiting for a worker
             )
@@ -87,8 +88,8 @@ def run_job(
         started = time.monotonic()
         try:
             if isolate:
-                return _train_in_subprocess(job_id, sessions)
-            return train_or_fail(job_id, settings, sessions)
+                return _train_in_subprocess(job_id, sessions, me, attempt, settings)
+            return train_or_fail(job_id, settings, sessions, attempt)
         finally:
             with sessions() as session:
                 record_gpu_seconds(
@@ -103,18 +104,40 @@ def run_job(
         engine.dispose()
 
 
-def train_or_fail(job_id: str, settings: Settings, sessions: sessionmaker[Session]) -> str:
+def lease(worker: str, attempt: int) -> tuple:
+    """Conditions every write about a claimed job carries: it is still running, on this
+    worker, in this attempt. A run that lost its job (its worker was declared lost and the
+    job re-claimed elsewhere) can no longer fail, publish or annotate it."""
+    return (
+        Job.status == JobStatus.RUNNING.value,
+        Job.worker == worker,
+        Job.attempt == attempt,
+    )
+
+
+def train_or_fail(
+    job_id: str, settings: Settings, sessions: sessionmaker[Session], attempt: int | None = None
+) -> str:
     """Train and publish a claimed job; any error fails it with the cause."""
+    with sessions() as session:
+        worker, current = session.execute(
+            select(Job.worker, Job.attempt).where(Job.id == job_id)
+        ).one()
+    if attempt is not None and attempt != current:
+        return "stale"  # re-claimed by another attempt before this process started
+    fence = lease(worker, current)
     store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     try:
-        return _train_and_publish(job_id, settings, sessions, store)
+        return _train_and_publish(job_id, settings, sessions, store, fence)
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        _fail(sessions, job_id, "training_failed", f"{type(exc).__name__}: {exc}")
+        _fail(sessions, job_id, "training_failed", f"{type(exc).__name__}: {exc}", fence)
         return "failed"
 
 
-def _fail(sessions: sessionmaker[Session], job_id: str, code: str, message: str) -> None:
+def _fail(
+    sessions: sessionmaker[Session], job_id: str, code: str, message: str, fence: tuple
+) -> None:
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id))
         transition(
@@ -123,6 +146,7 @@ def _fail(sessions: sessionmaker[Session], job_id: str, code: str, message: str)
             JobStatus.FAILED,
             f"Training failed: {message[:1000]}",
             level="error",
+            guard=fence,
             error={"code": code, "param": None, "message": message[:1000]},
             finished_at=now(),
             estimated_finish=None,
@@ -130,8 +154,29 @@ def _fail(sessions: sessionmaker[Session], job_id: str, code: str, message: str)
         session.commit()
 
 
-def _train_in_subprocess(job_id: str, sessions: sessionmaker[Session]) -> str:
-    proc = subprocess.run([sys.executable, "-m", "worker.job_process", job_id], check=False)
+def _train_in_subprocess(
+    job_id: str, sessions: sessionmaker[Session], me: str, attempt: int, settings: Settings
+) -> str:
+    """Train in `python -m worker.job_process`; if the job is cancelled or paused and the
+    process has not stopped on its own within the grace period (it polls every step), it
+    is killed so the GPU is freed whatever state training is in."""
+    fence = lease(me, attempt)
+    proc = subprocess.Popen([sys.executable, "-m", "worker.job_process", job_id, str(attempt)])
+    stopping_since: float | None = None
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=settings.heartbeat_seconds)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        with sessions() as session:
+            held = session.scalar(select(Job.pk).where(Job.id == job_id, *fence))
+        if held is None and stopping_since is None:
+            stopping_since = time.monotonic()
+        if stopping_since and time.monotonic() - stopping_since > settings.stop_grace_seconds:
+            log.warning("job %s: training did not stop; killing it", job_id)
+            proc.kill()
+            proc.wait()
     with sessions() as session:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
     if proc.returncode != 0 and status == JobStatus.RUNNING:
@@ -140,7 +185,7 @@ def _train_in_subprocess(job_id: str, sessions: sessionmaker[Session]) -> str:
             if proc.returncode < 0
             else f"exited with status {proc.returncode}"
         )
-        _fail(sessions, job_id, "training_process_died", f"the training process {how}")
+        _fail(sessions, job_id, "training_process_died", f"the training process {how}", fence)
         return "failed"
     return status or "missing"
 
@@ -154,7 +199,11 @@ def set_current_job(session: Session, worker: str, job_id: str | None) -> None:
 
 
 def _train_and_publish(
-    job_id: str, settings: Settings, sessions: sessionmaker[Session], store: ObjectStore
+    job_id: str,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    fence: tuple,
 ) -> str:
     from worker.training.run import run_training  # torch is imported from here on
 
@@ -196,7 +245,7 @@ def _train_and_publish(
                 add_event(session, job.pk, message)
                 session.commit()
         model_name = f"ft:{job.model}:{team_name}:{job.suffix or ''}:{job.id.split('-')[1][:8]}"
-        hooks = _hooks(job, settings, sessions, store, model_name)
+        hooks = _hooks(job, settings, sessions, store, model_name, fence)
         result = run_training(spec, hooks)
         if result.stopped:  # cancelled or paused: nothing is published
             with sessions() as session:
@@ -208,7 +257,7 @@ def _train_and_publish(
         if resumed_at:  # the metrics file covers the whole run, not only this attempt
             earlier = _metrics_up_to(sessions, job.pk, resumed_at)
             result = dataclasses.replace(result, metrics=earlier + result.metrics)
-        return _publish(job, sessions, store, result, workdir, model_name)
+        return _publish(job, sessions, store, result, workdir, model_name, fence)
 
 
 def _fetch_checkpoint(store: ObjectStore, key: str, target: Path) -> Path:
@@ -276,6 +325,7 @@ def _hooks(
     sessions: sessionmaker[Session],
     store: ObjectStore,
     model_name: str,
+    fence: tuple,
 ) -> TrainingHooks:
     started = time.monotonic()
     first_step: list[int] = []  # this attempt's first step (a resumed run starts past 1)
@@ -296,7 +346,7 @@ def _hooks(
             add_event(session, job.pk, ", ".join(parts), type="metrics", data=row)
             session.execute(
                 Job.__table__.update()
-                .where(Job.pk == job.pk, Job.status == "running")
+                .where(Job.pk == job.pk, *fence)
                 .values(estimated_finish=now() + int(rate * max(total - step, 0)))
             )
             session.commit()
@@ -371,6 +421,7 @@ def _publish(
     result: TrainingResult,
     workdir: Path,
     model_name: str,
+    fence: tuple,
 ) -> str:
     adapter = workdir / "adapter.tar.gz"
     metrics = workdir / "metrics.csv"
@@ -388,6 +439,7 @@ def _publish(
             session.get_one(Job, job.pk),
             JobStatus.SUCCEEDED,
             f"The job has successfully completed: {model_name}",
+            guard=fence,
             fine_tuned_model=model_name,
             trained_tokens=result.trained_tokens,
             result_files=[r.id for r in records],

@@ -19,7 +19,7 @@ from app.domain.jobs import WAITING_STATES, JobStatus, is_final, sources_of
 from app.domain.memory import ModelShape, estimate_memory_gb, fitting_classes, shape_from_parameters
 from app.domain.quotas import check_new_job, month_start
 from app.errors import BadRequest, Conflict, NotFound, QuotaError
-from app.models import Checkpoint, File, Job, JobEvent, Team, now
+from app.models import Checkpoint, File, Job, JobEvent, Team, Worker, now
 from app.schemas import JobCreate, QuantizationIn
 from app.services.events import add_event
 from app.services.pagination import newest_first_page
@@ -225,6 +225,8 @@ def check_fits_pool(
 def check_new_job_quota(
     session: Session, settings: Settings, team: Team, *, already_waiting: bool = False
 ) -> None:
+    # Lock the team row: concurrent creations count and insert one at a time.
+    session.execute(select(Team.pk).where(Team.pk == team.pk).with_for_update())
     quotas = team_quotas(team, settings)
     waiting = 0
     if not already_waiting:
@@ -307,6 +309,7 @@ def pause_job(session: Session, team: Team, job_id: str) -> Job:
         guard=(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),),
         dispatched_at=None,
         dispatched_class=None,
+        dispatch_token=Job.dispatch_token + 1,  # a task still in the broker cannot claim it
         estimated_finish=None,
     ):
         session.rollback()
@@ -321,6 +324,14 @@ def resume_job(session: Session, settings: Settings, team: Team, job_id: str) ->
         raise Conflict(
             f"job {job.id} is {job.status}; only a paused job can be resumed",
             code="job_not_paused",
+            param="fine_tuning_job_id",
+        )
+    holder = session.scalar(select(Worker.id).where(Worker.current_job == job.id))
+    if holder is not None:
+        raise Conflict(
+            f"job {job.id} is still stopping on worker {holder} (saving its checkpoint); "
+            "resume it in a few seconds",
+            code="job_still_stopping",
             param="fine_tuning_job_id",
         )
     # A paused job already counts as waiting; only the GPU-hours quota can refuse it.

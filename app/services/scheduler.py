@@ -51,7 +51,8 @@ def _try_lock(session: Session) -> bool:
 
 
 def reconcile_workers(session: Session, settings: Settings, at: float, result: PassResult) -> None:
-    """Workers silent past their lease are lost; their running jobs go back in line."""
+    """Workers silent past their lease are lost; their running jobs go back in line, as
+    do jobs still running on a worker that stopped."""
     lost = session.scalars(
         select(Worker).where(
             Worker.status.in_(("active", "draining", "drained")),
@@ -60,13 +61,14 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
     ).all()
     for worker in lost:
         worker.status = "lost"
-        result.lost_workers.append(worker.id)
-        job = session.scalar(
-            select(Job).where(Job.worker == worker.id, Job.status == JobStatus.RUNNING.value)
-        )
         worker.current_job = None
-        if job is None:
-            continue
+        result.lost_workers.append(worker.id)
+    gone = select(Worker.id).where(Worker.status.in_(("lost", "stopped")))
+    orphans = session.scalars(
+        select(Job).where(Job.status == JobStatus.RUNNING.value, Job.worker.in_(gone))
+    ).all()
+    for job in orphans:
+        worker_id = job.worker
         losses = 1 + (
             session.scalar(
                 select(func.count()).where(
@@ -80,7 +82,7 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
                 session,
                 job,
                 JobStatus.FAILED,
-                f"Worker {worker.id} was lost; the job failed after {losses} lost workers",
+                f"Worker {worker_id} was lost; the job failed after {losses} lost workers",
                 level="error",
                 error={
                     "code": "worker_lost",
@@ -95,7 +97,7 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
                 session,
                 job,
                 JobStatus.QUEUED,
-                f"Worker {worker.id} was lost; the job is back in line "
+                f"Worker {worker_id} was lost; the job is back in line "
                 f"({losses} of {MAX_ATTEMPTS} losses allowed)",
                 level="warn",
                 dispatched_at=None,
@@ -115,7 +117,8 @@ def expire_dispatches(session: Session, settings: Settings, at: float) -> None:
             Job.dispatched_at.is_not(None),
             Job.dispatched_at < at - settings.dispatch_timeout_seconds,
         )
-        .values(dispatched_at=None, dispatched_class=None)
+        # A new token: the lost message, if it turns up after all, can no longer claim.
+        .values(dispatched_at=None, dispatched_class=None, dispatch_token=Job.dispatch_token + 1)
     )
 
 

@@ -260,3 +260,113 @@ def test_pause_and_resume_a_queued_job(team, train_id) -> None:
     assert team.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 409
     assert team.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
     assert team.post(f"/v1/fine_tuning/jobs/{job_id}/resume").status_code == 409
+
+
+def test_concurrent_creations_cannot_pass_the_queued_jobs_quota(team, train_id, api_env) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.errors import QuotaError
+    from app.schemas import JobCreate
+    from app.services.jobs import create_job
+
+    settings = settings_from(api_env)
+    engine = make_engine(api_env["LATHE_DATABASE_URL"])
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        session.execute(update(Team).where(Team.id == team.id).values(max_queued_jobs=2))
+        session.commit()
+
+    def attempt(_: int) -> str:
+        with sessions() as session:
+            me = session.scalar(select(Team).where(Team.id == team.id))
+            try:
+                create_job(session, settings, me, JobCreate(model=MODEL, training_file=train_id))
+                return "created"
+            except QuotaError:
+                return "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(attempt, range(8)))
+    engine.dispose()
+    assert sorted(outcomes) == ["created"] * 2 + ["refused"] * 6
+
+
+def test_a_stale_run_cannot_fail_a_job_another_worker_now_holds(team, train_id, sessions) -> None:
+    from worker.job_runner import _fail, lease
+
+    job_id = create(team, train_id).json()["id"]
+    with sessions() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status="running", worker="w2@h", attempt=2)
+        )
+        session.commit()
+    _fail(sessions, job_id, "training_failed", "database went away", lease("w1@h", 1))
+    assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "running"
+    _fail(sessions, job_id, "training_failed", "real failure", lease("w2@h", 2))
+    assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "failed"
+
+
+def test_a_stopped_workers_running_job_goes_back_in_line(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    worker_id = add_worker(gpu_class)
+    job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    with sessions() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(status="running", worker=worker_id)
+        )
+        session.execute(update(Worker).where(Worker.id == worker_id).values(status="stopped"))
+        session.commit()
+    assert job_id in schedule(api_env, sessions).requeued
+    assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+
+
+def test_a_team_past_its_gpu_hours_gets_nothing_dispatched(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    add_worker(gpu_class)
+    queued = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    done = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    with sessions() as session:  # the quota is lowered after the job was queued
+        session.execute(
+            update(Job)
+            .where(Job.id == done)
+            .values(status="succeeded", gpu_seconds=3600.0, finished_at=int(time.time()))
+        )
+        session.execute(update(Team).where(Team.id == team.id).values(gpu_hours_per_month=1))
+        session.commit()
+    assert schedule(api_env, sessions).dispatched == []
+    assert team.get(f"/v1/fine_tuning/jobs/{queued}").json()["status"] == "queued"
+
+
+def test_resume_waits_until_the_worker_has_let_go(
+    team, train_id, sessions, add_worker, gpu_class
+) -> None:
+    worker_id = add_worker(gpu_class)
+    job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    with sessions() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="paused"))
+        session.execute(update(Worker).where(Worker.id == worker_id).values(current_job=job_id))
+        session.commit()
+    refused = team.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "job_still_stopping"
+    with sessions() as session:
+        session.execute(update(Worker).where(Worker.id == worker_id).values(current_job=None))
+        session.commit()
+    assert team.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+
+
+def test_an_expired_dispatch_gets_a_new_token(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    add_worker(gpu_class)
+    job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    schedule(api_env, sessions)
+    with sessions() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=1))
+        session.commit()
+    result = schedule(api_env, sessions)  # expires the old dispatch, then sends it again
+    assert [j for j, _ in result.dispatched] == [job_id]
+    with sessions() as session:
+        assert session.scalar(select(Job.dispatch_token).where(Job.id == job_id)) == 3

@@ -194,6 +194,10 @@ def test_quotas_set_by_an_admin_refuse_jobs_with_the_limit_named(live_api, admin
     with client(live_api, key) as team:
         file_id = upload(team)
         first = submit(team, file_id, gpu_class=SMALL)
+        # Paused, it waits (and counts) however fast a worker would have taken it.
+        paused = team.post(f"/v1/fine_tuning/jobs/{first}/pause").json()["status"]
+        if paused != "paused":  # already running: it stops at the next step
+            wait_for(lambda: job(team, first)["status"] == "paused", 60, what="the pause")
         try:
             refused = team.post(
                 "/v1/fine_tuning/jobs",

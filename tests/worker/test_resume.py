@@ -72,8 +72,8 @@ def pause_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Pause the job through the API's service once the worker reports `step`'s metrics."""
     real_hooks = job_runner._hooks
 
-    def hooks(job, settings, sessions, store, model_name):
-        hooks = real_hooks(job, settings, sessions, store, model_name)
+    def hooks(job, settings, sessions, *rest):
+        hooks = real_hooks(job, settings, sessions, *rest)
         report = hooks.on_metrics
 
         def on_metrics(row: dict) -> None:
