@@ -177,7 +177,16 @@ def test_pause_keeps_the_checkpoint_and_resume_continues(team_a) -> None:
         what="the pause checkpoint",
     )
     paused_at = max(steps())
-    assert team_a.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
+    # Accepted once the worker has saved the checkpoint and let go (409 until then).
+    resumed = wait_for(
+        lambda: (
+            (r := team_a.post(f"/v1/fine_tuning/jobs/{job_id}/resume")).status_code == 200
+            and r.json()
+        ),
+        60,
+        what="the resume to be accepted",
+    )
+    assert resumed["status"] == "queued"
     wait_for(lambda: job(team_a, job_id)["status"] in FINAL, 240, what="the resumed job")
     assert job(team_a, job_id)["status"] == "succeeded"
     events = team_a.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
