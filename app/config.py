@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # kills it (a step can be slow; a hung process must not hold the GPU).
     cancel_poll_seconds: float = 1.0
     stop_grace_seconds: float = 120.0
+    # Resumable checkpoints besides each epoch end and a pause: every N steps (unset: off)
+    # and whenever this many seconds passed since the last, so a crash loses at most that.
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_seconds: float | None = 600.0
     # Device the worker trains on: "auto" picks cuda when present.
     device: str = "auto"
 

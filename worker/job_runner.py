@@ -316,6 +316,8 @@ def _training_spec(
         ),
         quant=QuantSpec(**job.quantization),
         device=settings.device,
+        checkpoint_steps=settings.checkpoint_every_steps,
+        checkpoint_seconds=settings.checkpoint_every_seconds,
     )
 
 

@@ -331,3 +331,14 @@ def test_validation_does_not_change_training(tiny_model: Path, tmp_path: Path) -
         return [r["train_loss"] for r in run_training(spec, TrainingHooks()).metrics]
 
     assert train_losses(valid=True) == train_losses(valid=False)
+
+
+def test_time_based_checkpoints_follow_the_interval(tiny_model: Path, tmp_path: Path) -> None:
+    # An interval of 0 s is always due: every step checkpoints. (None: only epoch ends.)
+    steps: list[int] = []
+    spec = dataclasses.replace(
+        make_spec(tiny_model, tmp_path / "timed", valid=False, n_epochs=1),
+        checkpoint_seconds=0.0,
+    )
+    run_training(spec, TrainingHooks(on_checkpoint=lambda step, path, m: steps.append(step)))
+    assert steps == [1, 2, 3, 4]

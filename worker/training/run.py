@@ -6,6 +6,7 @@ The Celery task calls `run_training` with plain data (TrainingSpec) and callback
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -39,11 +40,19 @@ class HooksCallback(TrainerCallback):
     """
 
     def __init__(
-        self, hooks: TrainingHooks, validating: bool, checkpoint_steps: int | None
+        self,
+        hooks: TrainingHooks,
+        validating: bool,
+        checkpoint_steps: int | None,
+        checkpoint_seconds: float | None = None,
     ) -> None:
         self.hooks = hooks
         self.validating = validating
         self.checkpoint_steps = checkpoint_steps
+        # Also checkpoint when this much time has passed since the last one, so a long
+        # epoch never risks more than that much work to a crash.
+        self.checkpoint_seconds = checkpoint_seconds
+        self.last_checkpoint = time.monotonic()
         self.rows: list[dict] = []
         self.pending: dict | None = None  # a step's train row, waiting for its eval loss
         self.stop_reason: str | None = None  # "pause" | "cancel" once should_stop said so
@@ -78,7 +87,10 @@ class HooksCallback(TrainerCallback):
         if state.epoch is not None and float(state.epoch).is_integer():
             return True  # the last step of an epoch
         every = self.checkpoint_steps
-        return every is not None and state.global_step % every == 0
+        if every is not None and state.global_step % every == 0:
+            return True
+        interval = self.checkpoint_seconds
+        return interval is not None and time.monotonic() - self.last_checkpoint >= interval
 
     def checkpoint_here(self, control: TrainerControl) -> None:
         # Every checkpoint is taken on a logged (and evaluated) step, so it carries the
@@ -115,6 +127,7 @@ class HooksCallback(TrainerCallback):
         self.hooks.on_metrics(row)
 
     def on_save(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        self.last_checkpoint = time.monotonic()
         # Called right after Trainer._save_checkpoint wrote this directory (logging and
         # evaluation of the step come before the save, so its row is complete).
         step = state.global_step
@@ -173,7 +186,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         fp16=device == "cuda" and compute_dtype == torch.float16,
         include_num_input_tokens_seen="non_padding",
     )
-    callback = HooksCallback(hooks, validating, spec.checkpoint_steps)
+    callback = HooksCallback(hooks, validating, spec.checkpoint_steps, spec.checkpoint_seconds)
     trainer = Trainer(
         model=model,
         args=args,

@@ -41,6 +41,7 @@ class TrainingSpec:
     logging_steps: int = 1
     # A checkpoint at every epoch end, and also every this many steps when set.
     checkpoint_steps: int | None = None
+    checkpoint_seconds: float | None = None  # also checkpoint when this long since the last
     # A checkpoint directory an earlier run handed to on_checkpoint (extracted from its
     # tarball): training continues from it (adapter, optimizer, scheduler, RNG, data
     # position, step count) instead of from step 0. The rest of the spec must match that run.
