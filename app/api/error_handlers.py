@@ -8,7 +8,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import APIError
@@ -69,6 +69,23 @@ def install_error_handlers(app: FastAPI) -> None:
             "invalid_value",
             None,
         )
+
+    async def _database_unavailable(_: Request, exc: Exception):
+        # Postgres restarting or unreachable: a 503 the client can retry, not a 500. The
+        # pool's pre-ping replaces dead connections, so the API recovers by itself.
+        log.warning("database unavailable: %s", str(exc).splitlines()[0])
+        response = envelope(
+            503,
+            "the database is unavailable; retry shortly",
+            "server_error",
+            "database_unavailable",
+            None,
+        )
+        response.headers["Retry-After"] = "2"
+        return response
+
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(InterfaceError, _database_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

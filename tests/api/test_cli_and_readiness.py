@@ -37,3 +37,14 @@ def test_readyz_names_the_unreachable_dependency(api_env) -> None:
     checks = resp.json()["checks"]
     assert checks["database"] == "ok"
     assert checks["storage"].startswith("error")
+
+
+def test_an_unreachable_database_is_a_503_to_retry(api_env) -> None:
+    gone = settings_from(
+        {**api_env, "LATHE_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/lathe"}
+    )
+    with TestClient(create_app(gone)) as client:
+        resp = client.get("/v1/files", headers={"Authorization": "Bearer lathe-anything"})
+    assert resp.status_code == 503
+    assert resp.headers["retry-after"] == "2"
+    assert resp.json()["error"]["code"] == "database_unavailable"
