@@ -14,6 +14,19 @@ from urllib.parse import urlparse
 CHUNK = 1024 * 1024
 
 
+def team_prefix(team_id: str) -> str:
+    """Every object a team owns lives under this prefix, and reads check it."""
+    return f"teams/{team_id}/"
+
+
+def file_key(team_id: str, file_id: str) -> str:
+    return f"{team_prefix(team_id)}files/{file_id}"
+
+
+def checkpoint_key(team_id: str, job_id: str, step: int) -> str:
+    return f"{team_prefix(team_id)}jobs/{job_id}/checkpoints/step-{step}.tar.gz"
+
+
 class ObjectStore(Protocol):
     def put(self, key: str, stream: BinaryIO) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...

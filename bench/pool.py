@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 from sqlalchemy import create_engine, insert, select, text, update
@@ -240,9 +241,9 @@ def bench_pickup(database_url: str, redis_url: str, jobs: int = 30) -> dict:
                         },
                     ).raise_for_status()
                 # Gone from storage: each job fails as soon as its worker fetches the data.
-                for path in (os.path.join(home, "objects", "files"),):
-                    for name in os.listdir(path):
-                        os.unlink(os.path.join(path, name))
+                for stored in Path(home, "objects").rglob("*"):
+                    if stored.is_file():
+                        stored.unlink()
                 gaps = _watch_slot(sessions, jobs)
                 engine.dispose()
         finally:

@@ -33,7 +33,7 @@ from app.models import Checkpoint, File, Job, JobEvent, Worker, now
 from app.services.events import add_event
 from app.services.jobs import transition
 from app.services.usage import record_gpu_seconds
-from app.storage import ObjectStore, open_store
+from app.storage import ObjectStore, checkpoint_key, file_key, open_store
 from worker.training.spec import LoraSpec, QuantSpec, TrainingHooks, TrainingResult, TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def _hooks(
     def on_checkpoint(step: int, checkpoint_dir: Path, metrics: dict) -> None:
         # The whole Trainer checkpoint, flat: the adapter at the root (PeftModel loads the
         # tarball as is) plus what resuming needs: optimizer, scheduler, RNG, trainer state.
-        key = f"jobs/{job.id}/checkpoints/step-{step}.tar.gz"
+        key = checkpoint_key(job.team.id, job.id, step)
         archive = checkpoint_dir.parent / f"{checkpoint_dir.name}.tar.gz"
         _tar_adapter(checkpoint_dir, archive)
         store.put_file(key, archive)
@@ -468,6 +468,6 @@ def _result_file(job: Job, path: Path) -> File:
         purpose="fine-tune-results",
         bytes=path.stat().st_size,
         sha256=digest.hexdigest(),
-        storage_key=f"files/{file_id}",
+        storage_key=file_key(job.team.id, file_id),
         status="processed",
     )

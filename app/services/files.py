@@ -15,7 +15,7 @@ from app.domain.quotas import QuotaExceeded
 from app.errors import BadRequest, NotFound, PayloadTooLarge, QuotaError
 from app.models import File, Job, Team
 from app.services.pagination import newest_first_page
-from app.storage import ObjectStore
+from app.storage import ObjectStore, file_key, team_prefix
 
 UPLOAD_PURPOSES = ("fine-tune",)
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -100,7 +100,7 @@ def store_upload(
             param="file",
         )
     file_id = new_id("file")
-    key = f"files/{file_id}"
+    key = file_key(team.id, file_id)
     validator = DatasetValidator()
     limit = min(max_bytes, quota_bytes) if quota_bytes is not None else max_bytes
     reader = ValidatingReader(stream, validator, limit)
@@ -164,7 +164,9 @@ def _discard(store: ObjectStore, key: str) -> None:
 
 def get_file(session: Session, team: Team, file_id: str) -> File:
     record = session.scalar(select(File).where(File.id == file_id, File.team_pk == team.pk))
-    if record is None:
+    if record is None or not record.storage_key.startswith(team_prefix(team.id)):
+        # The second test never fails for a row the API wrote; it makes reading another
+        # team's object impossible even if a row were ever mis-scoped.
         raise NotFound(f"no file with id {file_id!r}", code="file_not_found", param="file_id")
     return record
 
