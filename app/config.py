@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # Postgres advisory lock); set false to run `lathe scheduler` on its own instead.
     scheduler_in_api: bool = True
     dispatch_timeout_seconds: float = 120.0
+    # A dispatch older than this that the broker no longer holds (Redis lost it) is sent
+    # again at once; older than dispatch_timeout_seconds it is sent again in any case.
+    broker_check_seconds: float = 5.0
     # Fair share: usage decays with this half-life; a just-dispatched job is charged
     # at least this many GPU seconds so one pass alternates between teams.
     fair_share_half_life_hours: float = 24.0

@@ -3,6 +3,9 @@ worker (which runs them). Nothing here imports torch or the worker's code."""
 
 from __future__ import annotations
 
+import ast
+import json
+
 from celery import Celery
 
 from app.config import Settings
@@ -54,3 +57,27 @@ def make_celery(settings: Settings) -> Celery:
 def send_training_task(celery: Celery, job_id: str, token: int, gpu_class: str) -> None:
     """Sent by the scheduler only when a slot of `gpu_class` is free (late dispatch)."""
     celery.send_task(TRAIN_TASK, args=[job_id, token], queue=class_queue(gpu_class))
+
+
+def tasks_in_broker(celery: Celery, gpu_classes: list[str]) -> set[str] | None:
+    """Job ids whose training task the broker holds: waiting in a class queue, or
+    delivered to a worker and not yet acknowledged. None where the transport cannot be
+    inspected (the embedded file-system queue): then only the dispatch timeout applies.
+
+    Used to notice messages the broker lost (a Redis restart without persistence, a
+    FLUSHALL) within seconds rather than after the dispatch timeout.
+    """
+    if not celery.conf.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    found: set[str] = set()
+    with celery.connection_for_read() as conn:
+        channel = conn.default_channel
+        client = channel.client
+        raw = [m for name in gpu_classes for m in client.lrange(class_queue(name), 0, -1)]
+        raw += [json.loads(v)[0] for v in client.hvals(channel.unacked_key)]
+    for message in raw:
+        body = json.loads(message) if isinstance(message, (bytes, str)) else message
+        args = ast.literal_eval(body.get("headers", {}).get("argsrepr") or "[]")
+        if args:
+            found.add(str(args[0]))
+    return found

@@ -24,7 +24,7 @@ from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.scheduling import QueuedJob, plan_dispatch
 from app.models import Job, JobEvent, Team, Worker
-from app.queue import send_training_task
+from app.queue import send_training_task, tasks_in_broker
 from app.services.idempotency import purge_expired
 from app.services.jobs import transition
 from app.services.pool import free_slots, pool_classes, team_shares
@@ -41,6 +41,7 @@ class PassResult:
     dispatched: list[tuple[str, str]] = field(default_factory=list)  # (job id, class)
     lost_workers: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)  # lost by the broker
     skipped: bool = False  # another process held the lock
 
 
@@ -122,6 +123,39 @@ def expire_dispatches(session: Session, settings: Settings, at: float) -> None:
     )
 
 
+def reconcile_broker(
+    session: Session, settings: Settings, celery: Celery, at: float, result: PassResult
+) -> None:
+    """Dispatches the broker no longer holds (it lost them) are taken back for re-dispatch
+    in this pass, with a new token, instead of waiting for the dispatch timeout."""
+    waiting = session.execute(
+        select(Job.pk, Job.id, Job.dispatched_class).where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.dispatched_at.is_not(None),
+            Job.dispatched_at < at - settings.broker_check_seconds,
+        )
+    ).all()
+    if not waiting:
+        return
+    try:
+        held = tasks_in_broker(celery, sorted({row.dispatched_class for row in waiting}))
+    except Exception:  # the broker itself is down: nothing to compare with yet
+        log.warning("could not inspect the broker", exc_info=True)
+        return
+    if held is None:
+        return
+    lost = [row.pk for row in waiting if row.id not in held]
+    if lost:
+        session.execute(
+            update(Job)
+            .where(Job.pk.in_(lost), Job.status == JobStatus.QUEUED.value)
+            .values(
+                dispatched_at=None, dispatched_class=None, dispatch_token=Job.dispatch_token + 1
+            )
+        )
+        result.redispatched.extend(row.id for row in waiting if row.pk in lost)
+
+
 def _best_per_team(session: Session, classes: dict[str, float], free: dict[str, int]):
     """Each enabled team's best waiting jobs that fit one of the free classes: as many as
     there are free slots, since that is the most one pass can give a team."""
@@ -193,6 +227,7 @@ def schedule_once(
             return result
         reconcile_workers(session, settings, at, result)
         expire_dispatches(session, settings, at)
+        reconcile_broker(session, settings, celery, at, result)
         purge_expired(session, at)
         free = free_slots(session, settings, at)
         if free:
@@ -236,6 +271,6 @@ def schedule_once(
                     .values(dispatched_at=None, dispatched_class=None)
                 )
                 session.commit()
-    if result.dispatched or result.requeued or result.lost_workers:
+    if result.dispatched or result.requeued or result.lost_workers or result.redispatched:
         log.info("scheduler pass: %s", result)
     return result

@@ -370,3 +370,24 @@ def test_an_expired_dispatch_gets_a_new_token(
     assert [j for j, _ in result.dispatched] == [job_id]
     with sessions() as session:
         assert session.scalar(select(Job.dispatch_token).where(Job.id == job_id)) == 3
+
+
+def test_a_dispatch_the_broker_lost_is_sent_again_with_a_new_token(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    add_worker(gpu_class)
+    job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
+    assert [j for j, _ in schedule(api_env, sessions).dispatched] == [job_id]
+    broker = redis.Redis.from_url(api_env["LATHE_BROKER_URL"])
+    with sessions() as session:  # a few seconds later: still held, nothing happens
+        session.execute(
+            update(Job).where(Job.id == job_id).values(dispatched_at=int(time.time()) - 10)
+        )
+        session.commit()
+    assert schedule(api_env, sessions).redispatched == []
+    broker.delete(class_queue(gpu_class))  # Redis lost it (a restart, a FLUSHALL)
+    result = schedule(api_env, sessions)
+    assert result.redispatched == [job_id]
+    assert [j for j, _ in result.dispatched] == [job_id]
+    messages = broker.lrange(class_queue(gpu_class), 0, -1)
+    assert [json.loads(m)["headers"]["argsrepr"] for m in messages] == [repr([job_id, 3])]
