@@ -59,8 +59,8 @@ def send_training_task(celery: Celery, job_id: str, token: int, gpu_class: str) 
     celery.send_task(TRAIN_TASK, args=[job_id, token], queue=class_queue(gpu_class))
 
 
-def tasks_in_broker(celery: Celery, gpu_classes: list[str]) -> set[str] | None:
-    """Job ids whose training task the broker holds: waiting in a class queue, or
+def tasks_in_broker(celery: Celery, gpu_classes: list[str]) -> set[tuple[str, int]] | None:
+    """(job id, dispatch token) of each training task the broker holds: waiting in a class queue, or
     delivered to a worker and not yet acknowledged. None where the transport cannot be
     inspected (the embedded file-system queue): then only the dispatch timeout applies.
 
@@ -69,7 +69,7 @@ def tasks_in_broker(celery: Celery, gpu_classes: list[str]) -> set[str] | None:
     """
     if not celery.conf.broker_url.startswith(("redis://", "rediss://")):
         return None
-    found: set[str] = set()
+    found: set[tuple[str, int]] = set()
     with celery.connection_for_read() as conn:
         channel = conn.default_channel
         client = channel.client
@@ -78,6 +78,6 @@ def tasks_in_broker(celery: Celery, gpu_classes: list[str]) -> set[str] | None:
     for message in raw:
         body = json.loads(message) if isinstance(message, (bytes, str)) else message
         args = ast.literal_eval(body.get("headers", {}).get("argsrepr") or "[]")
-        if args:
-            found.add(str(args[0]))
+        if len(args) >= 2:
+            found.add((str(args[0]), int(args[1])))
     return found

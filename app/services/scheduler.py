@@ -129,7 +129,7 @@ def reconcile_broker(
     """Dispatches the broker no longer holds (it lost them) are taken back for re-dispatch
     in this pass, with a new token, instead of waiting for the dispatch timeout."""
     waiting = session.execute(
-        select(Job.pk, Job.id, Job.dispatched_class).where(
+        select(Job.pk, Job.id, Job.dispatched_class, Job.dispatch_token).where(
             Job.status == JobStatus.QUEUED.value,
             Job.dispatched_at.is_not(None),
             Job.dispatched_at < at - settings.broker_check_seconds,
@@ -144,7 +144,7 @@ def reconcile_broker(
         return
     if held is None:
         return
-    lost = [row.pk for row in waiting if row.id not in held]
+    lost = [row.pk for row in waiting if (row.id, row.dispatch_token) not in held]
     if lost:
         session.execute(
             update(Job)

@@ -1,0 +1,190 @@
+"""Fault injection on real processes: a worker killed mid-training (the job resumes from
+its checkpoint on another worker), and Redis flushed while jobs run (all still succeed).
+
+These run on a stack of their own (Redis database 2, their own API and workers), so the
+flushes and kills never touch the other end-to-end tests' workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from app.main import create_app
+from tests.conftest import create_team_key, settings_from
+from tests.e2e.conftest import free_port, stop_worker, wait_for, wait_ready
+
+pytestmark = pytest.mark.slow
+DATA = Path(__file__).resolve().parents[2] / "app" / "data"
+FINAL = {"succeeded", "failed", "cancelled"}
+CLASS = "cpu-faults"
+
+
+@pytest.fixture(scope="module")
+def fault_env(e2e_env: dict[str, str]) -> dict[str, str]:
+    return {
+        **e2e_env,
+        "LATHE_BROKER_URL": e2e_env["LATHE_BROKER_URL"][:-1] + "2",
+        "LATHE_WORKER_LEASE_SECONDS": "6",
+        "LATHE_CHECKPOINT_EVERY_STEPS": "2",
+        "LATHE_BROKER_CHECK_SECONDS": "2",
+    }
+
+
+@pytest.fixture(scope="module")
+def fault_api(fault_env: dict[str, str]) -> Iterator[httpx.Client]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings_from(fault_env)), port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, interval=0.05, what="uvicorn")
+    _, key = create_team_key(fault_env, "faults")
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as client:
+        yield client
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+class Worker:
+    """A `lathe worker` in a session of its own, so the whole tree can be killed at once."""
+
+    def __init__(self, env: dict[str, str], name: str, log_dir: Path) -> None:
+        self.log_path = log_dir / f"{name}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "app.cli",
+                    "worker",
+                    "--gpu-class",
+                    CLASS,
+                    "--memory-gb",
+                    "4",
+                    "--name",
+                    name,
+                ],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_ready(self.proc, self.log_path)
+
+    def kill_tree(self) -> None:
+        """What a node failure looks like: the worker, its pool and its training process."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def start_worker(fault_env, tmp_path: Path) -> Iterator:
+    started: list[Worker] = []
+
+    def start(name: str) -> Worker:
+        worker = Worker(fault_env, name, tmp_path)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            stop_worker(worker.proc)
+
+
+def submit(api: httpx.Client, n_epochs: int) -> str:
+    with (DATA / "sample_chat_valid.jsonl").open("rb") as fh:
+        file_id = api.post(
+            "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", fh)}
+        ).json()["id"]
+    resp = api.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny-random-llama",
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": n_epochs, "batch_size": 2},
+            "max_seq_length": 128,
+            "gpu_class": CLASS,
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]
+
+
+def status(api: httpx.Client, job_id: str) -> str:
+    return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
+
+
+def messages(api: httpx.Client, job_id: str) -> list[dict]:
+    data = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
+    return data["data"][::-1]  # oldest first
+
+
+def test_a_killed_worker_s_job_resumes_from_its_checkpoint_on_another(
+    fault_api, start_worker
+) -> None:
+    victim = start_worker("victim@faults")
+    job_id = submit(fault_api, n_epochs=4)  # 5 steps an epoch, a checkpoint every 2
+    wait_for(
+        lambda: fault_api.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"],
+        180,
+        what="a first checkpoint",
+    )
+    victim.kill_tree()
+    killed_at = max(
+        e["data"]["step"] for e in messages(fault_api, job_id) if e["type"] == "metrics"
+    )
+    start_worker("rescuer@faults")
+    wait_for(lambda: status(fault_api, job_id) in FINAL, 240, what="the job to finish")
+    job = fault_api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    timeline = messages(fault_api, job_id)
+    texts = [e["message"] for e in timeline]
+    assert any("victim@faults was lost" in t for t in texts), texts
+    resumed = next(i for i, t in enumerate(texts) if t.startswith("Resuming from checkpoint"))
+    step = int(texts[resumed].split("step ")[1].split()[0])
+    assert 2 <= step <= killed_at  # the last checkpoint before the kill, not step 0
+    after = [e["data"]["step"] for e in timeline[resumed:] if e["type"] == "metrics"]
+    assert after and min(after) == step + 1  # continued where the checkpoint left off
+    assert max(after) == 20
+    assert any("started on worker rescuer@faults" in t for t in texts[:resumed])
+
+
+def test_jobs_survive_redis_being_flushed_while_they_run(
+    fault_api, fault_env, start_worker
+) -> None:
+    start_worker("steady@faults")
+    jobs = [submit(fault_api, n_epochs=1) for _ in range(3)]
+    broker = redis.Redis.from_url(fault_env["LATHE_BROKER_URL"])
+    stop = threading.Event()
+    flushes = 0
+
+    def flush_repeatedly() -> None:
+        nonlocal flushes
+        while not stop.wait(0.7):
+            broker.flushdb()
+            flushes += 1
+
+    flusher = threading.Thread(target=flush_repeatedly, daemon=True)
+    flusher.start()
+    try:
+        wait_for(lambda: all(status(fault_api, j) in FINAL for j in jobs), 300, what="all the jobs")
+    finally:
+        stop.set()
+        flusher.join()
+    assert [status(fault_api, j) for j in jobs] == ["succeeded"] * 3
+    assert flushes >= 5
