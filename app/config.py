@@ -71,6 +71,8 @@ class Settings(BaseSettings):
             )
         ]
     )
+    # Requests a minute per API key (0: no limit); shared across API replicas via Redis.
+    rate_limit_per_minute: int = 1200
     # Largest upload accepted, in bytes.
     max_file_bytes: int = 8 * 1024**3
     # How often (seconds) the training loop re-reads the job to notice a cancel; and how

@@ -12,6 +12,7 @@ from app.api.error_handlers import install_error_handlers
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.queue import make_celery
+from app.ratelimit import RateLimitMiddleware
 from app.scheduler_loop import SchedulerThread
 from app.storage import open_store
 
@@ -38,6 +39,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
+    if settings.rate_limit_per_minute:
+        app.add_middleware(
+            RateLimitMiddleware,
+            per_minute=settings.rate_limit_per_minute,
+            broker_url=settings.broker_url,
+        )
     for module in (health, files, jobs, models, pool, admin):
         app.include_router(module.router)
     return app
