@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     # A dispatch older than this that the broker no longer holds (Redis lost it) is sent
     # again at once; older than dispatch_timeout_seconds it is sent again in any case.
     broker_check_seconds: float = 5.0
+    # How often the scheduler loop removes what crashed uploads left (older than an hour).
+    sweep_interval_seconds: float = 600.0
     # Fair share: usage decays with this half-life; a just-dispatched job is charged
     # at least this many GPU seconds so one pass alternates between teams.
     fair_share_half_life_hours: float = 24.0

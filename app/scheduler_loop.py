@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.queue import make_celery
+from app.services.files import sweep_orphans
 from app.services.scheduler import schedule_once
+from app.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +22,23 @@ def run_forever(settings: Settings, stop: threading.Event | None = None) -> None
     engine = make_engine(settings.resolved_database_url)
     sessions = make_sessionmaker(engine)
     celery = make_celery(settings)
+    store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    last_sweep = 0.0
     try:
         while not stop.is_set():
             try:
                 schedule_once(sessions, settings, celery)
             except Exception:  # the database or broker may be briefly away
                 log.exception("scheduler pass failed; retrying")
+            if time.monotonic() - last_sweep >= settings.sweep_interval_seconds:
+                last_sweep = time.monotonic()
+                try:
+                    with sessions() as session:
+                        removed = sweep_orphans(session, store)
+                    if removed:
+                        log.info("swept %d objects left by interrupted uploads", removed)
+                except Exception:
+                    log.exception("sweep failed; retrying later")
             stop.wait(settings.scheduler_interval_seconds)
     finally:
         engine.dispose()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -33,6 +34,12 @@ class ObjectStore(Protocol):
     def get_file(self, key: str, path: Path) -> None: ...
     def iter_chunks(self, key: str) -> Iterator[bytes]: ...
     def delete(self, key: str) -> None: ...
+    def list_older(self, prefix: str, seconds: float) -> Iterator[str]:
+        """Keys under `prefix` last written more than `seconds` ago."""
+
+    def abort_stale_uploads(self, seconds: float) -> int:
+        """Drop unfinished uploads older than `seconds` (a process died mid-upload)."""
+
     def check(self) -> None:
         """Raise if the store is unreachable (used by /readyz)."""
 
@@ -74,6 +81,24 @@ class LocalStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def list_older(self, prefix: str, seconds: float) -> Iterator[str]:
+        cutoff = time.time() - seconds
+        base = self._path(prefix)
+        if not base.exists():
+            return
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.endswith(".partial"):
+                if path.stat().st_mtime < cutoff:
+                    yield str(path.relative_to(self.root.resolve()))
+
+    def abort_stale_uploads(self, seconds: float) -> int:
+        cutoff, dropped = time.time() - seconds, 0
+        for path in self.root.resolve().rglob("*.partial"):
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                dropped += 1
+        return dropped
+
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -114,6 +139,31 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list_older(self, prefix: str, seconds: float) -> Iterator[str]:
+        cutoff = time.time() - seconds
+        strip = len(self._key(""))
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(prefix)
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                if item["LastModified"].timestamp() < cutoff:
+                    yield item["Key"][strip:]
+
+    def abort_stale_uploads(self, seconds: float) -> int:
+        cutoff, dropped = time.time() - seconds, 0
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self._key("")
+        )
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() < cutoff:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    dropped += 1
+        return dropped
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

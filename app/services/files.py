@@ -196,3 +196,18 @@ def delete_file(session: Session, store: ObjectStore, team: Team, file_id: str) 
     session.delete(record)
     session.commit()
     store.delete(record.storage_key)
+
+
+def sweep_orphans(session: Session, store: ObjectStore, grace_seconds: float = 3600) -> int:
+    """Delete what an upload interrupted by a crash left behind: unfinished multipart
+    uploads / partial files, and complete file objects whose record was never committed.
+    Only things older than `grace_seconds`, so uploads in progress are never touched."""
+    removed = store.abort_stale_uploads(grace_seconds)
+    for key in store.list_older("teams/", grace_seconds):
+        team_part, _, rest = key.partition("/files/")
+        if not rest or "/" in rest:
+            continue  # not a file object (checkpoints live under jobs/)
+        if session.scalar(select(File.pk).where(File.storage_key == key)) is None:
+            store.delete(key)
+            removed += 1
+    return removed
