@@ -93,9 +93,16 @@ def store_upload(
             code="invalid_purpose",
             param="purpose",
         )
-    if len(filename) > MAX_FILENAME_CHARS or "\x00" in filename:
+    # Only the last path component is kept ("../../x.jsonl" -> "x.jsonl"): a filename is a
+    # label, never a path; control characters are refused outright.
+    filename = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if (
+        not filename
+        or len(filename) > MAX_FILENAME_CHARS
+        or any(ord(c) < 32 or ord(c) == 127 for c in filename)
+    ):
         raise BadRequest(
-            f"filename must be at most {MAX_FILENAME_CHARS} characters with no NUL bytes",
+            f"filename must be 1-{MAX_FILENAME_CHARS} characters with no control characters",
             code="invalid_filename",
             param="file",
         )

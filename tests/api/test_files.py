@@ -153,3 +153,25 @@ def test_nul_bytes_in_ids_are_a_400_not_a_500(team, url: str) -> None:
     resp = team.get(url)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"),
+    [("../../etc/passwd.jsonl", "passwd.jsonl"), ("C:\\data\\t.jsonl", "t.jsonl")],
+)
+def test_filenames_keep_only_their_last_component(team, name: str, stored: str) -> None:
+    assert team.upload(CHAT, name=name).json()["filename"] == stored
+
+
+def test_control_characters_in_filenames_are_refused(team) -> None:
+    # Written by hand: HTTP clients percent-encode control characters in filenames.
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename="bad\x01name.jsonl"'
+        b"\r\nContent-Type: application/octet-stream\r\n\r\n" + CHAT + b"\r\n--B--\r\n"
+    )
+    resp = team.post(
+        "/v1/files", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"}
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_filename"
