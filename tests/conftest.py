@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -252,3 +253,14 @@ def create_team_key(env: dict[str, str], prefix: str = "team") -> tuple[str, str
         team, key = create_team(session, f"{prefix}-{uuid.uuid4().hex[:8]}")
     engine.dispose()
     return team.id, key
+
+
+def wait_for(check, deadline_s: float, interval: float = 0.25, what: str = "condition"):
+    """Poll `check()` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {deadline_s} s waiting for {what}")

@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from app.main import create_app
-from tests.conftest import settings_from
+from tests.conftest import settings_from, wait_for  # noqa: F401 (re-exported)
 
 
 def free_port() -> int:
@@ -121,14 +121,3 @@ def workers(
     if os.environ.get("LATHE_TEST_SHOW_WORKER_LOG"):
         for _, log_path in procs.values():
             print(log_path.read_text())
-
-
-def wait_for(check, deadline_s: float, interval: float = 0.25, what: str = "condition"):
-    """Poll `check()` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
