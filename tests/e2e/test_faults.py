@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import httpx
 import pytest
 import redis
@@ -188,3 +189,133 @@ def test_jobs_survive_redis_being_flushed_while_they_run(
         flusher.join()
     assert [status(fault_api, j) for j in jobs] == ["succeeded"] * 3
     assert flushes >= 5
+
+
+def serve(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(ready, 60, what="lathe serve")
+    return proc
+
+
+def test_an_upload_cut_by_an_api_restart_leaves_no_file(fault_env, tmp_path: Path) -> None:
+    team_id, key = create_team_key(fault_env, "cut")
+    port = free_port()
+    api = serve(fault_env, port, tmp_path / "api.log")
+    line = b'{"text": "' + b"x" * 1000 + b'"}\n'
+
+    def body():
+        yield b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+        for i in range(20_000):  # ~20 MB, never finished: the API dies at ~2 MB
+            if i == 2_000:
+                api.kill()
+                api.wait()
+            yield line
+
+    with pytest.raises(httpx.TransportError):
+        httpx.post(
+            f"http://127.0.0.1:{port}/v1/files",
+            content=body(),
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "multipart/form-data; boundary=B",
+            },
+            timeout=30,
+        )
+    api = serve(fault_env, port, tmp_path / "api.log")  # restarted
+    try:
+        listed = httpx.get(
+            f"http://127.0.0.1:{port}/v1/files", headers={"Authorization": f"Bearer {key}"}
+        ).json()
+        assert listed["data"] == []
+        bucket, prefix = fault_env["LATHE_STORAGE_URL"].removeprefix("s3://").split("/", 1)
+        s3 = boto3.client("s3", endpoint_url=fault_env["LATHE_S3_ENDPOINT_URL"])
+        objects = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/teams/{team_id}/")
+        assert objects.get("KeyCount", 0) == 0
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+
+
+def rss_mb(pid: int) -> float:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_soak_many_clients_polling_while_jobs_run(fault_env, start_worker, tmp_path) -> None:
+    start_worker("soak@faults")
+    port = free_port()
+    env = {**fault_env, "LATHE_RATE_LIMIT_PER_MINUTE": "100000"}
+    api = serve(env, port, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _, key = create_team_key(env, "soak")
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+            jobs = [submit(client, n_epochs=2) for _ in range(2)]
+            for _ in range(200):  # warm up before the baseline
+                client.get(f"/v1/fine_tuning/jobs/{jobs[0]}")
+        baseline = rss_mb(api.pid)
+        errors: list[str] = []
+        done = threading.Event()
+        counts = [0] * 16
+
+        def poll(n: int) -> None:
+            with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+                while not done.is_set():
+                    for url in (
+                        f"/v1/fine_tuning/jobs/{jobs[n % 2]}",
+                        f"/v1/fine_tuning/jobs/{jobs[n % 2]}/events",
+                        "/v1/fine_tuning/jobs",
+                        "/v1/queue",
+                    ):
+                        r = c.get(url)
+                        counts[n] += 1
+                        if r.status_code != 200:
+                            errors.append(f"{url}: {r.status_code} {r.text[:200]}")
+
+        threads = [threading.Thread(target=poll, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(
+                lambda: all(
+                    httpx.get(f"{base}/v1/fine_tuning/jobs/{j}", headers=headers).json()["status"]
+                    in FINAL
+                    for j in jobs
+                ),
+                300,
+                interval=1,
+                what="the jobs under load",
+            )
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+        growth = rss_mb(api.pid) - baseline
+        statuses = [
+            httpx.get(f"{base}/v1/fine_tuning/jobs/{j}", headers=headers).json()["status"]
+            for j in jobs
+        ]
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+    assert errors == []
+    assert statuses == ["succeeded", "succeeded"]
+    assert sum(counts) > 1000
+    assert growth < 50, f"API memory grew {growth:.1f} MB over {sum(counts)} requests"
