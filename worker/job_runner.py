@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import TINY_RANDOM_LLAMA, Settings, get_settings
-from app.db import make_engine, make_sessionmaker
+from app.db import RETRYABLE, make_engine, make_sessionmaker, retry_db
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
 from app.models import Checkpoint, File, Job, JobEvent, Worker, now
@@ -91,17 +91,20 @@ def run_job(
                 return _train_in_subprocess(job_id, sessions, me, attempt, settings)
             return train_or_fail(job_id, settings, sessions, attempt)
         finally:
-            with sessions() as session:
-                record_gpu_seconds(
-                    session,
-                    job_id,
-                    time.monotonic() - started,
-                    settings.fair_share_half_life_hours,
-                )
-                set_current_job(session, me, None)
-                session.commit()
+            release(sessions, job_id, me, time.monotonic() - started, settings)
     finally:
         engine.dispose()
+
+
+@retry_db
+def release(
+    sessions: sessionmaker[Session], job_id: str, me: str, seconds: float, settings: Settings
+) -> None:
+    """Meter the run's GPU time and free the worker's slot (whatever the outcome)."""
+    with sessions() as session:
+        record_gpu_seconds(session, job_id, seconds, settings.fair_share_half_life_hours)
+        set_current_job(session, me, None)
+        session.commit()
 
 
 def lease(worker: str, attempt: int) -> tuple:
@@ -135,6 +138,7 @@ def train_or_fail(
         return "failed"
 
 
+@retry_db
 def _fail(
     sessions: sessionmaker[Session], job_id: str, code: str, message: str, fence: tuple
 ) -> None:
@@ -398,7 +402,20 @@ def _hooks(
             add_event(session, job.pk, message)
             session.commit()
 
-    return TrainingHooks(on_metrics, should_stop, on_checkpoint, on_message)
+    def keep_going_if_unreachable() -> str | None:
+        try:
+            return should_stop()
+        except RETRYABLE:  # cannot read the job now: train on, look again next step
+            log.warning("job %s: could not poll its state", job.id)
+            return stop[0]
+
+    # Writes wait out a database restart rather than failing the job.
+    return TrainingHooks(
+        retry_db(on_metrics),
+        keep_going_if_unreachable,
+        retry_db(on_checkpoint),
+        retry_db(on_message),
+    )
 
 
 def _tar_adapter(adapter_dir: Path, archive: Path) -> None:
@@ -416,6 +433,7 @@ def _write_metrics_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRICS_COLUMNS})
 
 
+@retry_db
 def _publish(
     job: Job,
     sessions: sessionmaker[Session],
