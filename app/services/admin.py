@@ -65,11 +65,12 @@ def create_admin_key(session: Session, name: str) -> tuple[AdminKey, str]:
 
 
 def admin_for_key(session: Session, key: str) -> AdminKey | None:
-    return session.scalar(
+    admin = session.scalar(
         select(AdminKey).where(
             AdminKey.key_hash == teams.hash_key(key), AdminKey.revoked_at.is_(None)
         )
     )
+    return admin if admin and teams.digest_matches(admin.key_hash, key) else None
 
 
 # --- teams --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 
 from sqlalchemy import select
@@ -44,8 +45,15 @@ def issue_key(session: Session, team: Team) -> str:
     return key
 
 
+def digest_matches(stored: str, key: str) -> bool:
+    """Constant-time comparison of a stored digest with a presented key's."""
+    return hmac.compare_digest(stored, hash_key(key))
+
+
 def team_for_key(session: Session, key: str) -> Team | None:
+    # Found by its SHA-256 (an index lookup on a digest the caller cannot steer), then
+    # compared in constant time.
     api_key = session.scalar(
         select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     )
-    return api_key.team if api_key else None
+    return api_key.team if api_key and digest_matches(api_key.key_hash, key) else None
