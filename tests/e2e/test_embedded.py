@@ -77,7 +77,9 @@ def test_embedded_server_trains_a_job(tmp_path: Path) -> None:
         assert job["status"] == "succeeded", job["error"]
         assert (tmp_path / "home" / "lathe.db").exists()
         assert (tmp_path / "home" / "models" / "tiny-random-llama" / "model.safetensors").exists()
-        assert len(list((tmp_path / "home" / "objects" / "files").iterdir())) == 3
+        # The dataset, the adapter and metrics.csv, under the team's prefix.
+        stored = list((tmp_path / "home" / "objects" / "teams").glob("*/files/*"))
+        assert len(stored) == 3
     finally:
         server.terminate()
         server.wait(timeout=30)
