@@ -13,9 +13,7 @@ import logging
 import threading
 import time
 
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.error_handlers import envelope
 
@@ -28,7 +26,7 @@ class MemoryCounter:
         self.counts: dict[tuple[str, int], int] = {}
         self.lock = threading.Lock()
 
-    def hit(self, who: str, window: int) -> int:
+    async def hit(self, who: str, window: int) -> int:
         with self.lock:
             for old in [k for k in self.counts if k[1] < window]:
                 del self.counts[old]
@@ -38,35 +36,41 @@ class MemoryCounter:
 
 class RedisCounter:
     def __init__(self, url: str) -> None:
-        import redis
+        import redis.asyncio
 
-        self.client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        self.client = redis.asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
 
-    def hit(self, who: str, window: int) -> int:
+    async def hit(self, who: str, window: int) -> int:
         key = f"lathe:ratelimit:{who}:{window}"
-        count, _ = self.client.pipeline().incr(key).expire(key, WINDOW_SECONDS * 2).execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            count, _ = await pipe.incr(key).expire(key, WINDOW_SECONDS * 2).execute()
         return int(count)
 
 
-class RateLimitMiddleware(BaseHTTPMiddleware):
-    def __init__(self, app, per_minute: int, broker_url: str | None) -> None:
-        super().__init__(app)
+class RateLimitMiddleware:
+    """Plain ASGI middleware (no per-request task or body wrapping, unlike
+    BaseHTTPMiddleware): one counter round trip per /v1 request."""
+
+    def __init__(self, app: ASGIApp, per_minute: int, broker_url: str | None) -> None:
+        self.app = app
         self.per_minute = per_minute
         redis_url = broker_url if broker_url and broker_url.startswith("redis") else None
         self.counter = RedisCounter(redis_url) if redis_url else MemoryCounter()
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        header = request.headers.get("authorization", "")
-        if not request.url.path.startswith("/v1/") or not header:
-            return await call_next(request)
-        who = hashlib.sha256(header.encode()).hexdigest()[:32]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization")
+        if not header:
+            return await self.app(scope, receive, send)
+        who = hashlib.sha256(header).hexdigest()[:32]
         now = time.time()
         window = int(now // WINDOW_SECONDS)
         try:
-            count = self.counter.hit(who, window)
+            count = await self.counter.hit(who, window)
         except Exception:  # the counter's store is down: serve rather than refuse
             log.warning("rate limit counter unavailable", exc_info=True)
-            return await call_next(request)
+            return await self.app(scope, receive, send)
         if count > self.per_minute:
             retry = int((window + 1) * WINDOW_SECONDS - now) + 1
             response = envelope(
@@ -78,8 +82,15 @@ class RateLimitMiddleware(BaseHTTPMiddleware):
                 None,
             )
             response.headers["Retry-After"] = str(retry)
-            return response
-        response = await call_next(request)
-        response.headers["X-RateLimit-Limit"] = str(self.per_minute)
-        response.headers["X-RateLimit-Remaining"] = str(max(0, self.per_minute - count))
-        return response
+            return await response(scope, receive, send)
+        extra = [
+            (b"x-ratelimit-limit", str(self.per_minute).encode()),
+            (b"x-ratelimit-remaining", str(max(0, self.per_minute - count)).encode()),
+        ]
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
