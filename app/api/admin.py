@@ -10,15 +10,18 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import Field, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import select
 
 from app import models
 from app.api.deps import AdminDep, SessionDep
+from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.schemas import Strict, job_object, list_envelope
 from app.services import admin
 from app.services.usage import usage_for
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(*COMMON_ERRORS))
+CONFLICT = error_responses(409)
 Limit = Annotated[int, Query(ge=1, le=100)]
 TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Weight = Annotated[float, Field(gt=0, le=1_000_000)]
@@ -40,11 +43,21 @@ class TeamCreate(Strict):
     quotas: QuotasIn | None = None
 
 
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
+def not_null():
+    """May be absent, but not null, says the document. A null still parses, and the service
+    refuses it (400) in the same words as a bad value."""
+    return Field(None, json_schema_extra=_no_default)
+
+
 class TeamUpdate(Strict):
     """Fields sent are set, absent ones kept; a quota sent as null clears it."""
 
-    weight: Weight | None = None
-    disabled: bool | None = None
+    weight: Weight | SkipJsonSchema[None] = not_null()
+    disabled: bool | SkipJsonSchema[None] = not_null()
     quotas: QuotasIn | None = None
 
     def changes(self) -> dict:
@@ -112,7 +125,7 @@ def audit_object(entry: models.AuditEntry) -> dict:
     }
 
 
-@router.post("/teams")
+@router.post("/teams", responses=CONFLICT)
 def create_team(body: TeamCreate, caller: AdminDep, session: SessionDep) -> dict:
     quotas = body.quotas.model_dump(include=body.quotas.model_fields_set) if body.quotas else {}
     team, key = admin.create_team(session, caller, body.name, body.weight, quotas)
@@ -152,22 +165,22 @@ def rotate_keys(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
     return key_object(*admin.rotate_keys(session, caller, team_id))
 
 
-@router.delete("/keys/{key_id}")
+@router.delete("/keys/{key_id}", responses=CONFLICT)
 def revoke_key(key_id: str, caller: AdminDep, session: SessionDep) -> dict:
     return key_object(admin.revoke_key(session, caller, key_id))
 
 
-@router.post("/workers/{worker_id}/drain")
+@router.post("/workers/{worker_id}/drain", responses=CONFLICT)
 def drain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> dict:
     return worker_object(admin.drain_worker(session, caller, worker_id))
 
 
-@router.post("/workers/{worker_id}/undrain")
+@router.post("/workers/{worker_id}/undrain", responses=CONFLICT)
 def undrain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> dict:
     return worker_object(admin.undrain_worker(session, caller, worker_id))
 
 
-@router.post("/jobs/{job_id}/cancel")
+@router.post("/jobs/{job_id}/cancel", responses=CONFLICT)
 def cancel_job(job_id: str, caller: AdminDep, session: SessionDep) -> dict:
     job = admin.cancel_job(session, caller, job_id)
     return job_object(job, job.team.id)

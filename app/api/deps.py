@@ -7,12 +7,14 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Forbidden, Unauthorized
 from app.models import AdminKey, Team
 from app.services.admin import admin_for_key
+from app.services.idempotency import KEY_PATTERN
 from app.services.teams import team_for_key
 from app.storage import ObjectStore
 
@@ -36,13 +38,41 @@ def get_celery(request: Request) -> Celery:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 # Retries of a POST with the same key return the first result (app.services.idempotency).
-IdempotencyKeyDep = Annotated[str | None, Header(alias="Idempotency-Key")]
+# The pattern is documented here and checked there (400 invalid_idempotency_key).
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", json_schema_extra={"pattern": KEY_PATTERN.pattern}),
+]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
-def current_team(request: Request, session: SessionDep) -> Team:
+# The schemes put the keys in the OpenAPI document (and the docs' Authorize button); they
+# never refuse a request themselves: current_team and current_admin read and check the key.
+TeamBearer = Annotated[
+    HTTPAuthorizationCredentials | None,
+    Depends(
+        HTTPBearer(
+            scheme_name="TeamKey",
+            description="A team's API key: `Authorization: Bearer <key>`",
+            auto_error=False,
+        )
+    ),
+]
+AdminBearer = Annotated[
+    HTTPAuthorizationCredentials | None,
+    Depends(
+        HTTPBearer(
+            scheme_name="AdminKey",
+            description="An admin key (`lathe admin create-admin-key NAME`)",
+            auto_error=False,
+        )
+    ),
+]
+
+
+def current_team(request: Request, session: SessionDep, _bearer: TeamBearer) -> Team:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -60,7 +90,7 @@ def current_team(request: Request, session: SessionDep) -> Team:
 TeamDep = Annotated[Team, Depends(current_team)]
 
 
-def current_admin(request: Request, session: SessionDep) -> AdminKey:
+def current_admin(request: Request, session: SessionDep, _bearer: AdminBearer) -> AdminKey:
     """The caller's admin key; a team key is refused (403), a missing or unknown one 401."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")

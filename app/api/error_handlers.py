@@ -1,13 +1,17 @@
-"""Exception handlers: every error leaves the API in OpenAI's one JSON envelope."""
+"""Exception handlers: every error leaves the API in OpenAI's one JSON envelope; and the
+OpenAPI document says so (error_responses, declared on the routers)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,6 +25,55 @@ def envelope(status: int, message: str, type_: str, code: str | None, param: str
         status_code=status,
         content={"error": {"message": message, "type": type_, "param": param, "code": code}},
     )
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error the API returns: OpenAI's envelope."""
+
+    error: ErrorDetail
+
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "integer"},
+    }
+}
+_ERRORS: dict[int, dict[str, Any]] = {
+    400: {"description": "Invalid request: a parameter, header or body field is malformed"},
+    401: {"description": "Missing, invalid or revoked API key"},
+    403: {
+        "description": "Disabled team, admin key required, or a quota that does not free "
+        "up by itself (GPU hours this month, file size)"
+    },
+    404: {"description": "No such object (for this team)"},
+    409: {
+        "description": "The object's state forbids it, or a request with the same "
+        "Idempotency-Key is still in progress"
+    },
+    413: {"description": "The upload is larger than the deployment's limit"},
+    422: {"description": "Idempotency-Key reused with a different request"},
+    429: {
+        "description": "Rate limit, or a job quota that frees up as jobs end",
+        "headers": _RETRY_AFTER,
+    },
+    503: {"description": "The database is unavailable; retry", "headers": _RETRY_AFTER},
+}
+# What any /v1 route may answer: a bad parameter or key, a refusal, an unknown id, the rate
+# limit, the database down. Routes add the others they can give (409, 413, 422).
+COMMON_ERRORS = (400, 401, 403, 404, 429, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a router or route: these statuses, with the error envelope."""
+    return {status: {"model": ErrorEnvelope, **_ERRORS[status]} for status in statuses}
 
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -39,7 +92,33 @@ def _loc_to_param(loc: tuple) -> str | None:
     return ".".join(parts) or (str(loc[-1]) if loc else None)
 
 
+def _document_validation_as_400(app: FastAPI) -> None:
+    """Drop the 422 "Validation Error" FastAPI adds to every route with parameters: request
+    validation answers 400 with the envelope (below), which the routes declare."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                responses = operation.get("responses", {})
+                ref = responses.get("422", {}).get("content", {}).get("application/json", {})
+                if ref.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                    del responses["422"]
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            if f'"#/components/schemas/{name}"' not in json.dumps(schema):
+                components.pop(name, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _document_validation_as_400(app)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
         return envelope(exc.status_code, exc.message, exc.type, exc.code, exc.param)
@@ -47,6 +126,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # loc is ("body", <offset>): no parameter
+            reason = (first.get("ctx") or {}).get("error", "")
+            message = f"the request body is not valid JSON: {reason}".rstrip(": ")
+            return envelope(400, message, "invalid_request_error", "invalid_json", None)
         param = _loc_to_param(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid request")
         if param:

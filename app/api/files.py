@@ -9,15 +9,17 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.schemas import file_object, list_envelope
 from app.services import files
 from app.services.idempotency import fingerprint, idempotent
 from app.services.pool import team_quotas
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(*COMMON_ERRORS))
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-@router.post("")
+@router.post("", responses=error_responses(409, 413, 422))
 def upload_file(
     team: TeamDep,
     session: SessionDep,
@@ -67,7 +69,16 @@ def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> dict:
     return file_object(files.get_file(session, team, file_id))
 
 
-@router.get("/{file_id}/content")
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The file's bytes (application/gzip for a .gz name)",
+            "content": {"application/octet-stream": _BINARY, "application/gzip": _BINARY},
+        }
+    },
+)
 def file_content(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep):
     record = files.get_file(session, team, file_id)
     media = "application/gzip" if record.filename.endswith(".gz") else "application/octet-stream"

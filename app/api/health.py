@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 router = APIRouter(tags=["health"])
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]  # "database", "broker", "storage": "ok" or "error: ..."
 
 
 @router.get("/healthz")
@@ -28,7 +34,11 @@ def _check_storage(request: Request) -> None:
     request.app.state.store.check()
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A backing service is unreachable"}},
+)
 def readyz(request: Request):
     checks = {}
     for name, check in (

@@ -8,16 +8,19 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TeamDep
+from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.schemas import JobCreate, checkpoint_object, event_object, job_object, list_envelope
 from app.services import jobs
 from app.services.idempotency import fingerprint, idempotent
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(
+    prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses(*COMMON_ERRORS)
+)
 log = logging.getLogger(__name__)
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-@router.post("")
+@router.post("", responses=error_responses(409, 422))
 def create_job(
     body: JobCreate,
     team: TeamDep,
@@ -49,17 +52,17 @@ def retrieve_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
     return job_object(jobs.get_job(session, team, job_id), team.id)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", responses=error_responses(409))
 def cancel_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
     return job_object(jobs.cancel_job(session, team, job_id), team.id)
 
 
-@router.post("/{job_id}/pause")
+@router.post("/{job_id}/pause", responses=error_responses(409))
 def pause_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
     return job_object(jobs.pause_job(session, team, job_id), team.id)
 
 
-@router.post("/{job_id}/resume")
+@router.post("/{job_id}/resume", responses=error_responses(409))
 def resume_job(job_id: str, team: TeamDep, session: SessionDep, settings: SettingsDep) -> dict:
     return job_object(jobs.resume_job(session, settings, team, job_id), team.id)
 

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, TeamDep
+from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.errors import NotFound
 from app.models import Job
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*COMMON_ERRORS))
 
 
 def _model_object(model_id: str, created: int, owned_by: str) -> dict:

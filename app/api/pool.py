@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, TeamDep
+from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.models import Job, Worker
 from app.schemas import list_envelope
 from app.services import jobs
@@ -16,7 +17,7 @@ from app.services.pool import team_quotas
 from app.services.queue_view import job_position, queue_summary
 from app.services.usage import usage_for
 
-router = APIRouter(prefix="/v1", tags=["pool"])
+router = APIRouter(prefix="/v1", tags=["pool"], responses=error_responses(*COMMON_ERRORS))
 
 
 @router.get("/workers")

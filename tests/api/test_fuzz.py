@@ -1,0 +1,248 @@
+"""The OpenAPI document fuzzed with schemathesis: every operation, with valid and hostile
+input (schemathesis' coverage and fuzzing phases, positive and negative), on real Postgres,
+Redis and S3. No request may get a 5xx, and every response must match the document: a
+documented status code and content type, a body of the documented schema (every error in
+the envelope), documented headers.
+
+The app is create_app(settings_from(...)) as in tests/api/conftest.py, on a database of its
+own (the admin operations create and change teams, which the other tests must not see) and
+with a rate limit high enough that the fuzzing is not answered with 429s (tests/api/
+test_ratelimit.py covers those).
+
+Random ids only ever reach the "no such object" branch, so valid cases are sometimes pointed
+at real objects (a file, queued jobs, another team, its key, a worker, the base model): the
+handlers then run past the lookup with fuzzed parameters and bodies.
+
+Examples per operation: LATHE_FUZZ_EXAMPLES (default 25). Generation is derandomized so CI
+is reproducible; LATHE_FUZZ_RANDOM=1 explores new inputs on each run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    ignored_auth,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from app.config import TINY_RANDOM_LLAMA, Settings
+from app.db import make_engine, make_sessionmaker
+from app.main import create_app
+from app.models import Worker
+from app.services.admin import create_admin_key
+from tests.api.datasets import CHAT
+from tests.conftest import create_team_key, settings_from
+
+MAX_EXAMPLES = int(os.environ.get("LATHE_FUZZ_EXAMPLES", "25"))
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    ignored_auth,  # an operation that declares a key answers 401 without one, or a bad one
+]
+
+
+def _spec() -> dict:
+    """The OpenAPI document of the app as create_app builds it, read at collection (pytest
+    makes one test per operation from it) from settings that reach nothing."""
+    app = create_app(
+        Settings(
+            database_url="postgresql+psycopg://spec@127.0.0.1:9/spec",
+            broker_url="redis://127.0.0.1:9/0",
+            storage_url="s3://spec/lathe",
+            scheduler_in_api=False,
+        )
+    )
+    return app.openapi()
+
+
+SPEC = _spec()
+# Loaded eagerly rather than with schemathesis.pytest.from_fixture: that loader reads
+# pytest's private Node._nodeid, which pytest 9.2 no longer has (AttributeError).
+schema = schemathesis.openapi.from_dict(SPEC)
+
+
+@pytest.fixture(scope="module")
+def fuzz_env(api_env: dict[str, str], postgres_server) -> Iterator[dict[str, str]]:
+    from app.migrate import upgrade
+
+    url = postgres_server.create_database("lathe_fuzz")
+    upgrade(url)
+    yield {
+        **api_env,
+        "LATHE_DATABASE_URL": url,
+        "LATHE_BROKER_URL": api_env["LATHE_BROKER_URL"][:-1] + "2",
+        "LATHE_RATE_LIMIT_PER_MINUTE": "1000000",
+    }
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(fuzz_env: dict[str, str]):
+    app = create_app(settings_from(fuzz_env))
+    assert app.openapi() == SPEC  # the document fuzzed is the one this app serves
+    yield app
+    # schemathesis started the app's lifespan at its first request; end it before the
+    # database goes.
+    asgi.shutdown_lifespans()
+
+
+@dataclass
+class World:
+    """Credentials, and real objects for valid cases to point at."""
+
+    team_auth: str  # the fuzzing team's key: all of /v1 but /v1/admin
+    admin_auth: str
+    ids: dict[str, list[str]]  # path parameter name -> ids of real objects
+    file_id: str
+    # Queued jobs for the operations that change a job's state, one set each, so that each
+    # finds a job in the state it acts on (pause: queued; resume: paused), for a while.
+    jobs_for: dict[str, list[str]]
+
+
+@pytest.fixture(scope="module")
+def world(fuzz_env: dict[str, str], fuzz_app) -> World:
+    _, team_key = create_team_key(fuzz_env, "fuzz")
+    # Admin operations act on another team, so a rotation or a disable never locks the
+    # fuzzing team out.
+    victim_id, _ = create_team_key(fuzz_env, "victim")
+    worker_id = f"worker-fuzz-{uuid.uuid4().hex[:8]}"
+    engine = make_engine(fuzz_env["LATHE_DATABASE_URL"])
+    with make_sessionmaker(engine)() as session:
+        _, admin_key = create_admin_key(session, f"fuzz-{uuid.uuid4().hex[:6]}")
+        session.add(
+            Worker(
+                id=worker_id,
+                host="fuzz",
+                gpu_name="cpu",
+                gpu_class="cpu",
+                memory_gb=8,
+                status="active",
+                jobs_done=0,
+                last_seen=time.time(),
+            )
+        )
+        session.commit()
+    engine.dispose()
+
+    team = {"Authorization": f"Bearer {team_key}"}
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    client = TestClient(fuzz_app)  # no lifespan: schemathesis runs the app's
+    upload = client.post(
+        "/v1/files",
+        headers=team,
+        files={"file": ("train.jsonl", CHAT)},
+        data={"purpose": "fine-tune"},
+    )
+    assert upload.status_code == 200, upload.text
+    file_id = upload.json()["id"]
+    # Queued jobs (no scheduler runs here); the resume operation's are paused first.
+    jobs_for: dict[str, list[str]] = {}
+    for path in (
+        "/v1/fine_tuning/jobs/{job_id}/cancel",
+        "/v1/fine_tuning/jobs/{job_id}/pause",
+        "/v1/fine_tuning/jobs/{job_id}/resume",
+        "/v1/admin/jobs/{job_id}/cancel",
+    ):
+        for _ in range(2):
+            job = client.post(
+                "/v1/fine_tuning/jobs",
+                headers=team,
+                json={"model": TINY_RANDOM_LLAMA, "training_file": file_id},
+            )
+            assert job.status_code == 200, job.text
+            job_id = job.json()["id"]
+            if path.endswith("/resume"):
+                paused = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=team)
+                assert paused.status_code == 200, paused.text
+            jobs_for.setdefault(path, []).append(job_id)
+    keys = client.get(f"/v1/admin/teams/{victim_id}/keys", headers=admin)
+    assert keys.status_code == 200, keys.text
+    return World(
+        team_auth=team["Authorization"],
+        admin_auth=admin["Authorization"],
+        ids={
+            "file_id": [file_id],
+            "job_id": [j for jobs in jobs_for.values() for j in jobs],
+            "team_id": [victim_id],
+            "key_id": [k["id"] for k in keys.json()["data"]],
+            "worker_id": [worker_id],
+            "model_id": [TINY_RANDOM_LLAMA],
+        },
+        file_id=file_id,
+        jobs_for=jobs_for,
+    )
+
+
+def point_at_real_objects(case, world: World) -> None:
+    """Valid cases only (a negative case must stay invalid): in about half of them, swap
+    generated ids for real ones, and the job's model and file and the upload's purpose and
+    content for accepted ones.
+
+    The choices are a function of the case (not hypothesis draws: a `given` argument would
+    turn schemathesis' coverage phase off), so a failure replays and shrinks the same.
+    """
+    if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
+        return
+    seed = zlib.crc32(repr((case.path_parameters, case.query, case.body)).encode())
+    rng = random.Random(seed)
+    headers = case.headers or {}
+    if "Idempotency-Key" in headers and rng.random() < 0.75:
+        # The generated keys repeat across cases (the coverage phase's always): mostly a
+        # key of this case's own, so that retries with another body (422) stay the exception.
+        headers["Idempotency-Key"] = f"fuzz-{seed:08x}"
+    for name, value in list(case.path_parameters.items()):
+        if name in world.ids and isinstance(value, str) and rng.random() < 0.5:
+            pool = world.jobs_for.get(case.path) if name == "job_id" else None
+            case.path_parameters[name] = rng.choice(pool or world.ids[name])
+    body = case.body
+    if case.method == "POST" and case.path == "/v1/fine_tuning/jobs" and isinstance(body, dict):
+        if rng.random() < 0.5:
+            body["model"] = TINY_RANDOM_LLAMA
+            body["training_file"] = world.file_id
+            body.pop("gpu_class", None)  # the pool has one class, "cpu"
+            if body.get("validation_file") is not None:
+                body["validation_file"] = world.file_id
+    if case.method == "POST" and case.path == "/v1/files" and isinstance(body, dict):
+        if rng.random() < 0.5:
+            body["purpose"] = "fine-tune"
+            if rng.random() < 0.5:
+                body["file"] = CHAT
+
+
+@schema.parametrize()
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=os.environ.get("LATHE_FUZZ_RANDOM") != "1",
+    # Request bodies are large and slow to generate (JobCreate); that is the point here.
+    suppress_health_check=list(HealthCheck),
+)
+def test_fuzz_openapi(case, fuzz_app, world: World) -> None:
+    # The schema was loaded without the app (it needs this module's fixtures): bind it, as
+    # schemathesis.openapi.from_asgi would have, so that the checks' own requests (ignored_auth
+    # re-sends without a key) reach it too.
+    case.operation.app = case.operation.schema.app = fuzz_app
+    point_at_real_objects(case, world)
+    auth = world.admin_auth if case.path.startswith("/v1/admin") else world.team_auth
+    case.call_and_validate(headers={"Authorization": auth}, checks=CHECKS)
