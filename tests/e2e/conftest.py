@@ -121,3 +121,32 @@ def workers(
     if os.environ.get("LATHE_TEST_SHOW_WORKER_LOG"):
         for _, log_path in procs.values():
             print(log_path.read_text())
+
+
+DATA = Path(__file__).resolve().parents[2] / "app" / "data"
+
+
+def upload(api, name: str = "sample_chat_valid.jsonl") -> str:
+    """Upload one of the bundled sample datasets; its file id."""
+    with (DATA / name).open("rb") as fh:
+        resp = api.post(
+            "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", fh)}
+        )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]
+
+
+def submit(api, file_id: str, n_epochs: int = 1, **extra) -> str:
+    """Create a small tiny-random-llama job (batch 2, 128 tokens); its id."""
+    resp = api.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "tiny-random-llama",
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": n_epochs, "batch_size": 2},
+            "max_seq_length": 128,
+            **extra,
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]

@@ -3,17 +3,14 @@ is published, and the same worker (the only one of its class) takes the next job
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
 
 from tests.conftest import create_team_key, settings_from
-from tests.e2e.conftest import SMALL, wait_for
+from tests.e2e.conftest import SMALL, submit, upload, wait_for
 from worker.job_runner import run_job
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[2] / "app" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +23,7 @@ def api(live_api: str, stack_env: dict[str, str], workers) -> httpx.Client:
 
 
 def start_job(api: httpx.Client, n_epochs: int) -> str:
-    with (DATA / "sample_chat.jsonl").open("rb") as fh:
-        file_id = api.post(
-            "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", fh)}
-        ).json()["id"]
-    resp = api.post(
-        "/v1/fine_tuning/jobs",
-        json={
-            "model": "tiny-random-llama",
-            "training_file": file_id,
-            "hyperparameters": {"n_epochs": n_epochs, "batch_size": 2},
-            "max_seq_length": 128,
-            "gpu_class": SMALL,
-        },
-    )
-    assert resp.status_code == 200, resp.text
-    return resp.json()["id"]
+    return submit(api, upload(api, "sample_chat.jsonl"), n_epochs, gpu_class=SMALL)
 
 
 def events(api: httpx.Client, job_id: str) -> list[dict]:

@@ -23,10 +23,10 @@ import uvicorn
 
 from app.main import create_app
 from tests.conftest import create_team_key, settings_from
-from tests.e2e.conftest import free_port, stop_worker, wait_for, wait_ready
+from tests.e2e.conftest import free_port, stop_worker, upload, wait_for, wait_ready
+from tests.e2e.conftest import submit as submit_job
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[2] / "app" / "data"
 FINAL = {"succeeded", "failed", "cancelled"}
 CLASS = "cpu-faults"
 
@@ -108,22 +108,7 @@ def start_worker(fault_env, tmp_path: Path) -> Iterator:
 
 
 def submit(api: httpx.Client, n_epochs: int) -> str:
-    with (DATA / "sample_chat_valid.jsonl").open("rb") as fh:
-        file_id = api.post(
-            "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", fh)}
-        ).json()["id"]
-    resp = api.post(
-        "/v1/fine_tuning/jobs",
-        json={
-            "model": "tiny-random-llama",
-            "training_file": file_id,
-            "hyperparameters": {"n_epochs": n_epochs, "batch_size": 2},
-            "max_seq_length": 128,
-            "gpu_class": CLASS,
-        },
-    )
-    assert resp.status_code == 200, resp.text
-    return resp.json()["id"]
+    return submit_job(api, upload(api), n_epochs, gpu_class=CLASS)
 
 
 def status(api: httpx.Client, job_id: str) -> str:

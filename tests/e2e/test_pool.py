@@ -14,10 +14,9 @@ import pytest
 from app.db import make_engine, make_sessionmaker
 from app.services.admin import create_admin_key
 from tests.conftest import create_team_key
-from tests.e2e.conftest import LARGE, SMALL, wait_for
+from tests.e2e.conftest import LARGE, SMALL, submit, upload, wait_for
 
 pytestmark = pytest.mark.slow
-DATA = Path(__file__).resolve().parents[2] / "app" / "data"
 FINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -45,30 +44,6 @@ def team_a(live_api, stack_env, workers) -> Iterator[httpx.Client]:
 def team_b(live_api, stack_env, workers) -> Iterator[httpx.Client]:
     with client(live_api, create_team_key(stack_env, "b")[1]) as c:
         yield c
-
-
-def upload(api: httpx.Client) -> str:
-    with (DATA / "sample_chat_valid.jsonl").open("rb") as fh:
-        resp = api.post(
-            "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", fh)}
-        )
-    assert resp.status_code == 200, resp.text
-    return resp.json()["id"]
-
-
-def submit(api: httpx.Client, file_id: str, n_epochs: int = 1, **extra) -> str:
-    resp = api.post(
-        "/v1/fine_tuning/jobs",
-        json={
-            "model": "tiny-random-llama",
-            "training_file": file_id,
-            "hyperparameters": {"n_epochs": n_epochs, "batch_size": 2},
-            "max_seq_length": 128,
-            **extra,
-        },
-    )
-    assert resp.status_code == 200, resp.text
-    return resp.json()["id"]
 
 
 def job(api: httpx.Client, job_id: str) -> dict:
