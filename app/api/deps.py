@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from celery import Celery
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -32,10 +31,6 @@ def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-def get_celery(request: Request) -> Celery:
-    return request.app.state.celery
-
-
 SessionDep = Annotated[Session, Depends(get_session)]
 # Retries of a POST with the same key return the first result (app.services.idempotency).
 # The pattern is documented here and checked there (400 invalid_idempotency_key).
@@ -45,7 +40,6 @@ IdempotencyKeyDep = Annotated[
 ]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
 # The schemes put the keys in the OpenAPI document (and the docs' Authorize button); they

@@ -130,3 +130,12 @@ def fitting_classes(needed_gb: float, classes: Mapping[str, float]) -> list[str]
     """
     fitting = [(memory_gb, name) for name, memory_gb in classes.items() if memory_gb >= needed_gb]
     return [name for _, name in sorted(fitting)]
+
+
+def eligible_classes(
+    gpu_class: str | None, needed_gb: float, classes: Mapping[str, float]
+) -> frozenset[str]:
+    """The classes a job may run on: the one it asked for, else every class it fits."""
+    if gpu_class:
+        return frozenset([gpu_class])
+    return frozenset(fitting_classes(needed_gb, classes))

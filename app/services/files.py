@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.domain.datasets import DatasetError, DatasetValidator
 from app.domain.ids import new_id
-from app.domain.quotas import QuotaExceeded
+from app.domain.quotas import Quotas, check_upload
 from app.errors import BadRequest, NotFound, PayloadTooLarge, QuotaError
 from app.models import File, Job, Team
 from app.services.pagination import newest_first_page
@@ -123,15 +123,8 @@ def store_upload(
     except TooLarge:
         _discard(store, key)
         if quota_bytes is not None and quota_bytes < max_bytes:
-            raise QuotaError(
-                QuotaExceeded(
-                    limit="max_file_bytes",
-                    value=quota_bytes,
-                    current=reader.bytes,
-                    message=f"quota max_file_bytes exceeded: the file is larger than the "
-                    f"team's limit of {quota_bytes} bytes",
-                )
-            ) from None
+            exceeded = check_upload(Quotas(max_file_bytes=quota_bytes), reader.bytes)
+            raise QuotaError(exceeded) from None
         raise PayloadTooLarge(
             f"file is larger than the limit of {max_bytes} bytes",
             code="file_too_large",

@@ -7,7 +7,6 @@ racing on one job (a cancel against a finishing worker, say) cannot both win.
 from __future__ import annotations
 
 import secrets
-import time
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -17,13 +16,14 @@ from app.domain.hyperparameters import resolve
 from app.domain.ids import new_id
 from app.domain.jobs import WAITING_STATES, JobStatus, is_final, sources_of
 from app.domain.memory import ModelShape, estimate_memory_gb, fitting_classes, shape_from_parameters
-from app.domain.quotas import check_new_job, month_start
+from app.domain.quotas import check_new_job
 from app.errors import BadRequest, Conflict, NotFound, QuotaError
 from app.models import Checkpoint, File, Job, JobEvent, Team, Worker, now
 from app.schemas import JobCreate, QuantizationIn
 from app.services.events import add_event
 from app.services.pagination import newest_first_page
 from app.services.pool import pool_classes, team_quotas
+from app.services.usage import month_gpu_seconds
 
 
 def transition(
@@ -238,21 +238,6 @@ def check_new_job_quota(
     exceeded = check_new_job(quotas, waiting or 0, month_gpu_seconds(session, team))
     if exceeded is not None:
         raise QuotaError(exceeded)
-
-
-def month_gpu_seconds(session: Session, team: Team, at: float | None = None) -> float:
-    """GPU seconds this calendar month (UTC): ended jobs plus running ones so far."""
-    at = time.time() if at is None else at
-    start = month_start(at)
-    ended = session.scalar(
-        select(func.coalesce(func.sum(Job.gpu_seconds), 0.0)).where(
-            Job.team_pk == team.pk, func.coalesce(Job.finished_at, Job.started_at) >= start
-        )
-    )
-    running = session.scalars(
-        select(Job.started_at).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
-    ).all()
-    return float(ended or 0.0) + sum(max(0.0, at - max(s or at, start)) for s in running)
 
 
 def get_job(session: Session, team: Team, job_id: str) -> Job:

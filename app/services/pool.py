@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.domain.jobs import JobStatus
-from app.domain.quotas import Quotas, merge, month_start
+from app.domain.quotas import Quotas, merge
 from app.domain.scheduling import TeamShare, decayed_usage
 from app.models import Job, Team, Worker
+from app.services.usage import month_gpu_seconds
 
 LIVE_STATUSES = ("active", "draining", "drained")
 
@@ -133,19 +134,12 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
         )
     )
     # A team past its GPU-hours quota for the month gets nothing more dispatched.
-    month = month_start(at)
     for team in session.scalars(select(Team)):
         hours = team.gpu_hours_per_month
         hours = hours if hours is not None else defaults.gpu_hours_per_month
-        if hours is None or team.pk not in shares:
-            continue
-        used = session.scalar(
-            select(func.coalesce(func.sum(Job.gpu_seconds), 0.0)).where(
-                Job.team_pk == team.pk, func.coalesce(Job.finished_at, Job.started_at) >= month
-            )
-        )
-        if float(used or 0.0) >= hours * 3600:
-            shares[team.pk].max_running = 0
+        if hours is not None and team.pk in shares:
+            if month_gpu_seconds(session, team, at) >= hours * 3600:
+                shares[team.pk].max_running = 0
     for team_pk, status, started_at in in_flight:
         elapsed = at - started_at if status == JobStatus.RUNNING.value and started_at else 0.0
         if team_pk in shares:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.domain.jobs import JobStatus
+from app.domain.memory import eligible_classes
 from app.domain.scheduling import QueuedJob, estimate_starts, queue_order
 from app.models import Job, Team
 from app.services.pool import live_workers, pool_classes, slot_free_times, team_shares
@@ -58,19 +59,16 @@ def _waiting(
         .join(Team, Team.pk == Job.team_pk)
         .where(Job.status == JobStatus.QUEUED.value, Team.disabled.is_(False))
     ).all()
-    by_memory = sorted(classes.items(), key=lambda kv: kv[1])
-    fits: dict[float, frozenset[str]] = {}
-    candidates = []
-    for row in rows:
-        if row.gpu_class:
-            eligible = frozenset([row.gpu_class])
-        else:
-            if row.memory_gb not in fits:
-                fits[row.memory_gb] = frozenset(n for n, m in by_memory if m >= row.memory_gb)
-            eligible = fits[row.memory_gb]
-        candidates.append(
-            QueuedJob(row.pk, row.team_pk, row.priority, float(row.created_at), eligible)
+    candidates = [
+        QueuedJob(
+            row.pk,
+            row.team_pk,
+            row.priority,
+            float(row.created_at),
+            eligible_classes(row.gpu_class, row.memory_gb, classes),
         )
+        for row in rows
+    ]
     return candidates, {row.pk: row.dispatched_at for row in rows}
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.domain.jobs import JobStatus
+from app.domain.memory import eligible_classes
 from app.domain.scheduling import QueuedJob, plan_dispatch
 from app.models import Job, JobEvent, Team, Worker
 from app.queue import send_training_task, tasks_in_broker
@@ -196,23 +197,16 @@ def load_candidates(
     session: Session, classes: dict[str, float], free: dict[str, int]
 ) -> list[QueuedJob]:
     """The jobs one pass chooses among (not all 10,000 in line), with their classes."""
-    by_memory = sorted(classes.items(), key=lambda kv: kv[1])
-    candidates = []
-    for row in _best_per_team(session, classes, free):
-        if row.gpu_class:
-            eligible = frozenset([row.gpu_class])
-        else:
-            eligible = frozenset(name for name, memory in by_memory if memory >= row.memory_gb)
-        candidates.append(
-            QueuedJob(
-                key=row.pk,
-                team=row.team_pk,
-                priority=row.priority,
-                created_at=float(row.created_at),
-                eligible=eligible,
-            )
+    return [
+        QueuedJob(
+            key=row.pk,
+            team=row.team_pk,
+            priority=row.priority,
+            created_at=float(row.created_at),
+            eligible=eligible_classes(row.gpu_class, row.memory_gb, classes),
         )
-    return candidates
+        for row in _best_per_team(session, classes, free)
+    ]
 
 
 def schedule_once(

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.domain.jobs import JobStatus
+from app.domain.quotas import month_start
 from app.domain.scheduling import decayed_usage
 from app.errors import BadRequest
 from app.models import Job, Team
@@ -99,3 +100,18 @@ def record_gpu_seconds(
         + seconds
     )
     team.usage_updated_at = at
+
+
+def month_gpu_seconds(session: Session, team: Team, at: float | None = None) -> float:
+    """GPU seconds this calendar month (UTC): ended jobs plus running ones so far."""
+    at = time.time() if at is None else at
+    start = month_start(at)
+    ended = session.scalar(
+        select(func.coalesce(func.sum(Job.gpu_seconds), 0.0)).where(
+            Job.team_pk == team.pk, func.coalesce(Job.finished_at, Job.started_at) >= start
+        )
+    )
+    running = session.scalars(
+        select(Job.started_at).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
+    ).all()
+    return float(ended or 0.0) + sum(max(0.0, at - max(s or at, start)) for s in running)
