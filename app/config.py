@@ -24,12 +24,20 @@ class BaseModelSpec(BaseModel):
     """One base model this deployment allows fine-tuning."""
 
     name: str
-    # A local directory with config.json + safetensors, or a hub id already in the HF cache.
+    # Where the weights (a directory with config.json + safetensors) come from, resolved on
+    # each worker by worker.model_cache.resolve_base_model:
+    # - a local directory, used in place;
+    # - "s3://bucket/prefix": downloaded once per worker host into the model cache
+    #   (model_cache_dir, bounded by model_cache_max_gb), each object checked against its
+    #   MD5 ETag and, when the prefix holds one, a SHA256SUMS file;
+    # - a Hugging Face hub id "org/name" that is not a local directory: taken from the
+    #   host's pre-populated HF cache (HF_HUB_CACHE, else HF_HOME/hub), never downloaded.
+    # None: tiny-random-llama is generated into models_dir; any other name is models_dir/name.
     path: str | None = None
     chat_template: str | None = None
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    # LoRA targets when a job names none: every linear layer of the blocks (peft's
+    # "all-linear"), as the QLoRA paper recommends; or a list of module names.
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
     # Rough parameter count, used for memory estimates.
     parameters: int | None = None
     # Base learning rate; a job's learning_rate_multiplier scales it.
@@ -86,6 +94,14 @@ class Settings(BaseSettings):
     checkpoint_every_seconds: float | None = 600.0
     # Device the worker trains on: "auto" picks cuda when present.
     device: str = "auto"
+
+    # --- Base models from object storage (an s3:// `path` in base_models) ---
+    # Each worker host downloads such a model once into this directory (unset:
+    # home/"model-cache"), which all its worker processes share; it must be on local disk.
+    # When adding a model would take the cache past model_cache_max_gb (GB = 10^9 bytes),
+    # the least recently used models not in use are evicted first.
+    model_cache_dir: Path | None = None
+    model_cache_max_gb: float = 200.0
 
     # --- The GPU pool ---
     # Classes the pool is declared to have (name -> GPU memory in GB). Workers announce
@@ -150,6 +166,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return (self.home / "models").resolve()
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return (self.model_cache_dir or self.home / "model-cache").resolve()
 
     def base_model(self, name: str) -> BaseModelSpec | None:
         return next((m for m in self.base_models if m.name == name), None)

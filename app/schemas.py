@@ -31,11 +31,41 @@ class MethodIn(Strict):
     supervised: SupervisedIn | None = None
 
 
+ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.*-]{1,128}$")]
+
+
 class LoraIn(Strict):
     r: Annotated[int, Field(ge=1, le=256)] = 8
     alpha: Annotated[float, Field(gt=0, le=1024)] = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: Annotated[list[str], Field(min_length=1, max_length=64)] | None = None
+    # Module names, or ["all-linear"]: every linear layer but the output head. None: the
+    # base model's default (all-linear unless the deployment says otherwise).
+    target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] | None = None
+
+
+class TrainingIn(Strict):
+    """How the worker trains: what the loss covers, batching, memory and speed levers."""
+
+    # Loss on prompts and user turns too, not only on what the model should write.
+    train_on_inputs: bool = False
+    # Examples longer than max_seq_length: cut to it, or fail the job naming their lines.
+    truncation: Literal["truncate", "refuse"] = "truncate"
+    # Padding-free batches: examples concatenated with per-example positions (chat,
+    # prompt/completion and text; classification is always padded).
+    packing: bool = True
+    # Recompute activations in the backward pass: far less memory, ~30% more compute.
+    # auto: on a GPU, not on the CPU.
+    gradient_checkpointing: bool | Auto = "auto"
+    # auto: bitsandbytes' paged 8-bit AdamW on a GPU (as in the QLoRA paper), AdamW on the CPU.
+    optimizer: Literal[
+        "auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"
+    ] = "auto"
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Evaluate the validation file every this many steps (and at every epoch end);
+    # None: about ten times over the run.
+    eval_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    # Tokens of the generation sample shown at the end of a chat job; 0: no sample.
+    sample_max_new_tokens: Annotated[int, Field(ge=0, le=1024)] = 64
 
 
 class QuantizationIn(Strict):
@@ -63,6 +93,7 @@ class JobCreate(Strict):
     # Lathe extensions, sent through the SDK's extra_body.
     lora: LoraIn = Field(default_factory=LoraIn)
     quantization: QuantizationIn = Field(default_factory=QuantizationIn)
+    training: TrainingIn = Field(default_factory=TrainingIn)
     max_seq_length: Annotated[int, Field(ge=16, le=32768)] = 1024
     priority: Literal["low", "normal", "high"] = "normal"
     gpu_class: GpuClass | None = None
@@ -106,6 +137,10 @@ def job_object(job: models.Job, team_id: str) -> dict:
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "estimated_finish": job.estimated_finish,
+        # Lathe extensions: how the job trains, and what the worker measured (token counts
+        # per file before the first step, parameters, throughput, peak memory, a sample).
+        "training": job.training,
+        "stats": job.stats or {},
         "integrations": [],
         "metadata": job.metadata_,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},

@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import TINY_RANDOM_LLAMA, Settings, get_settings
+from app.config import Settings, get_settings
 from app.db import RETRYABLE, make_engine, make_sessionmaker, retry_db
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
@@ -34,10 +34,35 @@ from app.services.events import add_event
 from app.services.jobs import transition
 from app.services.usage import record_gpu_seconds
 from app.storage import ObjectStore, checkpoint_key, file_key, open_store
-from worker.training.spec import LoraSpec, QuantSpec, TrainingHooks, TrainingResult, TrainingSpec
+from worker.model_cache import BaseModelUnavailable, resolve_base_model
+from worker.training.spec import (
+    Levers,
+    LoraSpec,
+    QuantSpec,
+    TrainingDataError,
+    TrainingHooks,
+    TrainingResult,
+    TrainingSpec,
+)
 
 log = logging.getLogger(__name__)
-METRICS_COLUMNS = ["step", "train_loss", "valid_loss", "learning_rate", "epoch"]
+METRICS_COLUMNS = [
+    "step",
+    "train_loss",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "valid_accuracy",
+    "learning_rate",
+    "epoch",
+]
+# What a checkpoint's metrics hold (OpenAI's names where it has them).
+CHECKPOINT_METRICS = (
+    "step",
+    "train_loss",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "valid_accuracy",
+)
 
 
 def worker_id() -> str:
@@ -132,6 +157,12 @@ def train_or_fail(
     store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     try:
         return _train_and_publish(job_id, settings, sessions, store, fence)
+    except TrainingDataError as exc:  # the data, not the worker: say what to change
+        _fail(sessions, job_id, exc.code, str(exc), fence)
+        return "failed"
+    except BaseModelUnavailable as exc:
+        _fail(sessions, job_id, "base_model_unavailable", str(exc), fence)
+        return "failed"
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _fail(sessions, job_id, "training_failed", f"{type(exc).__name__}: {exc}", fence)
@@ -294,11 +325,7 @@ def _training_spec(
     base = settings.base_model(job.model)
     if base is None:
         raise ValueError(f"base model {job.model!r} is no longer configured")
-    base_path = settings.base_model_path(base)
-    if base.name == TINY_RANDOM_LLAMA and not base.path:
-        from worker.training.tiny_model import ensure_tiny_random_llama
-
-        ensure_tiny_random_llama(base_path, base.chat_template or "")
+    base_path = resolve_base_model(base, settings)
     hp = job.hyperparameters
     return TrainingSpec(
         base_model_path=base_path,
@@ -319,10 +346,20 @@ def _training_spec(
             target_modules=tuple(job.lora["target_modules"]),
         ),
         quant=QuantSpec(**job.quantization),
+        levers=_levers(job.training or {}),
         device=settings.device,
         checkpoint_steps=settings.checkpoint_every_steps,
         checkpoint_seconds=settings.checkpoint_every_seconds,
     )
+
+
+def _levers(training: dict) -> Levers:
+    """The job's TrainingIn (stored as JSON) as the trainer's Levers; absent keys default."""
+    known = {f.name for f in dataclasses.fields(Levers)}
+    values = {k: v for k, v in training.items() if k in known}
+    if values.get("gradient_checkpointing") == "auto":
+        values["gradient_checkpointing"] = None
+    return Levers(**values)
 
 
 def _hooks(
@@ -391,7 +428,7 @@ def _hooks(
                     step_number=step,
                     storage_key=key,
                     fine_tuned_model_checkpoint=f"{model_name}:ckpt-step-{step}",
-                    metrics={k: metrics.get(k) for k in ("step", "train_loss", "valid_loss")},
+                    metrics={k: metrics[k] for k in CHECKPOINT_METRICS if k in metrics},
                 )
             )
             add_event(session, job.pk, f"Checkpoint saved at step {step}")
@@ -400,6 +437,19 @@ def _hooks(
     def on_message(message: str) -> None:
         with sessions() as session:
             add_event(session, job.pk, message)
+            session.commit()
+
+    reported: dict[str, dict] = {}
+
+    def on_report(kind: str, message: str, data: dict) -> None:
+        # Shown on the job (its `stats`, merged by kind) and as an event with the figures.
+        reported[kind] = data
+        with sessions() as session:
+            add_event(session, job.pk, message, data={"kind": kind, **data})
+            stats = session.scalar(select(Job.stats).where(Job.pk == job.pk)) or {}
+            session.execute(
+                update(Job).where(Job.pk == job.pk, *fence).values(stats={**stats, **reported})
+            )
             session.commit()
 
     def keep_going_if_unreachable() -> str | None:
@@ -415,6 +465,7 @@ def _hooks(
         keep_going_if_unreachable,
         retry_db(on_checkpoint),
         retry_db(on_message),
+        retry_db(on_report),
     )
 
 

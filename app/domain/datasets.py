@@ -17,12 +17,14 @@ class DatasetFormat(StrEnum):
     CHAT = "chat"
     PROMPT_COMPLETION = "prompt_completion"
     TEXT = "text"
+    CLASSIFICATION = "classification"
 
 
 FORMAT_LABELS = {
     DatasetFormat.CHAT: 'chat ({"messages": [...]})',
     DatasetFormat.PROMPT_COMPLETION: 'prompt/completion ({"prompt", "completion"})',
     DatasetFormat.TEXT: 'plain text ({"text"})',
+    DatasetFormat.CLASSIFICATION: 'classification ({"text", "label"})',
 }
 
 
@@ -51,12 +53,17 @@ def detect_format(record: dict, line: int) -> DatasetFormat:
         if missing not in record:
             raise DatasetError("missing_key", f"missing key '{missing}'", line)
         return DatasetFormat.PROMPT_COMPLETION
+    if "label" in record:
+        if "text" not in record:
+            raise DatasetError("missing_key", "missing key 'text' beside 'label'", line)
+        return DatasetFormat.CLASSIFICATION
     if "text" in record:
         return DatasetFormat.TEXT
     found = ", ".join(repr(k) for k in list(record)[:5]) or "none"
     raise DatasetError(
         "missing_key",
-        "expected key 'messages' (chat), 'prompt' and 'completion', or 'text'; "
+        "expected key 'messages' (chat), 'prompt' and 'completion', 'text', or 'text' "
+        "and 'label' (classification); "
         f"found keys: {found}",
         line,
     )
@@ -109,10 +116,29 @@ def validate_text(record: dict, line: int) -> int:
     return _require_text(record["text"], "'text'", line)
 
 
+MAX_LABEL_CHARS = 128
+
+
+def validate_classification(record: dict, line: int) -> int:
+    label = record["label"]
+    # A class is named by a string or an integer; bool is an int subclass in Python and
+    # almost always a mistake here ("true" is not a class name).
+    if isinstance(label, bool) or not isinstance(label, str | int):
+        raise DatasetError("invalid_type", "'label' must be a string or an integer", line)
+    if isinstance(label, str) and not label.strip():
+        raise DatasetError("empty_value", "'label' is empty", line)
+    if len(str(label)) > MAX_LABEL_CHARS:
+        raise DatasetError(
+            "invalid_value", f"'label' is longer than {MAX_LABEL_CHARS} characters", line
+        )
+    return _require_text(record["text"], "'text'", line)
+
+
 VALIDATORS = {
     DatasetFormat.CHAT: validate_chat,
     DatasetFormat.PROMPT_COMPLETION: validate_prompt_completion,
     DatasetFormat.TEXT: validate_text,
+    DatasetFormat.CLASSIFICATION: validate_classification,
 }
 
 

@@ -28,6 +28,24 @@ DOUBLE_QUANT_CONSTANT_BITS = 0.127
 LORA_BYTES_PER_PARAM = 16
 """LoRA adapter params are trained in fp32: weight 4 + gradient 4 + Adam m 4 + Adam v 4."""
 
+ALL_LINEAR = "all-linear"
+LINEAR_PER_LAYER = 7
+"""Linear layers in a Llama-style block: q, k, v, o in attention; gate, up, down in the MLP."""
+
+CHECKPOINTED_ACTIVATION_FACTOR = 4
+"""Bytes per hidden value and layer kept with gradient checkpointing: the layer's bf16
+input (2), about doubled while one layer is recomputed in the backward pass."""
+
+FULL_ACTIVATION_FACTOR = 34
+"""Without checkpointing a layer keeps every intermediate for the backward pass: about 34
+bytes per hidden value in bf16 (Korthikanti et al., 2022, with the MLP at ~2.7x hidden and
+without the attention scores, which SDPA does not keep)."""
+
+
+def adapted_matrices(target_modules: list[str]) -> int:
+    """How many weight matrices per layer get an adapter."""
+    return LINEAR_PER_LAYER if ALL_LINEAR in target_modules else len(target_modules)
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -46,7 +64,8 @@ class MemoryEstimate:
     lora_gb: float
     """LoRA adapters with their gradients and Adam states, 16 bytes per adapter parameter."""
     activations_gb: float
-    """Activations kept with gradient checkpointing, plus the fp32 logits and their gradient."""
+    """Activations kept for the backward pass (few with gradient checkpointing), plus the fp32
+    logits and their gradient."""
     overhead_gb: float
     """CUDA context, cuBLAS workspaces and allocator fragmentation."""
 
@@ -84,6 +103,7 @@ def estimate_memory_gb(
     batch_size: int,
     seq_len: int,
     double_quant: bool = True,
+    gradient_checkpointing: bool = True,
     overhead_gb: float = 0.5,
 ) -> MemoryEstimate:
     """Peak GPU memory for QLoRA training of `shape`, term by term.
@@ -108,9 +128,8 @@ def estimate_memory_gb(
     lora_bytes = lora_params * LORA_BYTES_PER_PARAM
 
     tokens = batch_size * seq_len
-    # Checkpointing keeps each layer's bf16 input (2 bytes), about doubled while one layer
-    # is recomputed during the backward pass.
-    layer_bytes = tokens * shape.hidden_size * shape.num_layers * 2 * 2
+    factor = CHECKPOINTED_ACTIVATION_FACTOR if gradient_checkpointing else FULL_ACTIVATION_FACTOR
+    layer_bytes = tokens * shape.hidden_size * shape.num_layers * factor
     # Logits are upcast to fp32 for the loss, and their gradient is the same size.
     logits_bytes = tokens * shape.vocab_size * 4 * 2
 

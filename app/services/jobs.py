@@ -15,11 +15,17 @@ from app.config import BaseModelSpec, Settings
 from app.domain.hyperparameters import resolve
 from app.domain.ids import new_id
 from app.domain.jobs import WAITING_STATES, JobStatus, is_final, sources_of
-from app.domain.memory import ModelShape, estimate_memory_gb, fitting_classes, shape_from_parameters
+from app.domain.memory import (
+    ModelShape,
+    adapted_matrices,
+    estimate_memory_gb,
+    fitting_classes,
+    shape_from_parameters,
+)
 from app.domain.quotas import check_new_job
 from app.errors import BadRequest, Conflict, NotFound, QuotaError
 from app.models import Checkpoint, File, Job, JobEvent, Team, Worker, now
-from app.schemas import JobCreate, QuantizationIn
+from app.schemas import JobCreate, QuantizationIn, TrainingIn
 from app.services.events import add_event
 from app.services.pagination import newest_first_page
 from app.services.pool import pool_classes, team_quotas
@@ -104,7 +110,9 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
     lora = body.lora.model_dump()
     lora["target_modules"] = lora["target_modules"] or list(base.target_modules)
     check_new_job_quota(session, settings, team)
-    memory_gb = job_memory_gb(base, lora, hp.batch_size, body.max_seq_length, body.quantization)
+    memory_gb = job_memory_gb(
+        base, lora, hp.batch_size, body.max_seq_length, body.quantization, body.training
+    )
     check_fits_pool(session, settings, body.gpu_class, memory_gb)
     job = Job(
         id=new_id("ftjob"),
@@ -120,6 +128,7 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         },
         lora=lora,
         quantization=body.quantization.model_dump(),
+        training=body.training.model_dump(),
         max_seq_length=body.max_seq_length,
         data_format=training.format,
         suffix=body.suffix,
@@ -139,6 +148,7 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         data={
             "lora": job.lora,
             "quantization": job.quantization,
+            "training": job.training,
             "max_seq_length": job.max_seq_length,
             "priority": job.priority,
             "gpu_class": job.gpu_class,
@@ -168,7 +178,12 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
 
 
 def job_memory_gb(
-    base: BaseModelSpec, lora: dict, batch_size: int, seq_len: int, quant: QuantizationIn
+    base: BaseModelSpec,
+    lora: dict,
+    batch_size: int,
+    seq_len: int,
+    quant: QuantizationIn,
+    training: TrainingIn,
 ) -> float:
     if base.hidden_size and base.num_layers:
         shape = ModelShape(
@@ -182,10 +197,12 @@ def job_memory_gb(
     return estimate_memory_gb(
         shape,
         lora_r=lora["r"],
-        target_modules=len(lora["target_modules"]),
+        target_modules=adapted_matrices(lora["target_modules"]),
         batch_size=batch_size,
         seq_len=seq_len,
         double_quant=quant.double_quant,
+        # The estimate is for a GPU, where "auto" turns checkpointing on.
+        gradient_checkpointing=training.gradient_checkpointing is not False,
     ).total_gb
 
 

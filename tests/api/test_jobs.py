@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.datasets import CHAT, PROMPT_COMPLETION
+from tests.api.datasets import CHAT, PROMPT_COMPLETION, jsonl
 
 MODEL = "tiny-random-llama"
 
@@ -47,6 +47,45 @@ def test_created_job_is_queued_with_resolved_hyperparameters(team, train_id) -> 
     assert events[-1]["data"]["quantization"]["type"] == "fp4"
 
 
+def test_training_options_default_are_kept_and_shown(team, train_id) -> None:
+    default = create(team, training_file=train_id).json()
+    chosen = create(
+        team,
+        training_file=train_id,
+        training={"packing": False, "train_on_inputs": True, "truncation": "refuse"},
+        lora={"target_modules": ["q_proj", "v_proj"]},
+    ).json()
+
+    assert default["training"] == {
+        "train_on_inputs": False,
+        "truncation": "truncate",
+        "packing": True,
+        "gradient_checkpointing": "auto",
+        "optimizer": "auto",
+        "attention": "sdpa",
+        "eval_steps": None,
+        "sample_max_new_tokens": 64,
+    }
+    assert default["stats"] == {}, "filled in by the worker"
+    assert chosen["training"]["packing"] is False
+    assert chosen["training"]["truncation"] == "refuse"
+    events = team.get(f"/v1/fine_tuning/jobs/{chosen['id']}/events").json()["data"]
+    assert events[-1]["data"]["training"]["train_on_inputs"] is True
+    assert events[-1]["data"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    first = team.get(f"/v1/fine_tuning/jobs/{default['id']}/events").json()["data"][-1]
+    assert first["data"]["lora"]["target_modules"] == ["all-linear"]
+
+
+def test_a_classification_file_trains_a_classifier(team) -> None:
+    rows = [{"text": f"review {i}", "label": "good" if i % 2 else "bad"} for i in range(10)]
+    upload = team.upload(jsonl(rows)).json()
+    job = create(team, training_file=upload["id"]).json()
+
+    assert job["status"] == "queued"
+    events = team.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert "10 classification examples" in events[0]["message"]
+
+
 def test_method_supervised_hyperparameters_are_read(team, train_id) -> None:
     resp = create(
         team,
@@ -76,6 +115,11 @@ def test_method_supervised_hyperparameters_are_read(team, train_id) -> None:
         ({"metadata": {"k" * 65: "v"}}, 400, "metadata." + "k" * 65, "invalid_value"),
         ({"metadata": {"k": "v" * 513}}, 400, "metadata.k", "invalid_value"),
         ({"training_file": "file-\x00"}, 400, None, "invalid_value"),
+        ({"training": {"truncation": "drop"}}, 400, "training.truncation", "invalid_value"),
+        ({"training": {"optimizer": "sgd"}}, 400, "training.optimizer", "invalid_value"),
+        ({"training": {"eval_steps": 0}}, 400, "training.eval_steps", "invalid_value"),
+        ({"training": {"pack": True}}, 400, "training.pack", "invalid_value"),
+        ({"lora": {"target_modules": ["q_proj;"]}}, 400, "lora.target_modules.0", "invalid_value"),
     ],
 )
 def test_bad_job_requests_are_refused_with_the_field_named(

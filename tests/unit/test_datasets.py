@@ -18,11 +18,17 @@ CHAT = line(
 )
 PC = line({"prompt": "2+2=", "completion": "4"})
 TEXT = line({"text": "hello"})
+CLS = line({"text": "great film", "label": "positive"})
 
 
 @pytest.mark.parametrize(
     ("raw", "fmt"),
-    [(CHAT, DatasetFormat.CHAT), (PC, DatasetFormat.PROMPT_COMPLETION), (TEXT, DatasetFormat.TEXT)],
+    [
+        (CHAT, DatasetFormat.CHAT),
+        (PC, DatasetFormat.PROMPT_COMPLETION),
+        (TEXT, DatasetFormat.TEXT),
+        (CLS, DatasetFormat.CLASSIFICATION),
+    ],
 )
 def test_each_format_is_detected_and_counted(raw: bytes, fmt: DatasetFormat) -> None:
     stats = validate_lines([raw, raw, b""])
@@ -80,3 +86,30 @@ def test_file_without_examples_is_empty() -> None:
     err = error_for([b"", b"  "])
     assert err.code == "empty_file"
     assert err.line is None
+
+
+@pytest.mark.parametrize(
+    ("record", "code", "fragment"),
+    [
+        ({"text": "x", "label": True}, "invalid_type", "'label' must be a string or an integer"),
+        ({"text": "x", "label": 1.5}, "invalid_type", "'label' must be a string or an integer"),
+        ({"text": "x", "label": " "}, "empty_value", "'label' is empty"),
+        ({"text": "x", "label": "l" * 129}, "invalid_value", "longer than 128"),
+        ({"label": "a"}, "missing_key", "missing key 'text' beside 'label'"),
+        ({"text": "", "label": 3}, "empty_value", "'text' is empty"),
+    ],
+)
+def test_bad_classification_lines_are_named(record: dict, code: str, fragment: str) -> None:
+    error = error_for([CLS, line(record)])
+    assert (error.code, error.line) == (code, 2)
+    assert fragment in str(error)
+
+
+def test_integer_labels_are_classes_too() -> None:
+    stats = validate_lines([line({"text": "a", "label": 0}), line({"text": "b", "label": 7})])
+    assert stats.format == DatasetFormat.CLASSIFICATION
+
+
+def test_text_then_classification_is_mixed() -> None:
+    error = error_for([TEXT, CLS])
+    assert error.code == "mixed_formats" and "classification" in str(error)

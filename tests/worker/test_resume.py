@@ -175,6 +175,6 @@ def test_a_paused_job_resumes_from_its_checkpoint(
     assert [int(r["step"]) for r in rows] == list(range(1, 11)), "both attempts' rows"
 
     tokenizer = load_tokenizer(settings.models_dir / "tiny-random-llama", chat_template=None)
-    examples = load_examples(TRAIN, "chat", tokenizer, job.max_seq_length)
+    examples = load_examples(TRAIN, "chat", tokenizer, job.max_seq_length).examples
     tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
     assert job.trained_tokens == 2 * tokens_per_epoch, "the steps before the pause count"

@@ -12,18 +12,26 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, ByT5Tokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, ByT5Tokenizer
 
 from app.config import DEFAULT_CHAT_TEMPLATE
 from worker.training.data import (
     IGNORE_INDEX,
+    class_names,
     load_examples,
     load_tokenizer,
     tokenize_chat,
     tokenize_prompt_completion,
+    tokenize_text,
 )
 from worker.training.run import run_training
-from worker.training.spec import LoraSpec, TrainingHooks, TrainingSpec
+from worker.training.spec import (
+    Levers,
+    LoraSpec,
+    TrainingDataError,
+    TrainingHooks,
+    TrainingSpec,
+)
 from worker.training.tiny_model import ensure_tiny_random_llama
 
 # What a checkpoint directory (and so its tarball) holds: the adapter, at the root, and
@@ -90,6 +98,7 @@ def make_spec(tiny_model: Path, tmp_path: Path, *, valid: bool, n_epochs: int) -
         max_seq_length=256,
         seed=0,
         device="cpu",
+        levers=Levers(eval_steps=1),  # a validation loss on every row
     )
 
 
@@ -125,9 +134,7 @@ def test_tiny_model_is_not_regenerated_when_present(tiny_model: Path) -> None:
 
 
 def test_prompt_completion_trains_only_on_completion_and_eos(tokenizer: ByT5Tokenizer) -> None:
-    example = tokenize_prompt_completion(
-        {"prompt": "Q: 2+2\nA:", "completion": " 4"}, tokenizer, max_seq_length=64
-    )
+    example = tokenize_prompt_completion({"prompt": "Q: 2+2\nA:", "completion": " 4"}, tokenizer)
 
     prompt_len = len("Q: 2+2\nA:")  # one token per byte
     assert example["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
@@ -143,7 +150,7 @@ def test_chat_trains_only_on_assistant_turns(tokenizer: ByT5Tokenizer) -> None:
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "4"},
     ]
-    example = tokenize_chat({"messages": messages}, tokenizer, max_seq_length=512)
+    example = tokenize_chat({"messages": messages}, tokenizer)
 
     pairs = zip(example["input_ids"], example["labels"], strict=True)
     trained = [token for token, label in pairs if label != IGNORE_INDEX]
@@ -160,8 +167,73 @@ def test_examples_truncated_to_nothing_trainable_are_dropped(
 
     kept = load_examples(path, "chat", tokenizer, max_seq_length=32)
     # "<|user|>\nWhat colour is the sky?<|assistant|>\n" is longer than 32 bytes.
-    assert 0 < len(kept) < len(QUESTIONS)
-    assert all(len(e["input_ids"]) <= 32 for e in kept)
+    assert 0 < len(kept.examples) < len(QUESTIONS)
+    assert all(len(e["input_ids"]) <= 32 for e in kept.examples)
+    assert kept.counts.examples == len(kept.examples)
+    assert kept.counts.dropped == len(QUESTIONS) - len(kept.examples)
+    assert kept.counts.truncated >= kept.counts.dropped
+
+
+def test_text_trains_on_everything_but_the_first_token(tokenizer: ByT5Tokenizer) -> None:
+    example = tokenize_text({"text": "abc"}, tokenizer)
+
+    # ByT5 has no BOS: the labels are the input itself, end-of-sequence included.
+    assert example["labels"] == example["input_ids"]
+    assert tokenizer.decode(example["input_ids"]) == "abc</s>"
+
+
+def test_train_on_inputs_puts_the_loss_on_prompts_too(tokenizer: ByT5Tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    chat = tokenize_chat({"messages": messages}, tokenizer, train_on_inputs=True)
+    pc = tokenize_prompt_completion(
+        {"prompt": "Q: 2+2\nA:", "completion": " 4"}, tokenizer, train_on_inputs=True
+    )
+
+    assert chat["labels"] == chat["input_ids"]
+    assert pc["labels"] == pc["input_ids"]
+    # Off (the default) the same conversation trains on the assistant turn only.
+    default = tokenize_chat({"messages": messages}, tokenizer)
+    assert sum(label != IGNORE_INDEX for label in default["labels"]) == len("Hello!") + 1
+
+
+def test_classification_examples_carry_one_class_index(
+    tmp_path: Path, tokenizer: ByT5Tokenizer
+) -> None:
+    path = tmp_path / "cls.jsonl"
+    rows = [{"text": "great", "label": "pos"}, {"text": "awful", "label": "neg"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    classes = class_names(path)
+    tokenized = load_examples(path, "classification", tokenizer, 64, classes=classes)
+
+    assert classes == ["neg", "pos"]
+    assert [e["labels"] for e in tokenized.examples] == [1, 0]
+    assert tokenizer.decode(tokenized.examples[0]["input_ids"]) == "great</s>"
+    assert tokenized.counts.trained_tokens == 0 and tokenized.counts.examples == 2
+
+    unknown = tmp_path / "valid.jsonl"
+    unknown.write_text('{"text": "meh", "label": "neutral"}\n')
+    with pytest.raises(TrainingDataError, match="line 1: label 'neutral' does not occur"):
+        load_examples(unknown, "classification", tokenizer, 64, classes=classes)
+
+
+def test_refused_truncation_names_the_lines(tmp_path: Path, tokenizer: ByT5Tokenizer) -> None:
+    path = tmp_path / "train.jsonl"
+    texts = ["short", "x" * 100, "fine", "y" * 200]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    cut = load_examples(path, "text", tokenizer, max_seq_length=50)
+    assert cut.counts.truncated == 2 and cut.counts.longest == 201
+    assert cut.counts.tokens == 6 + 50 + 5 + 50
+    with pytest.raises(TrainingDataError) as refused:
+        load_examples(path, "text", tokenizer, max_seq_length=50, truncation="refuse")
+    assert refused.value.code == "examples_too_long"
+    assert "2 examples are longer than max_seq_length (50 tokens" in str(refused.value)
+    assert "lines 2, 4" in str(refused.value)
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -198,7 +270,7 @@ def test_training_lowers_loss_and_saves_a_loadable_adapter(
         assert metrics["step"] == step and "valid_loss" in metrics
 
     tokenizer = load_tokenizer(tiny_model, chat_template=None)
-    examples = load_examples(spec.train_file, "chat", tokenizer, spec.max_seq_length)
+    examples = load_examples(spec.train_file, "chat", tokenizer, spec.max_seq_length).examples
     tokens_per_epoch = sum(len(e["input_ids"]) for e in examples)
     assert result.trained_tokens == 3 * tokens_per_epoch
 
@@ -342,3 +414,92 @@ def test_time_based_checkpoints_follow_the_interval(tiny_model: Path, tmp_path: 
     )
     run_training(spec, TrainingHooks(on_checkpoint=lambda step, path, m: steps.append(step)))
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_run_reports_tokens_parameters_throughput_accuracy_and_a_sample(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    spec = make_spec(tiny_model, tmp_path, valid=True, n_epochs=2)
+    spec = dataclasses.replace(spec, levers=Levers(eval_steps=3, sample_max_new_tokens=8))
+    reports: dict[str, tuple[str, dict]] = {}
+
+    result = run_training(
+        spec, TrainingHooks(on_report=lambda kind, msg, data: reports.update({kind: (msg, data)}))
+    )
+
+    assert list(reports) == ["tokens", "model", "throughput", "sample"]
+    assert result.reports == {kind: data for kind, (_, data) in reports.items()}
+    message, tokens = reports["tokens"]
+    assert tokens["train"]["examples"] == 32 and tokens["valid"]["examples"] == 4
+    assert tokens["train"]["tokens"] * 2 == result.trained_tokens
+    assert f"{tokens['train']['tokens']:,} tokens per epoch" in message
+    _, params = reports["model"]
+    assert 0 < params["trainable_parameters"] < params["total_parameters"]
+    _, speed = reports["throughput"]
+    assert speed["tokens"] == result.trained_tokens and speed["tokens_per_second"] > 0
+    assert speed["peak_memory_gb"] > 0 and speed["peak_memory_source"] == "process_max_rss"
+    _, sample = reports["sample"]
+    assert sample["source"] == "validation" and sample["prompt"] == "Say hi."
+    assert sample["expected"] == "Hi!" and isinstance(sample["completion"], str)
+
+    # 8 steps; validation every 3 and at the epoch ends (4, 8), with token accuracy.
+    evaluated = [r for r in result.metrics if "valid_loss" in r]
+    assert [r["step"] for r in evaluated] == [3, 4, 6, 8]
+    assert all(0 <= r["valid_mean_token_accuracy"] <= 1 for r in evaluated)
+    assert len(result.metrics) == 8
+
+
+def test_all_linear_lora_adapts_attention_and_mlp(tiny_model: Path, tmp_path: Path) -> None:
+    spec = make_spec(tiny_model, tmp_path, valid=False, n_epochs=1)
+    result = run_training(spec, TrainingHooks())
+
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    adapted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in name for name in config["target_modules"])
+
+
+@pytest.mark.slow
+def test_a_classification_job_trains_and_reports_accuracy(tiny_model: Path, tmp_path: Path) -> None:
+    # Two classes a byte-level model can tell apart: the first letter of the text.
+    def write(path: Path, n: int) -> Path:
+        words = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
+        with open(path, "w") as f:
+            for i in range(n):
+                positive = i % 2 == 0
+                text = ("yes " if positive else "no ") + words[i % len(words)]
+                f.write(json.dumps({"text": text, "label": "pos" if positive else "neg"}) + "\n")
+        return path
+
+    spec = dataclasses.replace(
+        make_spec(tiny_model, tmp_path, valid=True, n_epochs=6),
+        data_format="classification",
+        train_file=write(tmp_path / "cls-train.jsonl", 32),
+        valid_file=write(tmp_path / "cls-valid.jsonl", 8),
+        learning_rate=2e-2,
+        levers=Levers(eval_steps=4),
+    )
+    reports: dict[str, dict] = {}
+
+    result = run_training(
+        spec, TrainingHooks(on_report=lambda kind, msg, data: reports.update({kind: data}))
+    )
+
+    evaluated = [r for r in result.metrics if "valid_accuracy" in r]
+    assert evaluated and evaluated[-1]["step"] == 24
+    assert evaluated[-1]["valid_accuracy"] == 1.0, evaluated
+    assert evaluated[-1]["valid_loss"] < evaluated[0]["valid_loss"]
+    assert "sample" not in reports, "no generation sample for a classifier"
+    assert reports["tokens"]["classes"] == ["neg", "pos"]
+    assert json.loads((result.adapter_dir / "classes.json").read_text()) == ["neg", "pos"]
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    tuned = PeftModel.from_pretrained(base, result.adapter_dir)
+    tuned.eval()
+    tokenizer = load_tokenizer(tiny_model, chat_template=None)
+    with torch.no_grad():
+        logits = tuned(**tokenizer(["yes kiwi", "no kiwi"], padding=True, return_tensors="pt"))
+    assert logits.logits.shape == (2, 2)

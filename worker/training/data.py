@@ -1,22 +1,35 @@
-"""Training data: JSONL lines into token ids with loss masks, and the collator that pads them.
+"""Training data: JSONL lines into token ids with loss masks, and the collators that batch them.
 
 Loss is taken only on what the model should learn to write: assistant turns in chat
 (their end-of-turn marker included), the completion in prompt/completion, everything in
-plain text. Everything else is labelled -100, the index PyTorch's cross-entropy ignores.
+plain text; with `train_on_inputs` on the prompt side too. Everything else is labelled
+-100, the index PyTorch's cross-entropy ignores. A classification example is its text and
+one class index.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
 
 from app.domain.datasets import DatasetFormat
+from worker.training.spec import TrainingDataError
 
 IGNORE_INDEX = -100
+# Line numbers of refused examples named in an error; more would only bury the message.
+MAX_LINES_NAMED = 10
 
-Example = dict[str, list[int]]  # input_ids, attention_mask, labels; one unpadded sequence
+Example = dict  # input_ids, attention_mask, labels (a list, or one class index)
 
 
 def load_tokenizer(model_path: Path, chat_template: str | None) -> PreTrainedTokenizerBase:
@@ -30,17 +43,18 @@ def load_tokenizer(model_path: Path, chat_template: str | None) -> PreTrainedTok
     return tokenizer
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of an already validated file; blank lines carry no example."""
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(1-based line number, record) of an already validated file; blank lines are skipped."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [(n, json.loads(line)) for n, line in enumerate(f, start=1) if line.strip()]
 
 
 class _Builder:
     """Appends text pieces as tokens, each either trained on or masked."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool) -> None:
         self.tokenizer = tokenizer
+        self.train_on_inputs = train_on_inputs
         self.input_ids: list[int] = []
         self.labels: list[int] = []
 
@@ -54,25 +68,27 @@ class _Builder:
         # split at inference, where the prompt is tokenized alone.
         if text:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            self.add_ids(ids, train=train)
+            self.add_ids(ids, train=train or self.train_on_inputs)
 
     def add_bos(self) -> None:
+        # Never a target: nothing comes before it to predict it from.
         if self.tokenizer.bos_token_id is not None:
             self.add_ids([self.tokenizer.bos_token_id], train=False)
 
     def add_eos(self) -> None:
         self.add_ids([self.tokenizer.eos_token_id], train=True)
 
-    def build(self, max_seq_length: int) -> Example:
-        input_ids = self.input_ids[:max_seq_length]
+    def build(self) -> Example:
         return {
-            "input_ids": input_ids,
-            "attention_mask": [1] * len(input_ids),
-            "labels": self.labels[:max_seq_length],
+            "input_ids": self.input_ids,
+            "attention_mask": [1] * len(self.input_ids),
+            "labels": self.labels,
         }
 
 
-def tokenize_chat(record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Example:
+def tokenize_chat(
+    record: dict, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool = False
+) -> Example:
     """Render through the chat template, training on each assistant turn.
 
     The template is rendered prefix by prefix: the text before an assistant turn is the
@@ -82,76 +98,184 @@ def tokenize_chat(record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_leng
     turns, without needing `{% generation %}` markers in it.
     """
     messages = record["messages"]
-    builder = _Builder(tokenizer)
+    builder = _Builder(tokenizer, train_on_inputs)
     rendered = ""
 
     def extend(text: str, *, train: bool) -> None:
         nonlocal rendered
         if not text.startswith(rendered):
-            raise ValueError(
+            raise TrainingDataError(
+                "unsupported_chat_template",
                 "the chat template does not render a conversation as the sum of its turns; "
-                "cannot tell which tokens are the assistant's"
+                "cannot tell which tokens are the assistant's",
             )
         builder.add_text(text[len(rendered) :], train=train)
         rendered = text
 
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(
-                messages[:i], tokenize=False, add_generation_prompt=True
-            )
-            extend(prompt, train=False)
+            extend(chat_prompt(messages[:i], tokenizer), train=False)
         turn = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         extend(turn, train=message["role"] == "assistant")
-    return builder.build(max_seq_length)
+    return builder.build()
+
+
+def chat_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text a model is given to write the next assistant turn."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def tokenize_prompt_completion(
-    record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+    record: dict, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool = False
 ) -> Example:
-    builder = _Builder(tokenizer)
+    builder = _Builder(tokenizer, train_on_inputs)
     builder.add_bos()
     builder.add_text(record["prompt"], train=False)
     builder.add_text(record["completion"], train=True)
     builder.add_eos()  # so the model learns where a completion ends
-    return builder.build(max_seq_length)
+    return builder.build()
 
 
-def tokenize_text(record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Example:
-    builder = _Builder(tokenizer)
+def tokenize_text(
+    record: dict, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool = False
+) -> Example:
+    builder = _Builder(tokenizer, train_on_inputs)
     builder.add_bos()
     builder.add_text(record["text"], train=True)
     builder.add_eos()
-    return builder.build(max_seq_length)
+    return builder.build()
 
 
-TOKENIZERS = {
+TOKENIZERS: dict[DatasetFormat, Callable[..., Example]] = {
     DatasetFormat.CHAT: tokenize_chat,
     DatasetFormat.PROMPT_COMPLETION: tokenize_prompt_completion,
     DatasetFormat.TEXT: tokenize_text,
 }
 
 
+def class_names(path: Path) -> list[str]:
+    """The classes of a classification file, sorted: index i is class i of the model."""
+    return sorted({str(record["label"]) for _, record in read_jsonl(path)})
+
+
+@dataclass
+class TokenCounts:
+    """What one file costs and what was cut: reported on the job before training starts."""
+
+    examples: int = 0  # kept, after dropping
+    tokens: int = 0  # input tokens of one epoch, after truncation
+    trained_tokens: int = 0  # of those, the ones with a loss (classification: 0)
+    truncated: int = 0  # examples cut to max_seq_length
+    dropped: int = 0  # examples with nothing left to train on after the cut
+    longest: int = 0  # the longest example before truncation, in tokens
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TokenizedFile:
+    examples: list[Example]
+    counts: TokenCounts
+
+
 def load_examples(
-    path: Path, data_format: str, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
-) -> list[Example]:
-    """Tokenized examples of one JSONL file.
+    path: Path,
+    data_format: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    *,
+    train_on_inputs: bool = False,
+    truncation: str = "truncate",
+    classes: list[str] | None = None,
+) -> TokenizedFile:
+    """Tokenized examples of one JSONL file, with their token counts.
 
-    An example whose trained tokens were all cut off by max_seq_length is dropped: it
-    would cost a forward pass and teach nothing (and a batch of only such examples has no
-    loss at all).
+    An example longer than max_seq_length is cut to it ("truncate") or refuses the whole
+    file with the offending line numbers ("refuse"). A cut example whose trained tokens
+    were all cut off is dropped: it would cost a forward pass and teach nothing.
+    Classification files need `classes` (index = class id); an unknown label is refused.
     """
-    tokenize = TOKENIZERS[DatasetFormat(data_format)]
-    examples = [tokenize(record, tokenizer, max_seq_length) for record in read_jsonl(path)]
-    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
-    if not examples:
-        raise ValueError(
-            f"{path.name}: no example has a token to train on within max_seq_length "
-            f"({max_seq_length})"
+    fmt = DatasetFormat(data_format)
+    counts = TokenCounts()
+    examples: list[Example] = []
+    too_long: list[int] = []
+    for line, record in read_jsonl(path):
+        if fmt == DatasetFormat.CLASSIFICATION:
+            example = _classification_example(record, tokenizer, classes or [], path, line)
+        else:
+            example = TOKENIZERS[fmt](record, tokenizer, train_on_inputs)
+        length = len(example["input_ids"])
+        counts.longest = max(counts.longest, length)
+        if length > max_seq_length:
+            too_long.append(line)
+            counts.truncated += 1
+            example = {
+                key: value[:max_seq_length] if isinstance(value, list) else value
+                for key, value in example.items()
+            }
+            if isinstance(example["labels"], list) and all(
+                label == IGNORE_INDEX for label in example["labels"]
+            ):
+                counts.dropped += 1
+                continue
+        examples.append(example)
+        counts.examples += 1
+        counts.tokens += len(example["input_ids"])
+        if isinstance(example["labels"], list):
+            counts.trained_tokens += sum(label != IGNORE_INDEX for label in example["labels"])
+    if too_long and truncation == "refuse":
+        named = ", ".join(map(str, too_long[:MAX_LINES_NAMED]))
+        more = (
+            f" and {len(too_long) - MAX_LINES_NAMED} more"
+            if len(too_long) > MAX_LINES_NAMED
+            else ""
         )
-    return examples
+        raise TrainingDataError(
+            "examples_too_long",
+            f"{path.name}: {len(too_long)} examples are longer than max_seq_length "
+            f"({max_seq_length} tokens; the longest has {counts.longest}): lines {named}{more}. "
+            "Raise max_seq_length, shorten them, or set training.truncation to 'truncate'",
+        )
+    if not examples:
+        raise TrainingDataError(
+            "no_trainable_examples",
+            f"{path.name}: no example has a token to train on within max_seq_length "
+            f"({max_seq_length})",
+        )
+    return TokenizedFile(examples, counts)
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
-    """Pads each batch to its longest sequence; padded label positions are ignored."""
+def _classification_example(
+    record: dict, tokenizer: PreTrainedTokenizerBase, classes: list[str], path: Path, line: int
+) -> Example:
+    label = str(record["label"])
+    if label not in classes:
+        raise TrainingDataError(
+            "unknown_label",
+            f"{path.name}: line {line}: label {label!r} does not occur in the training file "
+            f"(classes: {', '.join(classes[:20])})",
+        )
+    ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": classes.index(label)}
+
+
+def make_collator(
+    tokenizer: PreTrainedTokenizerBase, *, packing: bool, classification: bool, flash: bool
+):
+    """How examples become a batch.
+
+    Packing (padding-free): the batch's examples are concatenated into one row with no pad
+    token at all; position ids restart at 0 for each example, from which the attention
+    masks of SDPA and eager attention are built block-diagonal (transformers' packed
+    sequence detection), so no example attends to another; flash-attention gets the
+    sequence boundaries directly. The first label of each example is -100, so no example's
+    first token is predicted from the one before it.
+    Without packing each batch is padded to its longest example (padded labels ignored).
+    Classification is always padded: the model reads each row's last real token.
+    """
+    if classification:
+        return DataCollatorWithPadding(tokenizer)
+    if packing:
+        return DataCollatorWithFlattening(separator_id=IGNORE_INDEX, return_flash_attn_kwargs=flash)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)

@@ -7,9 +7,14 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
 
-from worker.training.spec import LoraSpec, QuantSpec
+from worker.training.spec import ALL_LINEAR, LoraSpec, QuantSpec
 
 
 def resolve_device(device: str) -> str:
@@ -32,8 +37,29 @@ def resolve_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_quantized_base(model_path: Path, quant: QuantSpec, device: str) -> PreTrainedModel:
-    """The base model with its linear layers in 4-bit, frozen and ready for adapters."""
+def resolve_optimizer(optimizer: str, device: str) -> str:
+    """With "auto", bitsandbytes' paged 8-bit AdamW on a GPU, as the QLoRA paper trains:
+    8-bit states take a quarter of the memory, and paging spills them to host memory on a
+    spike instead of failing. Paging is CUDA unified memory, so the CPU gets plain AdamW."""
+    if optimizer == "auto":
+        return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+    return optimizer
+
+
+def load_quantized_base(
+    model_path: Path,
+    quant: QuantSpec,
+    device: str,
+    *,
+    attention: str = "sdpa",
+    gradient_checkpointing: bool | None = None,
+    classes: list[str] | None = None,
+) -> PreTrainedModel:
+    """The base model with its linear layers in 4-bit, frozen and ready for adapters.
+
+    With `classes` it is loaded for sequence classification: the transformer with a new
+    classification head (one output per class) in place of the language-model head.
+    """
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -41,21 +67,37 @@ def load_quantized_base(model_path: Path, quant: QuantSpec, device: str) -> PreT
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
+    common = dict(
         quantization_config=quantization_config,
-        dtype=compute_dtype,  # for what stays unquantized: embeddings, norms, lm_head
+        dtype=compute_dtype,  # for what stays unquantized: embeddings, norms, heads
         device_map={"": torch.cuda.current_device() if device == "cuda" else device},
+        attn_implementation=attention,
         use_safetensors=True,  # never unpickle a checkpoint
         trust_remote_code=False,
     )
+    if classes is not None:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path,
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={name: i for i, name in enumerate(classes)},
+            **common,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, **common)
     model.config.use_cache = False  # a KV cache only helps generation
     if device == "cpu":
         keep_cpu_weights_trainable(model)
     # Freezes the base, upcasts norms to float32 for stable gradients. Gradient
     # checkpointing trades compute for activation memory: worth it on a GPU, where memory
     # is the limit, not on the CPU, where time is.
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+    if gradient_checkpointing is None:
+        gradient_checkpointing = device == "cuda"
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
 
 
 def keep_cpu_weights_trainable(model: PreTrainedModel) -> None:
@@ -72,14 +114,30 @@ def keep_cpu_weights_trainable(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(model: PreTrainedModel, lora: LoraSpec) -> PeftModel:
-    """Wrap the frozen base with trainable low-rank adapters on the target modules."""
+def add_lora(model: PreTrainedModel, lora: LoraSpec, *, classification: bool = False) -> PeftModel:
+    """Wrap the frozen base with trainable low-rank adapters on the target modules.
+
+    For classification (SEQ_CLS) peft also trains and saves the new classification head
+    in full, as it must: it starts from random weights.
+    """
+    targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        # "all-linear": every nn.Linear / Linear4bit except the output head.
+        target_modules=ALL_LINEAR if ALL_LINEAR in targets else list(targets),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if classification else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def parameter_counts(model: PeftModel) -> dict:
+    """Trainable (adapters, and a classification head) and total parameters.
+
+    A 4-bit weight is stored two to a byte, so its tensor holds half as many elements as
+    the layer has weights; peft's count corrects for that.
+    """
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_parameters": int(trainable), "total_parameters": int(total)}

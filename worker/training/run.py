@@ -6,6 +6,8 @@ The Celery task calls `run_training` with plain data (TrainingSpec) and callback
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 
@@ -21,12 +23,29 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from worker.training.data import load_examples, load_tokenizer, make_collator
+from app.domain.datasets import DatasetFormat
+from worker.training.data import (
+    TokenizedFile,
+    class_names,
+    load_examples,
+    load_tokenizer,
+    make_collator,
+)
+from worker.training.figures import (
+    accuracy_metrics,
+    generation_sample,
+    predicted_ids,
+    throughput,
+    throughput_summary,
+    token_summary,
+)
 from worker.training.model import (
     add_lora,
     load_quantized_base,
+    parameter_counts,
     resolve_compute_dtype,
     resolve_device,
+    resolve_optimizer,
 )
 from worker.training.spec import TrainingHooks, TrainingResult, TrainingSpec
 
@@ -58,6 +77,8 @@ class HooksCallback(TrainerCallback):
         self.stop_reason: str | None = None  # "pause" | "cancel" once should_stop said so
 
     def on_train_begin(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        # After a resume the Trainer has restored the count: this run's share starts here.
+        self.tokens_at_begin = state.num_input_tokens_seen
         message = f"Training for {state.max_steps} steps"
         if state.global_step:  # resumed: the Trainer restored the step count
             message += f", continuing after step {state.global_step}"
@@ -66,21 +87,21 @@ class HooksCallback(TrainerCallback):
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         reason = self.hooks.should_stop()
         if reason == "pause":
-            # Keep what was trained: this step is checkpointed like an epoch end, evaluation
-            # included. An uninterrupted run evaluates here too (eval_steps is
-            # logging_steps), and each evaluation draws from the torch RNG (its DataLoader's
-            # seed) before the RNG state is saved: skipping it would shift every dropout
-            # mask after the resume.
+            # Keep what was trained: this step is checkpointed. It is evaluated only if an
+            # uninterrupted run would evaluate it too (the flow callback already said so):
+            # each evaluation draws from the torch RNG (its DataLoader's seed) before the
+            # RNG state is saved, so an extra one would shift every dropout mask after
+            # the resume, and the resumed run would no longer match an uninterrupted one.
             self.stop_reason = "pause"
             control.should_training_stop = True
-            self.checkpoint_here(control)
+            self.checkpoint_here(control, evaluate=control.should_evaluate)
         elif reason:
             self.stop_reason = "cancel"
             control.should_training_stop = True
             control.should_evaluate = False  # stop now, not after a pass over the valid set
             control.should_save = False  # not even a save_steps checkpoint on this step
         elif self.checkpoint_due(state):
-            self.checkpoint_here(control)
+            self.checkpoint_here(control, evaluate=self.validating)
         return control
 
     def checkpoint_due(self, state: TrainerState) -> bool:
@@ -92,11 +113,11 @@ class HooksCallback(TrainerCallback):
         interval = self.checkpoint_seconds
         return interval is not None and time.monotonic() - self.last_checkpoint >= interval
 
-    def checkpoint_here(self, control: TrainerControl) -> None:
-        # Every checkpoint is taken on a logged (and evaluated) step, so it carries the
-        # losses of the exact point it was taken at.
+    def checkpoint_here(self, control: TrainerControl, evaluate: bool) -> None:
+        # Every checkpoint is taken on a logged (and, but for a pause, evaluated) step, so
+        # it carries the losses of the exact point it was taken at.
         control.should_log = True
-        control.should_evaluate = self.validating
+        control.should_evaluate = evaluate
         control.should_save = True
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
@@ -120,7 +141,11 @@ class HooksCallback(TrainerCallback):
                 "total_steps": state.max_steps,
             }
             self.pending = None
-            self.emit({**row, "valid_loss": float(logs["eval_loss"])})
+            row = {**row, "valid_loss": float(logs["eval_loss"])}
+            for metric in ("mean_token_accuracy", "accuracy"):
+                if f"eval_{metric}" in logs:
+                    row[f"valid_{metric}"] = float(logs[f"eval_{metric}"])
+            self.emit(row)
 
     def emit(self, row: dict) -> None:
         self.rows.append(row)
@@ -138,27 +163,67 @@ class HooksCallback(TrainerCallback):
 
 def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     device = resolve_device(spec.device)
+    levers = spec.levers
+    classification = spec.data_format == DatasetFormat.CLASSIFICATION
+    packing = levers.packing and not classification
     set_seed(spec.seed)  # before LoRA init, so a rerun starts from the same adapter weights
+    reports: dict[str, dict] = {}
 
-    # 1. Data: tokens and loss masks.
+    def report(kind: str, message: str, data: dict) -> None:
+        reports[kind] = data
+        hooks.on_report(kind, message, data)
+
+    # 1. Data: tokens and loss masks, and what one epoch costs.
     hooks.on_message("Tokenizing the dataset")
     tokenizer = load_tokenizer(spec.base_model_path, spec.chat_template)
-    train_examples = load_examples(
-        spec.train_file, spec.data_format, tokenizer, spec.max_seq_length
-    )
-    valid_examples = (
-        load_examples(spec.valid_file, spec.data_format, tokenizer, spec.max_seq_length)
-        if spec.valid_file is not None
-        else None
-    )
+    classes = class_names(spec.train_file) if classification else None
+
+    def tokenized(path: Path) -> TokenizedFile:
+        return load_examples(
+            path,
+            spec.data_format,
+            tokenizer,
+            spec.max_seq_length,
+            train_on_inputs=levers.train_on_inputs,
+            truncation=levers.truncation,
+            classes=classes,
+        )
+
+    train = tokenized(spec.train_file)
+    valid = tokenized(spec.valid_file) if spec.valid_file is not None else None
+    counts = {"train": train.counts.as_dict()}
+    if valid is not None:
+        counts["valid"] = valid.counts.as_dict()
+    if classes is not None:
+        counts["classes"] = classes
+    report("tokens", token_summary(train, valid, spec.max_seq_length), counts)
 
     # 2. Model: frozen 4-bit base, trainable LoRA adapters.
     hooks.on_message(f"Loading base model in 4-bit on {device}")
-    model = add_lora(load_quantized_base(spec.base_model_path, spec.quant, device), spec.lora)
+    base = load_quantized_base(
+        spec.base_model_path,
+        spec.quant,
+        device,
+        attention=levers.attention,
+        gradient_checkpointing=levers.gradient_checkpointing,
+        classes=classes,
+    )
+    if classes is not None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # it finds each row's last token
+    model = add_lora(base, spec.lora, classification=classification)
+    params = parameter_counts(model)
+    share = 100 * params["trainable_parameters"] / max(params["total_parameters"], 1)
+    report(
+        "model",
+        f"Training {params['trainable_parameters']:,} of {params['total_parameters']:,} "
+        f"parameters ({share:.2f}%)",
+        params,
+    )
 
     # 3. Train, or go on training from a checkpoint of an earlier run.
     compute_dtype = resolve_compute_dtype(spec.quant.compute_dtype, device)
-    validating = valid_examples is not None
+    validating = valid is not None
+    total_steps = math.ceil(len(train.examples) / spec.batch_size) * spec.n_epochs
     args = TrainingArguments(
         output_dir=str(spec.output_dir / "trainer"),
         num_train_epochs=spec.n_epochs,
@@ -168,8 +233,11 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         seed=spec.seed,
         logging_strategy="steps",
         logging_steps=spec.logging_steps,
+        # Every eval_steps, at each checkpoint and (an epoch end is one) at the end.
         eval_strategy="steps" if validating else "no",
-        eval_steps=spec.logging_steps if validating else None,
+        eval_steps=(levers.eval_steps or max(1, math.ceil(total_steps / 10)))
+        if validating
+        else None,
         # The Trainer's own checkpoints, every checkpoint_steps; HooksCallback adds the epoch
         # ends and a pause. Each is uploaded by on_checkpoint as soon as it is written, so
         # one local copy is enough: older ones are deleted.
@@ -179,22 +247,30 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         report_to="none",
         disable_tqdm=True,
         use_cpu=device == "cpu",
-        # Paged optimizer states spill to host memory on spikes instead of failing; the
-        # paging is CUDA unified memory, so the CPU gets the plain optimizer.
-        optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+        optim=resolve_optimizer(levers.optimizer, device),
         bf16=device == "cuda" and compute_dtype == torch.bfloat16,
         fp16=device == "cuda" and compute_dtype == torch.float16,
-        include_num_input_tokens_seen="non_padding",
+        # Without packing, batches of similar lengths waste the least on padding.
+        train_sampling_strategy="random" if packing else "group_by_length",
+        # A packed batch has no padding at all (and no attention mask to count it by).
+        include_num_input_tokens_seen="all" if packing else "non_padding",
     )
     callback = HooksCallback(hooks, validating, spec.checkpoint_steps, spec.checkpoint_seconds)
     trainer = Trainer(
         model=model,
         args=args,
-        data_collator=make_collator(tokenizer),
-        train_dataset=train_examples,
-        eval_dataset=valid_examples,
+        data_collator=make_collator(
+            tokenizer,
+            packing=packing,
+            classification=classification,
+            flash=levers.attention == "flash_attention_2",
+        ),
+        train_dataset=train.examples,
+        eval_dataset=valid.examples if valid is not None else None,
         processing_class=tokenizer,
         callbacks=[callback],
+        compute_metrics=accuracy_metrics(classification) if validating else None,
+        preprocess_logits_for_metrics=predicted_ids if validating else None,
     )
     # With tqdm off the Trainer prints every log dict instead; the hooks are our log.
     trainer.remove_callback(PrinterCallback)
@@ -202,16 +278,35 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     # optimizer, scheduler and RNG states, and trainer_state.json: the step count, the tokens
     # seen, and the data position (the batches already trained in the epoch are skipped).
     resume_from = str(spec.resume_from) if spec.resume_from is not None else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_begin
+    figures = throughput(tokens, seconds, device)
+    report("throughput", throughput_summary(figures), figures)
 
     # 4. Save the adapter: adapter_config.json + adapter_model.safetensors.
     adapter_dir = spec.output_dir / "adapter"
     model.save_pretrained(adapter_dir)
+    if classes is not None:  # which output is which class, for whoever loads the adapter
+        (adapter_dir / "classes.json").write_text(json.dumps(classes))
     hooks.on_message("Saved the adapter")
+
+    # 5. Show a person what changed: the trained model answers a held-out prompt.
+    stopped = callback.stop_reason is not None
+    if spec.data_format == DatasetFormat.CHAT and levers.sample_max_new_tokens and not stopped:
+        sample = generation_sample(
+            model, tokenizer, spec.valid_file or spec.train_file, levers.sample_max_new_tokens
+        )
+        sample["source"] = "validation" if spec.valid_file else "training"
+        report("sample", f"Sample completion: {sample['completion'][:200]!r}", sample)
     return TrainingResult(
         adapter_dir=adapter_dir,
         trained_tokens=int(trainer.state.num_input_tokens_seen),
         metrics=callback.rows,
-        stopped=callback.stop_reason is not None,
+        stopped=stopped,
         step=trainer.state.global_step,
+        reports=reports,
     )

@@ -6,13 +6,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ALL_LINEAR = "all-linear"
+
+
+class TrainingDataError(ValueError):
+    """The data cannot train as the job asks (too long, nothing to learn, unknown label):
+    the job fails with `code` and this message, which names the file and lines."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
 
 @dataclass(frozen=True)
 class LoraSpec:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Every linear layer of the transformer blocks (attention and MLP, not the output
+    # head), as the QLoRA paper found necessary to match full fine-tuning.
+    target_modules: tuple[str, ...] = (ALL_LINEAR,)
 
 
 @dataclass(frozen=True)
@@ -23,10 +36,24 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
+class Levers:
+    """How training trades memory, speed and what it learns from; each is a job option."""
+
+    train_on_inputs: bool = False  # loss on prompts and user turns too
+    truncation: str = "truncate"  # truncate | refuse: examples past max_seq_length
+    packing: bool = True  # padding-free batches (causal LM only)
+    gradient_checkpointing: bool | None = None  # None: on a GPU yes, on the CPU no
+    optimizer: str = "auto"  # auto: paged_adamw_8bit on a GPU, adamw_torch on the CPU
+    attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+    eval_steps: int | None = None  # None: about ten evaluations over the run
+    sample_max_new_tokens: int = 64  # generation sample at the end of a chat job; 0: none
+
+
+@dataclass(frozen=True)
 class TrainingSpec:
     base_model_path: Path
     chat_template: str | None
-    data_format: str  # "chat" | "prompt_completion" | "text"
+    data_format: str  # chat | prompt_completion | text | classification
     train_file: Path  # local JSONL, already validated
     valid_file: Path | None
     output_dir: Path  # scratch space for this run
@@ -37,6 +64,7 @@ class TrainingSpec:
     seed: int
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
+    levers: Levers = field(default_factory=Levers)
     device: str = "auto"  # auto | cpu | cuda
     logging_steps: int = 1
     # A checkpoint at every epoch end, and also every this many steps when set.
@@ -68,6 +96,11 @@ class TrainingHooks:
     on_checkpoint: Callable[[int, Path, dict], None] = lambda step, path, metrics: None
     # Free-text progress messages ("Loading base model in 4-bit", ...).
     on_message: Callable[[str], None] = lambda message: None
+    # Figures the job shows, by kind: "tokens" (per file: TokenCounts) before training,
+    # "model" (trainable and total parameters) once the adapters are on, "throughput"
+    # (tokens/s, peak memory) at the end, "sample" (a generation from a held-out prompt).
+    # Called with (kind, a one-line summary, the figures).
+    on_report: Callable[[str, str, dict], None] = lambda kind, message, data: None
 
 
 @dataclass
@@ -77,3 +110,4 @@ class TrainingResult:
     metrics: list[dict]  # every row passed to on_metrics in this run, in order
     stopped: bool  # True when should_stop ended training early
     step: int  # the global step training ended at (counting the steps before a resume)
+    reports: dict = field(default_factory=dict)  # every on_report's data, by kind
