@@ -129,6 +129,14 @@ def test_a_paused_job_resumes_from_its_checkpoint(
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job.id))
         assert (job.status, job.attempt) == ("paused", 1)
+        # Figures reported before training are on the job, and in events with their data.
+        assert job.stats["tokens"]["train"]["examples"] == 10
+        assert 0 < job.stats["model"]["trainable_parameters"]
+        # The job is no longer running when the paused run reports its throughput: the
+        # event is kept, the job's figures are only written while the run holds the job.
+        assert "throughput" not in job.stats and "sample" not in job.stats
+        reported = [e.data["kind"] for e in events(session, job) if (e.data or {}).get("kind")]
+        assert reported == ["tokens", "model", "throughput"]
         [checkpoint] = session.scalars(select(Checkpoint).where(Checkpoint.job_pk == job.pk))
         assert checkpoint.step_number == 3
         assert events(session, job)[-1].message == "Paused at step 3; checkpoint kept"
@@ -153,6 +161,8 @@ def test_a_paused_job_resumes_from_its_checkpoint(
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job.id))
         assert (job.status, job.attempt) == ("succeeded", 2)
+        assert set(job.stats) == {"tokens", "model", "throughput", "sample"}
+        assert job.stats["throughput"]["tokens"] < job.trained_tokens, "this attempt's share"
         timeline = events(session, job)
         resumed = next(
             i for i, e in enumerate(timeline) if e.message == "Resuming from checkpoint at step 3"
