@@ -58,12 +58,20 @@ def test_qlora_job_end_to_end(sdk: OpenAI, stack_env: dict[str, str], tmp_path: 
     assert job.trained_tokens > 0
     assert job.finished_at >= job.created_at
     assert len(job.result_files) == 2
+    # Lathe's figures ride along as extra fields the SDK keeps.
+    stats = job.to_dict()["stats"]
+    assert stats["tokens"]["train"]["examples"] > 0
+    assert stats["throughput"]["tokens_per_second"] > 0
+    assert stats["model"]["trainable_parameters"] > 0
+    assert stats["sample"]["source"] == "validation"
+    assert job.to_dict()["training"]["packing"] is True
 
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=100))
     metrics = [e.data for e in events if e.type == "metrics"]
     assert metrics, [e.message for e in events]
     assert {"step", "train_loss", "learning_rate"} <= set(metrics[0])
     assert any(m.get("valid_loss") is not None for m in metrics)
+    assert any(m.get("valid_mean_token_accuracy") is not None for m in metrics)
     assert events[0].message.startswith("The job has successfully completed")
 
     checkpoints = sdk.fine_tuning.jobs.checkpoints.list(job.id).data
