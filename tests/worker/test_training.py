@@ -503,3 +503,19 @@ def test_a_classification_job_trains_and_reports_accuracy(tiny_model: Path, tmp_
     with torch.no_grad():
         logits = tuned(**tokenizer(["yes kiwi", "no kiwi"], padding=True, return_tensors="pt"))
     assert logits.logits.shape == (2, 2)
+
+
+def test_padded_batches_count_the_same_real_tokens_as_packed_ones(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    def run(packing: bool):
+        spec = make_spec(tiny_model, tmp_path / str(packing), valid=False, n_epochs=2)
+        return run_training(
+            dataclasses.replace(spec, levers=Levers(packing=packing)), TrainingHooks()
+        )
+
+    packed, padded = run(True), run(False)
+
+    # Padding is not counted as trained tokens: both saw the same real tokens.
+    assert packed.trained_tokens == padded.trained_tokens
+    assert padded.metrics[-1]["train_loss"] < padded.metrics[0]["train_loss"]
