@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEVICE ?= cpu
 
-.PHONY: install demo test test-fast bench lint serve worker clean
+.PHONY: install demo test test-fast bench bench-service lint serve worker clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Lathe's trainer against the tutorial QLoRA recipe (bench/training.py); DEVICE=cuda on a
+# GPU host, with BENCH_ARGS='--model /path/to/model' for a real base model.
 bench: install
+	$(BIN)/python -m bench.training --device $(DEVICE) $(BENCH_ARGS)
+
+# The service's benchmarks (bench/run.py): demo job, API latency, upload, GPU pool.
+bench-service: install
 	$(BIN)/python -m bench.run --device $(DEVICE)
 
 lint: install

@@ -1,4 +1,4 @@
-"""Lathe's benchmarks: `make bench` (DEVICE=cuda on a GPU host). Figures go to docs/benchmarks.md.
+"""The service's benchmarks: `make bench-service` (DEVICE=cuda on a GPU host); docs/benchmarks.md.
 
 - demo_job: the demo's QLoRA job on tiny-random-llama, end to end through the embedded
   server (upload, queue, a worker process, training, adapter upload), and the training

@@ -9,7 +9,7 @@ import torch
 from transformers import ByT5Tokenizer
 
 from app.config import DEFAULT_CHAT_TEMPLATE
-from worker.training.data import IGNORE_INDEX, make_collator, tokenize_chat
+from worker.training.data import IGNORE_INDEX, make_collator, micro_batch_size, tokenize_chat
 from worker.training.model import add_lora, load_quantized_base
 from worker.training.spec import LoraSpec, QuantSpec
 from worker.training.tiny_model import ensure_tiny_random_llama
@@ -105,3 +105,19 @@ def test_without_position_ids_examples_would_leak(
     first = len(batch[0]["input_ids"])
     torch.testing.assert_close(isolated[0, :first], leaky[0, :first], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(isolated[0, first:], leaky[0, first:], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("batch", "mean", "budget", "micro"),
+    [
+        (8, 150, 1024, 4),  # 8 x 150 = 1200 > 1024: two micro-batches of 4
+        (8, 100, 1024, 8),  # fits whole
+        (8, 2000, 1024, 1),  # even one example is past the budget: one at a time
+        (6, 300, 1024, 3),  # divisors only: 3 x 300 fits, 6 does not
+        (7, 200, 1024, 1),  # 7 is prime and 7 x 200 > 1024
+    ],
+)
+def test_micro_batches_divide_the_batch_within_the_token_budget(
+    batch: int, mean: float, budget: int, micro: int
+) -> None:
+    assert micro_batch_size(batch, mean, budget) == micro

@@ -260,6 +260,18 @@ def _classification_example(
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": classes.index(label)}
 
 
+def micro_batch_size(batch_size: int, mean_tokens: float, budget_tokens: int) -> int:
+    """The largest divisor of batch_size whose packed row (micro examples of the mean
+    length) stays within budget_tokens; at least 1. Divisors only, so that micro-batches
+    times accumulation steps is exactly the batch."""
+    fitting = [
+        d
+        for d in range(1, batch_size + 1)
+        if batch_size % d == 0 and d * mean_tokens <= budget_tokens
+    ]
+    return max(fitting, default=1)
+
+
 def make_collator(
     tokenizer: PreTrainedTokenizerBase, *, packing: bool, classification: bool, flash: bool
 ):

@@ -30,6 +30,7 @@ from worker.training.data import (
     load_examples,
     load_tokenizer,
     make_collator,
+    micro_batch_size,
 )
 from worker.training.figures import (
     accuracy_metrics,
@@ -224,11 +225,21 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     compute_dtype = resolve_compute_dtype(spec.quant.compute_dtype, device)
     validating = valid is not None
     total_steps = math.ceil(len(train.examples) / spec.batch_size) * spec.n_epochs
+    # A packed row's attention is quadratic in its length (SDPA builds a block-diagonal mask
+    # over the whole row), so a batch is trained as micro-batches of about max_seq_length
+    # tokens with gradient accumulation: the same optimizer steps and loss (the Trainer
+    # normalises over the whole accumulated batch), bounded activation memory.
+    micro = micro_batch_size(
+        spec.batch_size, train.counts.tokens / train.counts.examples, spec.max_seq_length
+    )
+    if not packing:
+        micro = spec.batch_size
     args = TrainingArguments(
         output_dir=str(spec.output_dir / "trainer"),
         num_train_epochs=spec.n_epochs,
-        per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=spec.batch_size // micro,
+        per_device_eval_batch_size=micro,
         learning_rate=spec.learning_rate,
         seed=spec.seed,
         logging_strategy="steps",
