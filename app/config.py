@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     )
     # Requests a minute per API key (0: no limit); shared across API replicas via Redis.
     rate_limit_per_minute: int = 1200
+    # Webhooks: attempts per event before it is marked failed, the first retry's delay
+    # (then x3 each time, at most 6 h), and each POST's timeout.
+    webhook_max_attempts: int = 8
+    webhook_retry_base_seconds: float = 10.0
+    webhook_timeout_seconds: float = 10.0
+    # How often a job's event stream (GET .../events?stream=true) looks for new events.
+    event_stream_poll_seconds: float = 0.5
     # Largest upload accepted, in bytes.
     max_file_bytes: int = 8 * 1024**3
     # How often (seconds) the training loop re-reads the job to notice a cancel; and how

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import admin, files, health, jobs, models, pool
+from app.api import admin, files, health, jobs, models, pool, webhooks
 from app.api.error_handlers import install_error_handlers
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
@@ -45,6 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             per_minute=settings.rate_limit_per_minute,
             broker_url=settings.broker_url,
         )
-    for module in (health, files, jobs, models, pool, admin):
+    for module in (health, files, jobs, models, pool, admin, webhooks):
         app.include_router(module.router)
     return app

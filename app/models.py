@@ -239,3 +239,50 @@ class IdempotencyKey(Base):
     status: Mapped[str] = mapped_column(String(16))  # pending | done
     response: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Webhook(Base):
+    """A team's endpoint for job outcomes: Lathe POSTs signed events to `url`."""
+
+    __tablename__ = "webhooks"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    team_pk: Mapped[int] = mapped_column(ForeignKey("teams.pk", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    # Standard Webhooks signing secret, "whsec_" + base64 of 32 random bytes. Shown once.
+    secret: Mapped[str] = mapped_column(String(128))
+    event_types: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: written in the transaction that finished the job (an
+    outbox), then POSTed, retried with backoff until the endpoint answers 2xx."""
+
+    __tablename__ = "webhook_deliveries"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)  # the event id, webhook-id
+    webhook_pk: Mapped[int] = mapped_column(
+        ForeignKey("webhooks.pk", ondelete="CASCADE"), index=True
+    )
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due (a claim pushes it out, so one sender has it at a time).
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    delivered_at: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+    )

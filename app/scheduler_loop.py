@@ -1,4 +1,7 @@
-"""The scheduler as a long-running loop: a thread in the API process, or `lathe scheduler`."""
+"""The scheduler as a long-running loop: a thread in the API process, or `lathe scheduler`.
+
+Beside it, a second thread sends webhook deliveries, so a slow receiver never holds up
+scheduling."""
 
 from __future__ import annotations
 
@@ -6,11 +9,14 @@ import logging
 import threading
 import time
 
+import httpx
+
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.queue import make_celery
 from app.services.files import sweep_orphans
 from app.services.scheduler import schedule_once
+from app.services.webhooks import deliver_due
 from app.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -24,6 +30,13 @@ def run_forever(settings: Settings, stop: threading.Event | None = None) -> None
     celery = make_celery(settings)
     store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     last_sweep = 0.0
+    webhooks = threading.Thread(
+        target=deliver_webhooks_forever,
+        args=(settings, sessions, stop),
+        name="lathe-webhooks",
+        daemon=True,
+    )
+    webhooks.start()
     try:
         while not stop.is_set():
             try:
@@ -41,7 +54,22 @@ def run_forever(settings: Settings, stop: threading.Event | None = None) -> None
                     log.exception("sweep failed; retrying later")
             stop.wait(settings.scheduler_interval_seconds)
     finally:
+        stop.set()
+        webhooks.join(timeout=settings.webhook_timeout_seconds + 5)
         engine.dispose()
+
+
+def deliver_webhooks_forever(settings: Settings, sessions, stop: threading.Event) -> None:
+    """Send due webhook deliveries until `stop`; idle, look again every second."""
+    with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
+        while not stop.is_set():
+            sent = 0
+            try:
+                sent = deliver_due(sessions, client, settings)
+            except Exception:  # the database may be briefly away
+                log.exception("webhook delivery pass failed; retrying")
+            if not sent:
+                stop.wait(1.0)
 
 
 class SchedulerThread:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
+from app.api.event_stream import event_cursor, stream_events
 from app.schemas import JobCreate, checkpoint_object, event_object, job_object, list_envelope
 from app.services import jobs
 from app.services.idempotency import fingerprint, idempotent
@@ -67,10 +68,37 @@ def resume_job(job_id: str, team: TeamDep, session: SessionDep, settings: Settin
     return job_object(jobs.resume_job(session, settings, team, job_id), team.id)
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_model=None,
+    responses={
+        200: {
+            "content": {
+                "application/json": {},
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "description": "With stream=true: server-sent events (see docs/api.md)",
+                },
+            }
+        }
+    },
+)
 def list_events(
-    job_id: str, team: TeamDep, session: SessionDep, limit: Limit = 20, after: str | None = None
-) -> dict:
+    job_id: str,
+    team: TeamDep,
+    session: SessionDep,
+    request: Request,
+    limit: Limit = 20,
+    after: str | None = None,
+    stream: bool = False,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response | dict:
+    if stream:
+        # Oldest first from `after` (or the Last-Event-ID a reconnecting client sends),
+        # then live until the job ends.
+        job = jobs.get_job(session, team, job_id)
+        cursor = event_cursor(session, job, last_event_id or after)
+        return stream_events(request, request.app.state.sessionmaker, team, job, cursor)
     rows, has_more = jobs.list_events(session, team, job_id, limit, after)
     return list_envelope([event_object(e) for e in rows], has_more)
 

@@ -30,6 +30,7 @@ from app.services.events import add_event
 from app.services.pagination import newest_first_page
 from app.services.pool import pool_classes, team_quotas
 from app.services.usage import month_gpu_seconds
+from app.services.webhooks import enqueue_job_outcome
 
 
 def transition(
@@ -57,6 +58,7 @@ def transition(
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
     add_event(session, job.pk, message, level=level, data=data)
+    enqueue_job_outcome(session, job, target)  # webhooks, in this same transaction
     return True
 
 

@@ -1,0 +1,232 @@
+"""Webhooks: a team's endpoints, the outbox of events for them, and signed delivery.
+
+Signatures follow Standard Webhooks, as OpenAI's own webhooks do, so the openai SDK's
+`client.webhooks.unwrap(body, headers, secret=...)` verifies Lathe's deliveries:
+`webhook-id` (the event id), `webhook-timestamp` (Unix seconds) and `webhook-signature`
+(`v1,` + base64 HMAC-SHA256 over `{id}.{timestamp}.{body}`, keyed with the base64-decoded
+part of the `whsec_...` secret).
+
+An event is written in the same transaction that finishes the job (an outbox), so a job
+never finishes without its deliveries, nor are deliveries sent for a change rolled back.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.domain.ids import new_id
+from app.domain.jobs import JobStatus
+from app.errors import BadRequest, NotFound
+from app.models import Job, Team, Webhook, WebhookDelivery, now
+
+EVENT_TYPES = {
+    JobStatus.SUCCEEDED: "fine_tuning.job.succeeded",
+    JobStatus.FAILED: "fine_tuning.job.failed",
+    JobStatus.CANCELLED: "fine_tuning.job.cancelled",
+}
+MAX_WEBHOOKS_PER_TEAM = 20
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value for `body`."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{event_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def create_webhook(session: Session, team: Team, url: str, event_types: list[str]) -> Webhook:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(
+            f"url {url!r} is not an http(s) URL with a host", code="invalid_url", param="url"
+        )
+    unknown = sorted(set(event_types) - set(EVENT_TYPES.values()))
+    if unknown:
+        raise BadRequest(
+            f"unknown event types {unknown}; known: {sorted(EVENT_TYPES.values())}",
+            code="invalid_value",
+            param="event_types",
+        )
+    count = len(session.scalars(select(Webhook.pk).where(Webhook.team_pk == team.pk)).all())
+    if count >= MAX_WEBHOOKS_PER_TEAM:
+        raise BadRequest(
+            f"a team has at most {MAX_WEBHOOKS_PER_TEAM} webhooks; delete one first",
+            code="too_many_webhooks",
+        )
+    webhook = Webhook(
+        id=new_id("wh"),
+        team_pk=team.pk,
+        url=url,
+        secret=new_secret(),
+        event_types=sorted(set(event_types or EVENT_TYPES.values())),
+    )
+    session.add(webhook)
+    session.commit()
+    return webhook
+
+
+def get_webhook(session: Session, team: Team, webhook_id: str) -> Webhook:
+    webhook = session.scalar(
+        select(Webhook).where(Webhook.id == webhook_id, Webhook.team_pk == team.pk)
+    )
+    if webhook is None:
+        raise NotFound(f"no webhook {webhook_id!r}", code="webhook_not_found", param="webhook_id")
+    return webhook
+
+
+def list_webhooks(session: Session, team: Team) -> list[Webhook]:
+    return list(
+        session.scalars(select(Webhook).where(Webhook.team_pk == team.pk).order_by(Webhook.pk))
+    )
+
+
+def delete_webhook(session: Session, team: Team, webhook_id: str) -> None:
+    session.delete(get_webhook(session, team, webhook_id))  # pending deliveries go with it
+    session.commit()
+
+
+def list_deliveries(session: Session, team: Team, webhook_id: str, limit: int) -> list:
+    webhook = get_webhook(session, team, webhook_id)
+    return list(
+        session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.webhook_pk == webhook.pk)
+            .order_by(WebhookDelivery.pk.desc())
+            .limit(limit)
+        )
+    )
+
+
+def enqueue_job_outcome(session: Session, job: Job, status: JobStatus) -> None:
+    """Outbox rows for every webhook of the job's team that wants this outcome. No commit:
+    called inside the transition that finished the job."""
+    event_type = EVENT_TYPES.get(status)
+    if event_type is None:
+        return
+    hooks = session.scalars(select(Webhook).where(Webhook.team_pk == job.team_pk)).all()
+    for webhook in hooks:
+        if event_type not in webhook.event_types:
+            continue
+        event_id = new_id("evt")
+        session.add(
+            WebhookDelivery(
+                id=event_id,
+                webhook_pk=webhook.pk,
+                event_type=event_type,
+                payload={
+                    "id": event_id,
+                    "object": "event",
+                    "created_at": now(),
+                    "type": event_type,
+                    "data": {
+                        "id": job.id,
+                        "status": status.value,
+                        "fine_tuned_model": job.fine_tuned_model,
+                        "error": job.error,
+                    },
+                },
+                status="pending",
+                attempts=0,
+                next_attempt_at=time.time(),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Due:
+    delivery_id: str
+    url: str
+    secret: str
+    payload: dict
+    attempts: int
+
+
+def claim_due(session: Session, limit: int, lease_seconds: float) -> list[Due]:
+    """Pending deliveries whose time has come, pushed `lease_seconds` out so no other
+    sender (another API replica) takes them while this one posts."""
+    current = time.time()
+    rows = session.execute(
+        select(WebhookDelivery, Webhook.url, Webhook.secret)
+        .join(Webhook, Webhook.pk == WebhookDelivery.webhook_pk)
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= current)
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=WebhookDelivery)
+    ).all()
+    due = []
+    for delivery, url, secret in rows:
+        delivery.next_attempt_at = current + lease_seconds
+        due.append(Due(delivery.id, url, secret, delivery.payload, delivery.attempts))
+    session.commit()
+    return due
+
+
+def retry_delay(attempts: int, base_seconds: float) -> float:
+    """Backoff after the n-th failed attempt: base, 3 x base, 9 x base, ... at most 6 h."""
+    return min(base_seconds * 3 ** (attempts - 1), 6 * 3600.0)
+
+
+def post(client: httpx.Client, due: Due) -> tuple[int | None, str | None]:
+    """POST one event; (status code, error) — a 2xx status code means delivered."""
+    body = json.dumps(due.payload, separators=(",", ":")).encode()
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Lathe-Webhooks/1",
+        "webhook-id": due.delivery_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(due.secret, due.delivery_id, timestamp, body),
+    }
+    try:
+        response = client.post(due.url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:500]
+    if 200 <= response.status_code < 300:
+        return response.status_code, None
+    return response.status_code, f"HTTP {response.status_code}"
+
+
+def record_attempt(
+    session: Session, due: Due, code: int | None, error: str | None, settings: Settings
+) -> None:
+    attempts = due.attempts + 1
+    values: dict = {"attempts": attempts, "last_status_code": code, "last_error": error}
+    if error is None:
+        values.update(status="delivered", delivered_at=now())
+    elif attempts >= settings.webhook_max_attempts:
+        values["status"] = "failed"
+    else:
+        values["next_attempt_at"] = time.time() + retry_delay(
+            attempts, settings.webhook_retry_base_seconds
+        )
+    session.execute(
+        update(WebhookDelivery).where(WebhookDelivery.id == due.delivery_id).values(**values)
+    )
+    session.commit()
+
+
+def deliver_due(sessions: sessionmaker[Session], client: httpx.Client, settings: Settings) -> int:
+    """Send what is due now; the number of attempts made."""
+    with sessions() as session:
+        due = claim_due(session, limit=20, lease_seconds=settings.webhook_timeout_seconds * 3)
+    for item in due:
+        code, error = post(client, item)
+        with sessions() as session:
+            record_attempt(session, item, code, error, settings)
+    return len(due)
