@@ -19,6 +19,16 @@ router = APIRouter(
 )
 log = logging.getLogger(__name__)
 Limit = Annotated[int, Query(ge=1, le=100)]
+# A server-sent event's fields (the schema of each message in a text/event-stream body).
+SSE_MESSAGE = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string", "enum": ["fine_tuning.job.event", "end"]},
+        "id": {"type": "string"},
+        "data": {"type": "string", "description": "An event object, or the job at `end`"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
 
 
 @router.post("", responses=error_responses(409, 422))
@@ -75,10 +85,8 @@ def resume_job(job_id: str, team: TeamDep, session: SessionDep, settings: Settin
         200: {
             "content": {
                 "application/json": {},
-                "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "description": "With stream=true: server-sent events (see docs/api.md)",
-                },
+                # With stream=true: one message per event, then `end` (docs/api.md).
+                "text/event-stream": {"schema": SSE_MESSAGE},
             }
         }
     },
