@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -142,6 +143,15 @@ class Settings(BaseSettings):
     # Used for estimated start times until the pool has finished jobs to learn from.
     typical_job_seconds: float = 600.0
     default_quotas: QuotaDefaults = Field(default_factory=QuotaDefaults)
+
+    # --- Monitoring (docs/operations.md#monitoring) ---
+    # Log lines of `lathe serve`, `lathe worker`, `lathe scheduler` and job processes:
+    # "text" for a terminal, or "json" (one object a line, with request_id, team_id,
+    # job_id and worker where known) for a log pipeline; docker-compose.yml sets "json".
+    log_format: Literal["text", "json"] = "text"
+    # Unset: GET /metrics is open (keep it off the public network). Set: it requires
+    # `Authorization: Bearer <metrics_token>`, as Prometheus' `authorization` sends it.
+    metrics_token: str | None = None
 
     @property
     def resolved_database_url(self) -> str:

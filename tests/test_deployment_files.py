@@ -3,6 +3,7 @@ consistency with the code is checked by reading them."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -64,3 +65,31 @@ def test_the_api_process_never_imports_torch(tmp_path: Path) -> None:
         cwd=ROOT,
         env={"LATHE_HOME": str(tmp_path), "PATH": ""},
     )
+
+
+def test_compose_runs_flower_on_the_broker_and_json_logs() -> None:
+    services = compose()["services"]
+    flower = services["flower"]
+    image, _, tag = flower["image"].partition(":")
+    assert image == "mher/flower" and tag and tag != "latest"  # pinned
+    broker = services["api"]["environment"]["LATHE_BROKER_URL"]
+    assert f"--broker={broker}" in flower["command"]  # the queues the workers consume
+    assert "flower" in flower["command"] and "--port=5555" in flower["command"]
+    assert "5555:5555" in flower["ports"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH")
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in ("api", "worker", "migrate"):
+        assert services[name]["environment"]["LATHE_LOG_FORMAT"] == "json"
+
+
+def test_prometheus_scrapes_the_api_metrics() -> None:
+    prometheus = compose()["services"]["prometheus"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["api:8000"]
+    # The dashboard's structure (its metric names are checked against a live /metrics in
+    # tests/api/test_metrics.py).
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "lathe-dashboard.json").read_text())
+    assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])

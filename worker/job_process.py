@@ -7,17 +7,30 @@ from __future__ import annotations
 import logging
 import sys
 
+from sqlalchemy import select
+
 from app.config import get_settings
 from app.db import make_engine, make_sessionmaker
-from worker.job_runner import train_or_fail
+from app.logs import configure_logging, set_process_fields
+from app.models import Job, Team
+from worker.job_runner import train_or_fail, worker_id
+
+TEXT_FORMAT = "[%(asctime)s: %(levelname)s/job] %(message)s"  # LATHE_LOG_FORMAT=text
 
 
 def main(job_id: str, attempt: int | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/job] %(message)s")
     settings = get_settings()
+    configure_logging(settings.log_format, text_format=TEXT_FORMAT)
     engine = make_engine(settings.resolved_database_url)
+    sessions = make_sessionmaker(engine)
     try:
-        outcome = train_or_fail(job_id, settings, make_sessionmaker(engine), attempt)
+        # The process trains one job: all its log lines carry the job, team and worker.
+        with sessions() as session:
+            team_id = session.scalar(
+                select(Team.id).join(Job, Job.team_pk == Team.pk).where(Job.id == job_id)
+            )
+        set_process_fields(job_id=job_id, team_id=team_id, worker=worker_id())
+        outcome = train_or_fail(job_id, settings, sessions, attempt)
     finally:
         engine.dispose()
     logging.info("job %s: %s", job_id, outcome)

@@ -29,6 +29,7 @@ from app.config import Settings, get_settings
 from app.db import RETRYABLE, make_engine, make_sessionmaker, retry_db
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
+from app.logs import bind, log_context
 from app.models import Checkpoint, File, Job, JobEvent, Worker, now
 from app.services.events import add_event
 from app.services.jobs import transition
@@ -83,7 +84,12 @@ def run_job(
     stays warm for the next job, and a training process that dies (OOM kill, segfault)
     fails the job with its exit status instead of leaving it running.
     """
-    settings = settings or get_settings()
+    # Every log line of the run carries the job, its team and the worker (app/logs.py).
+    with log_context(job_id=job_id, worker=worker_id()):
+        return _run_job(job_id, settings or get_settings(), token, isolate)
+
+
+def _run_job(job_id: str, settings: Settings, token: int | None, isolate: bool) -> str:
     engine = make_engine(settings.resolved_database_url)
     sessions = make_sessionmaker(engine)
     me = worker_id()
@@ -92,6 +98,7 @@ def run_job(
             job = session.scalar(select(Job).where(Job.id == job_id))
             if job is None:
                 return "missing"
+            bind(team_id=job.team.id)
             fence = () if token is None else (Job.dispatch_token == token,)
             attempt = job.attempt + 1
             claimed = transition(

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Forbidden, Unauthorized
+from app.logs import bind
 from app.models import AdminKey, Team
 from app.services.admin import admin_for_key
 from app.services.idempotency import KEY_PATTERN
@@ -76,6 +77,7 @@ def current_team(request: Request, session: SessionDep, _bearer: TeamBearer) -> 
     team = team_for_key(session, key.strip())
     if team is None:
         raise Unauthorized("invalid or revoked API key", code="invalid_api_key")
+    bind(team_id=team.id)  # on this request's log lines from here on (app/logs.py)
     if team.disabled:
         raise Forbidden(f"team {team.name} is disabled; ask an administrator", code="team_disabled")
     return team
