@@ -11,10 +11,13 @@ from app.api import admin, files, health, jobs, models, pool, webhooks
 from app.api.error_handlers import install_error_handlers
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
+from app.logs import RequestContextMiddleware
+from app.metrics import install_metrics
 from app.queue import make_celery
 from app.ratelimit import RateLimitMiddleware
 from app.scheduler_loop import SchedulerThread
 from app.storage import open_store
+from app.web import router as dashboard
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,6 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             per_minute=settings.rate_limit_per_minute,
             broker_url=settings.broker_url,
         )
+    install_metrics(app)  # GET /metrics and HTTP latency, outside the rate limit (app/metrics.py)
+    app.add_middleware(RequestContextMiddleware)  # log ids and the access log (app/logs.py)
     for module in (health, files, jobs, models, pool, admin, webhooks):
         app.include_router(module.router)
+    app.include_router(dashboard)  # the web dashboard at / (app/web, docs/dashboard.md)
     return app

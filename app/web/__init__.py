@@ -1,0 +1,10 @@
+"""The web dashboard served at `/`: sign in with a team API key, see the team's jobs (loss
+chart, events, checkpoints, queue place), cancel one, download its adapter; the pool and
+the team's usage. Server-rendered Jinja2 templates, one stylesheet, no JavaScript.
+
+`app.web.router` is included by app.main.create_app; see docs/dashboard.md.
+"""
+
+from app.web.views import router
+
+__all__ = ["router"]

@@ -1,0 +1,83 @@
+"""Dashboard sign-in: a team API key, kept in an HttpOnly, SameSite=Strict cookie.
+
+The cookie holds the key itself and every page checks it the way the API checks a Bearer
+header (app.services.teams.team_for_key: the SHA-256 digest looked up, compared in
+constant time, revoked keys refused; a disabled team is refused too). So there is no
+server-side session to store or expire, a revoked key or a disabled team ends the session
+on the next page, and API replicas need no shared secret. See docs/dashboard.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+
+from fastapi import Request, Response
+from sqlalchemy.orm import Session
+
+from app.models import Team
+from app.services.teams import team_for_key
+
+COOKIE = "lathe_dashboard"
+COOKIE_MAX_AGE = 12 * 3600  # the browser forgets the key after 12 h (or on logout)
+MAX_KEY_CHARS = 200
+_NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9_\-./?=&%]*$")
+
+
+def cookie_key(request: Request) -> str | None:
+    key = (request.cookies.get(COOKIE) or "").strip()
+    return key if 0 < len(key) <= MAX_KEY_CHARS else None
+
+
+def signed_in_team(request: Request, session: Session) -> Team | None:
+    """The team whose key the cookie holds, or None (no cookie, unknown or revoked key,
+    disabled team)."""
+    key = cookie_key(request)
+    if key is None:
+        return None
+    team = team_for_key(session, key)
+    if team is None or team.disabled:
+        return None
+    return team
+
+
+def set_session_cookie(request: Request, response: Response, key: str) -> None:
+    response.set_cookie(
+        COOKIE,
+        key,
+        max_age=COOKIE_MAX_AGE,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+def clear_session_cookie(request: Request, response: Response) -> None:
+    response.delete_cookie(
+        COOKIE,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+def csrf_token(key: str) -> str:
+    """A token for the dashboard's POST forms: an HMAC of a constant under the session's
+    key. A page of the dashboard can show it; another site can neither read nor forge it
+    (and SameSite=Strict already keeps the cookie off cross-site requests)."""
+    return hmac.new(key.encode(), b"lathe-dashboard-csrf", hashlib.sha256).hexdigest()[:40]
+
+
+def csrf_ok(request: Request, submitted: str) -> bool:
+    key = cookie_key(request)
+    return key is not None and hmac.compare_digest(csrf_token(key), submitted or "")
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after signing in: a path of this site only (never `//host` or a URL)."""
+    if target and len(target) <= 500 and _NEXT.match(target) and not target.startswith("/login"):
+        return target
+    return "/jobs"

@@ -1,0 +1,389 @@
+"""The web dashboard (app/web) in-process on Postgres, Redis and S3: sign-in and its cookie,
+pages refused without it, team scoping, escaping, the loss chart, cancel with its CSRF
+token, the adapter download, and nothing of it in the OpenAPI document.
+
+The browser is a TestClient of its own per test (the shared `api` client must not carry a
+dashboard cookie into other tests); the end-to-end run in Chromium is
+tests/e2e/test_dashboard.py."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from app.db import make_engine, make_sessionmaker
+from app.models import File, Job, Team, Worker
+from app.services.events import add_event
+from app.services.teams import create_team
+from app.storage import file_key
+from app.web.auth import COOKIE
+from app.web.chart import loss_chart, nice_ticks
+from tests.api.conftest import TeamClient
+from tests.api.datasets import CHAT
+
+MODEL = "tiny-random-llama"
+
+
+@pytest.fixture
+def sessions(api_env):
+    engine = make_engine(api_env["LATHE_DATABASE_URL"])
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def browser_for(api: TestClient, base_url: str = "http://testserver") -> TestClient:
+    """A fresh cookie jar on the same app (no lifespan: the app's state is already set)."""
+    return TestClient(api.app, base_url=base_url, follow_redirects=False)
+
+
+def signed_in(api: TestClient, key: str) -> TestClient:
+    browser = browser_for(api)
+    resp = browser.post("/login", data={"key": key})
+    assert resp.status_code == 303, resp.text
+    return browser
+
+
+@pytest.fixture
+def browser(api, team) -> Iterator[TestClient]:
+    with signed_in(api, team.key) as client:
+        yield client
+
+
+def create_job(team: TeamClient, **body) -> dict:
+    train = team.upload(CHAT).json()["id"]
+    resp = team.post("/v1/fine_tuning/jobs", json={"model": MODEL, "training_file": train, **body})
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+    assert found, "no CSRF token on the page"
+    return found.group(1)
+
+
+# --- sign-in and the cookie ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/jobs", "/jobs/ftjob-x", "/pool", "/usage", "/jobs/ftjob-x/results/a.tar.gz"]
+)
+def test_pages_need_the_cookie(api, path) -> None:
+    resp = browser_for(api).get(path)
+    assert resp.status_code == 303
+    assert resp.headers["location"].startswith("/login")
+
+
+def test_a_page_sends_you_back_to_it_after_login(api, team) -> None:
+    browser = browser_for(api)
+    resp = browser.get("/jobs?after=")
+    assert resp.headers["location"] == "/login?next=/jobs%3Fafter%3D"
+    page = browser.get(resp.headers["location"])
+    assert page.status_code == 200
+    assert 'name="next" value="/jobs?after="' in page.text
+    login = browser.post("/login", data={"key": team.key, "next": "/pool"})
+    assert (login.status_code, login.headers["location"]) == (303, "/pool")
+
+
+def test_login_with_a_good_key_sets_an_httponly_strict_cookie(api, team) -> None:
+    browser = browser_for(api)
+    resp = browser.post("/login", data={"key": f"  {team.key}\n"})
+    assert (resp.status_code, resp.headers["location"]) == (303, "/jobs")
+    cookie = resp.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=strict" in cookie
+    assert "Path=/" in cookie
+    assert "Secure" not in cookie  # plain http: a Secure cookie would never come back
+    page = browser.get("/jobs")
+    assert page.status_code == 200
+    assert "Fine-tuning jobs" in page.text
+    # Signed in, the login page and / go to the jobs.
+    assert browser.get("/login").headers["location"] == "/jobs"
+    assert browser.get("/").headers["location"] == "/jobs"
+
+
+def test_the_cookie_is_secure_over_https(api, team) -> None:
+    resp = browser_for(api, "https://testserver").post("/login", data={"key": team.key})
+    assert resp.status_code == 303
+    assert "Secure" in resp.headers["set-cookie"]
+
+
+@pytest.mark.parametrize(
+    "key, status, message",
+    [
+        ("lathe-not-a-key", 401, "Invalid or revoked API key."),
+        ("", 400, "Paste your team"),
+        ("x" * 5000, 401, "Invalid or revoked API key."),
+    ],
+)
+def test_a_bad_key_shows_an_error_and_sets_no_cookie(api, key, status, message) -> None:
+    browser = browser_for(api)
+    resp = browser.post("/login", data={"key": key})
+    assert resp.status_code == status
+    assert message in resp.text
+    assert "set-cookie" not in resp.headers
+    assert browser.get("/jobs").status_code == 303
+
+
+def test_an_admin_key_is_refused_with_a_hint(api, sessions) -> None:
+    from app.services.admin import create_admin_key
+
+    with sessions() as session:
+        _, key = create_admin_key(session, f"ops-{uuid.uuid4().hex[:6]}")
+    resp = browser_for(api).post("/login", data={"key": key})
+    assert resp.status_code == 401
+    assert "admin key" in resp.text
+
+
+def test_a_cookie_with_a_bad_or_revoked_key_is_no_session(api, team, sessions) -> None:
+    browser = browser_for(api)
+    browser.cookies.set(COOKIE, "lathe-forged")
+    assert browser.get("/jobs").status_code == 303
+    browser = signed_in(api, team.key)
+    assert browser.get("/jobs").status_code == 200
+    with sessions() as session:  # an administrator disables the team
+        session.execute(update(Team).where(Team.id == team.id).values(disabled=True))
+        session.commit()
+    assert browser.get("/jobs").status_code == 303
+    resp = browser_for(api).post("/login", data={"key": team.key})
+    assert resp.status_code == 403
+    assert "disabled" in resp.text
+
+
+@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil"])
+def test_next_never_leaves_the_site(api, team, target) -> None:
+    resp = browser_for(api).post("/login", data={"key": team.key, "next": target})
+    assert resp.headers["location"] == "/jobs"
+
+
+def test_logout_needs_the_token_and_clears_the_cookie(browser) -> None:
+    refused = browser.post("/logout", data={"csrf": "0" * 40})
+    assert refused.headers["location"] == "/jobs?notice=bad_csrf"
+    assert browser.get("/jobs").status_code == 200
+    token = csrf_of(browser.get("/jobs").text)
+    resp = browser.post("/logout", data={"csrf": token})
+    assert resp.headers["location"] == "/login"
+    assert f'{COOKIE}=""' in resp.headers["set-cookie"] or "Max-Age=0" in resp.headers["set-cookie"]
+    assert browser.get("/jobs").status_code == 303
+
+
+# --- pages -------------------------------------------------------------------------------
+
+
+def test_the_jobs_list_and_a_queued_jobs_page(browser, team) -> None:
+    job = create_job(team, suffix="dash")
+    listing = browser.get("/jobs")
+    assert listing.status_code == 200
+    row = re.search(rf'<tr data-job="{job["id"]}">(.*?)</tr>', listing.text, re.S)
+    assert row, listing.text
+    assert 'class="status queued">queued<' in row.group(1)
+    page = browser.get(f"/jobs/{job['id']}")
+    assert page.status_code == 200
+    assert "Place in line" in page.text
+    assert 'id="cancel-job"' in page.text
+    assert 'id="download-adapter"' not in page.text
+    assert 'http-equiv="refresh"' in page.text  # a waiting job's page reloads itself
+    assert "No loss logged yet." in page.text
+    assert "Validating training file" in page.text  # the events
+    # Security headers: no script may run, the page is never cached or framed.
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src" not in csp
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "DENY"
+
+
+def test_another_teams_job_is_404(browser, team, other_team, api) -> None:
+    job = create_job(other_team)
+    assert browser.get(f"/jobs/{job['id']}").status_code == 404
+    assert browser.get(f"/jobs/{job['id']}/results/adapter.tar.gz").status_code == 404
+    token = csrf_of(browser.get("/jobs").text)
+    resp = browser.post(f"/jobs/{job['id']}/cancel", data={"csrf": token})
+    assert resp.status_code == 404
+    assert other_team.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
+    assert job["id"] not in browser.get("/jobs").text
+    assert browser.get("/jobs/no%00such").status_code == 404
+
+
+def test_html_is_escaped(api, team, sessions) -> None:
+    evil = "<script>alert(1)</script>"
+    job = create_job(team, metadata={"note": evil})
+    with sessions() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(
+                suffix=evil,
+                stats={"sample": {"prompt": evil, "expected": "x", "completion": evil}},
+                error={"message": evil, "code": "x"},
+            )
+        )
+        name = f'<img src=x onerror="alert(1)">-{uuid.uuid4().hex[:6]}'
+        _, key = create_team(session, name)
+        session.commit()
+    page = signed_in(api, team.key).get(f"/jobs/{job['id']}")
+    assert page.status_code == 200
+    assert "<script>" not in page.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    other = signed_in(api, key).get("/jobs")
+    assert "<img src=x" not in other.text
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in other.text
+
+
+def test_the_loss_chart_draws_train_and_validation(browser, team, sessions) -> None:
+    job = create_job(team)
+    with sessions() as session:
+        pk = session.scalar(select(Job.pk).where(Job.id == job["id"]))
+        for step in range(1, 21):
+            data = {"step": step, "total_steps": 20, "train_loss": 3 / step, "epoch": step / 10}
+            if step % 5 == 0:
+                data |= {"valid_loss": 3.5 / step, "valid_mean_token_accuracy": 0.5}
+            add_event(session, pk, f"Step {step}", type="metrics", data=data)
+        session.commit()
+    page = browser.get(f"/jobs/{job['id']}").text
+    assert '<svg id="loss-chart"' in page
+    series = dict(re.findall(r'data-series="(\w+)" points="([^"]*)"', page))
+    assert set(series) == {"train", "valid"}
+    train = [tuple(map(float, p.split(","))) for p in series["train"].split()]
+    valid = [tuple(map(float, p.split(","))) for p in series["valid"].split()]
+    assert (len(train), len(valid)) == (20, 4)
+    assert train[0][0] < train[-1][0] and train[0][1] < train[-1][1]  # right and down
+    assert page.count('class="dot valid"') == 4
+    assert ">train loss<" in page and ">validation loss<" in page  # the legend
+    assert ">step<" in page and ">loss<" in page  # axis labels
+    assert "validation token accuracy 50.0%" in page
+
+
+def test_cancel_needs_the_csrf_token(browser, team) -> None:
+    job = create_job(team)
+    refused = browser.post(f"/jobs/{job['id']}/cancel", data={"csrf": "nope"})
+    assert refused.headers["location"] == f"/jobs/{job['id']}?notice=bad_csrf"
+    assert team.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
+    token = csrf_of(browser.get(f"/jobs/{job['id']}").text)
+    done = browser.post(f"/jobs/{job['id']}/cancel", data={"csrf": token})
+    assert done.headers["location"] == f"/jobs/{job['id']}?notice=cancelled"
+    assert team.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "cancelled"
+    page = browser.get(done.headers["location"]).text
+    assert "The job was cancelled." in page and 'id="cancel-job"' not in page
+    again = browser.post(f"/jobs/{job['id']}/cancel", data={"csrf": token})
+    assert again.headers["location"].endswith("notice=not_cancellable")
+
+
+def test_download_streams_the_adapter_from_object_storage(
+    api, browser, team, other_team, sessions
+) -> None:
+    job = create_job(team)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        body = b'{"r": 8}'
+        info = tarfile.TarInfo("adapter_config.json")
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    data = archive.getvalue()
+    file_id = f"file-{uuid.uuid4().hex[:24]}"
+    api.app.state.store.put(file_key(team.id, file_id), io.BytesIO(data))
+    with sessions() as session:
+        team_pk = session.scalar(select(Team.pk).where(Team.id == team.id))
+        session.add(
+            File(
+                id=file_id,
+                team_pk=team_pk,
+                filename="adapter.tar.gz",
+                purpose="fine-tune-results",
+                bytes=len(data),
+                sha256="0" * 64,
+                storage_key=file_key(team.id, file_id),
+            )
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(status="succeeded", result_files=[file_id], finished_at=int(time.time()))
+        )
+        session.commit()
+    page = browser.get(f"/jobs/{job['id']}").text
+    assert 'id="download-adapter"' in page and 'id="cancel-job"' not in page
+    assert 'http-equiv="refresh"' not in page  # a finished job's page stays put
+    resp = browser.get(f"/jobs/{job['id']}/results/adapter.tar.gz")
+    assert resp.status_code == 200
+    assert resp.content == data
+    assert resp.headers["content-type"] == "application/gzip"
+    assert resp.headers["content-disposition"].startswith('attachment; filename="adapter.tar.gz"')
+    assert browser.get(f"/jobs/{job['id']}/results/metrics.csv").status_code == 404
+    with signed_in(api, other_team.key) as other:
+        assert other.get(f"/jobs/{job['id']}/results/adapter.tar.gz").status_code == 404
+
+
+def test_pool_and_usage_pages(browser, team, sessions) -> None:
+    worker_id = f"w-{uuid.uuid4().hex[:8]}@dash"
+    with sessions() as session:  # stopped: listed, but never a live slot for other tests
+        session.add(
+            Worker(
+                id=worker_id,
+                host="dash-host",
+                gpu_name="test",
+                gpu_class=f"d{uuid.uuid4().hex[:6]}",
+                memory_gb=24.0,
+                status="stopped",
+                jobs_done=3,
+                last_seen=time.time(),
+            )
+        )
+        session.commit()
+    pool = browser.get("/pool")
+    assert pool.status_code == 200
+    assert f'data-worker="{worker_id}"' in pool.text
+    assert "Queue by GPU class" in pool.text
+    usage = browser.get("/usage")
+    assert usage.status_code == 200 and 'id="gpu-hours"' in usage.text
+    assert "2026-05" in browser.get("/usage?period=2026-05").text
+    bad = browser.get("/usage?period=2026-13")
+    assert bad.status_code == 200 and "not a month" in bad.text
+    assert "YYYY-MM" in browser.get("/usage?period=%3Cscript%3E").text
+
+
+def test_the_dashboard_is_not_in_the_openapi_document(api) -> None:
+    paths = api.app.openapi()["paths"]
+    assert all(p.startswith("/v1/") or p in ("/healthz", "/readyz") for p in paths), paths
+    assert browser_for(api).get("/static/dashboard.css").status_code == 200
+
+
+# --- the chart's arithmetic --------------------------------------------------------------
+
+
+def test_chart_keeps_a_repeated_steps_latest_row_and_skips_non_finite_losses() -> None:
+    chart = loss_chart(
+        [
+            {"step": 1, "train_loss": 2.0},
+            {"step": 2, "train_loss": 9.0},
+            {"step": 2, "train_loss": 1.5, "valid_loss": 1.7},  # a resumed run logs it again
+            {"step": 3, "train_loss": math.nan},
+            {"step": 4, "train_loss": 1.0, "valid_loss": math.inf},
+            {"step": True, "train_loss": 5.0},
+            "not a row",  # type: ignore[list-item]
+        ]
+    )
+    assert chart is not None
+    train, valid = chart.series
+    assert train.values == [(1, 2.0), (2, 1.5), (4, 1.0)]
+    assert valid.values == [(2, 1.7)]
+    assert all(chart.left <= x <= chart.right_edge for x, _ in train.points)
+    assert all(chart.top <= y <= chart.bottom_edge for _, y in train.points)
+
+
+def test_chart_of_nothing_is_none_and_of_one_point_is_drawn() -> None:
+    assert loss_chart([]) is None
+    assert loss_chart([{"step": 1, "learning_rate": 0.1}]) is None
+    one = loss_chart([{"step": 7, "train_loss": 0.0}])
+    assert one is not None and len(one.series[0].points) == 1
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(1, 20, 6)[0] in (0, 5) and nice_ticks(1, 20, 6)[-1] == 20
