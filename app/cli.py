@@ -1,4 +1,4 @@
-"""The `lathe` command: serve, worker, migrate, admin and demo."""
+"""The `lathe` command: serve, worker, migrate, admin and demo; and the client (app/client)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import typer
 from rich.console import Console
 
+from app.client import commands as client
 from app.config import get_settings
 
 app = typer.Typer(
@@ -18,6 +19,13 @@ app = typer.Typer(
 admin = typer.Typer(help="Administration: teams and keys.", no_args_is_help=True)
 app.add_typer(admin, name="admin")
 console = Console(stderr=True)
+
+# The client (docs/cli.md): it talks HTTP only and never imports torch.
+app.command(rich_help_panel="Client")(client.login)
+app.add_typer(client.files_app, name="files", rich_help_panel="Client")
+app.add_typer(client.jobs_app, name="jobs", rich_help_panel="Client")
+app.command(rich_help_panel="Client")(client.workers)
+app.command(rich_help_panel="Client")(client.usage)
 
 
 @app.command()
@@ -38,9 +46,11 @@ def serve(
     """Run the API. With no LATHE_BROKER_URL it also runs its own worker (embedded mode)."""
     import uvicorn
 
+    from app.logs import configure_logging
     from app.main import create_app
 
     settings = get_settings()
+    configure_logging(settings.log_format)
     worker = None
     if settings.embedded:
         from app.migrate import upgrade
@@ -50,7 +60,17 @@ def serve(
         worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ)
         console.print(f"embedded mode: worker pid {worker.pid}, data in {settings.home}")
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        # Request lines come from app.logs' access log (with request and team ids); in
+        # JSON, uvicorn's own lines go through the root logger's JSON handler too.
+        json_logs = {"log_config": None} if settings.log_format == "json" else {}
+        uvicorn.run(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=False,
+            **json_logs,
+        )
     finally:
         if worker is not None:
             worker.terminate()
@@ -86,7 +106,11 @@ def worker(
         worker_id = f"{worker_id}@{socket.gethostname()}"
     os.environ["LATHE_WORKER_ID"] = worker_id  # read by the heartbeat and the job process
 
+    from app.logs import install_celery_logging, set_process_fields
     from worker.celery_app import celery
+
+    set_process_fields(worker=worker_id)
+    install_celery_logging(settings.log_format)
 
     console.print(
         f"worker {worker_id}: class {hardware.gpu_class}, {hardware.memory_gb} GB "
@@ -106,6 +130,8 @@ def worker(
             worker_id,
             "--without-gossip",
             "--without-mingle",
+            # Task events for Flower (docker-compose.yml); not on the embedded file queue.
+            *([] if settings.embedded else ["--task-events"]),
         ]
     )
 
@@ -113,8 +139,10 @@ def worker(
 @app.command()
 def scheduler() -> None:
     """Run the scheduler: dispatch queued jobs to free GPU slots, fairly; mark lost workers."""
+    from app.logs import configure_logging
     from app.scheduler_loop import run_forever
 
+    configure_logging(get_settings().log_format)
     run_forever(get_settings())
 
 

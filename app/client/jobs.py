@@ -1,0 +1,437 @@
+"""`lathe jobs`: create, list, get, watch, cancel, pause, resume and download."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from app.client.files import describe_upload, transfer_progress, upload_file
+from app.client.http import ClientError, LatheClient, Unreachable, handles_errors
+from app.client.options import ApiKey, ApiUrl, Json
+from app.client.render import (
+    count,
+    duration,
+    make_console,
+    number,
+    print_json,
+    size,
+    status_text,
+    when,
+)
+from app.client.watch import watch_job
+
+jobs_app = typer.Typer(help="Create, follow and manage fine-tuning jobs.", no_args_is_help=True)
+FILE_ID = re.compile(r"^file-[A-Za-z0-9]+$")
+ADAPTER = "adapter.tar.gz"
+
+
+def _file_id(client: LatheClient, value: str, console: Console) -> str:
+    """A `file-...` id as is; a local path uploaded first (with a progress bar)."""
+    path = Path(value).expanduser()
+    if FILE_ID.match(value) and not path.exists():
+        return value
+    if not path.is_file():
+        raise ClientError(f"{value} is neither a file id (file-...) nor a local file")
+    record = upload_file(client, path, console)
+    describe_upload(record, console)
+    return record["id"]
+
+
+@jobs_app.command("create")
+@handles_errors
+def create(
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model (see /v1/models).")],
+    train: Annotated[
+        str,
+        typer.Option(
+            "--train", "-t", help="Training data: a local JSONL (uploaded first) or a file id."
+        ),
+    ],
+    valid: Annotated[
+        str | None,
+        typer.Option("--valid", "-v", help="Validation data: a local JSONL or a file id."),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="n_epochs, 1-50 (default: auto).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="1-256 (default: auto).")] = None,
+    learning_rate_multiplier: Annotated[
+        float | None, typer.Option(help="On the base model's rate, (0, 10] (default: auto).")
+    ] = None,
+    lora_r: Annotated[int | None, typer.Option(help="Adapter rank, 1-256 (default 8).")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default 16).")] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")] = None,
+    target_modules: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module names, or all-linear (default: the model's)."),
+    ] = None,
+    max_seq_length: Annotated[
+        int | None, typer.Option(help="Tokens per example (default 1024).")
+    ] = None,
+    packing: Annotated[
+        bool | None,
+        typer.Option(
+            "--packing/--no-packing",
+            help="Padding-free packed batches (default on).",
+            show_default=False,
+        ),
+    ] = None,
+    train_on_inputs: Annotated[
+        bool | None,
+        typer.Option(
+            "--train-on-inputs/--no-train-on-inputs",
+            help="Loss on prompts too (default off).",
+            show_default=False,
+        ),
+    ] = None,
+    eval_steps: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    suffix: Annotated[str | None, typer.Option(help="Part of the fine-tuned model's name.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    gpu_class: Annotated[str | None, typer.Option(help="Run only on this GPU class.")] = None,
+    priority: Annotated[
+        str | None, typer.Option(help="low, normal or high, among your team's jobs.")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Then watch it (as `jobs watch`).")
+    ] = False,
+    json_: Json = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Create a fine-tuning job. Local files are uploaded first; prints the job id."""
+    console = make_console(stderr=True)  # stdout: the job id (or its JSON) only
+    body: dict[str, Any] = {"model": model}
+    hyperparameters = {
+        "n_epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate_multiplier": learning_rate_multiplier,
+    }
+    lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}
+    if target_modules:
+        lora["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
+    training = {"packing": packing, "train_on_inputs": train_on_inputs, "eval_steps": eval_steps}
+    for name, group in (
+        ("hyperparameters", hyperparameters),
+        ("lora", lora),
+        ("training", training),
+    ):
+        given = {k: v for k, v in group.items() if v is not None}
+        if given:
+            body[name] = given
+    for name, value in (
+        ("max_seq_length", max_seq_length),
+        ("suffix", suffix),
+        ("seed", seed),
+        ("gpu_class", gpu_class),
+        ("priority", priority),
+    ):
+        if value is not None:
+            body[name] = value
+    with LatheClient.from_options(api_url, api_key) as client:
+        body["training_file"] = _file_id(client, train, console)
+        if valid:
+            body["validation_file"] = _file_id(client, valid, console)
+        job = client.post("/v1/fine_tuning/jobs", json=body)
+        if not watch:
+            if json_:
+                print_json(job)
+            else:
+                console.print(f"created {job['id']} ({status_text(job['status'])})")
+                print(job["id"])
+            return
+        console.print(f"created {job['id']}")
+        job, code = watch_job(client, job["id"], console)
+    if json_:
+        print_json(job)
+    raise typer.Exit(code)
+
+
+@jobs_app.command("list")
+@handles_errors
+def list_jobs(
+    limit: Annotated[int, typer.Option(help="At most this many (1-100), newest first.")] = 20,
+    after: Annotated[str | None, typer.Option(help="Continue after this job id.")] = None,
+    json_: Json = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """The team's jobs, newest first."""
+    with LatheClient.from_options(api_url, api_key) as client:
+        page = client.get("/v1/fine_tuning/jobs", limit=limit, after=after)
+    if json_:
+        print_json(page)
+        return
+    table = Table("id", "model", "status", "created", "finished", "fine-tuned model")
+    for job in page["data"]:
+        table.add_row(
+            job["id"],
+            job["model"],
+            status_text(job["status"]),
+            when(job["created_at"]),
+            when(job.get("finished_at")),
+            job.get("fine_tuned_model") or "-",
+        )
+    console = make_console()
+    console.print(table if page["data"] else "no jobs")
+    if page.get("has_more"):
+        console.print(f"[dim]more: --after {page['last_id']}[/]")
+
+
+def _kv(rows: list[tuple[str, Any]]) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        if value not in (None, "", [], {}):
+            table.add_row(key, value if isinstance(value, str) else str(value))
+    return table
+
+
+def job_panel(job: dict, queue: dict | None) -> Panel:
+    hp = job.get("hyperparameters") or {}
+    stats = job.get("stats") or {}
+    rows: list[tuple[str, Any]] = [
+        ("status", status_text(job["status"])),
+        ("model", escape(job["model"])),
+        ("fine-tuned model", escape(job.get("fine_tuned_model") or "")),
+        ("created", when(job["created_at"])),
+        ("finished", when(job["finished_at"]) if job.get("finished_at") else None),
+    ]
+    if job.get("finished_at"):
+        rows.append(("took", duration(job["finished_at"] - job["created_at"])))
+    if job.get("estimated_finish") and job["status"] == "running":
+        rows.append(("estimated finish", when(job["estimated_finish"])))
+    if queue and job["status"] in ("queued", "running"):
+        if queue.get("position") is not None:
+            rows.append(("queue position", str(queue["position"])))
+        if queue.get("eligible_gpu_classes"):
+            rows.append(("GPU classes", ", ".join(queue["eligible_gpu_classes"])))
+        if queue.get("estimated_start"):
+            rows.append(("estimated start", when(queue["estimated_start"])))
+        if queue.get("worker"):
+            rows.append(("worker", queue["worker"]))
+    if job.get("error"):
+        error = job["error"]
+        rows.append(
+            (
+                "error",
+                f"[red]{escape(str(error.get('code')))}: {escape(str(error.get('message')))}[/]",
+            )
+        )
+    rows += [
+        ("training file", job.get("training_file")),
+        ("validation file", job.get("validation_file")),
+        (
+            "hyperparameters",
+            f"epochs {hp.get('n_epochs')}, batch size {hp.get('batch_size')}, "
+            f"lr multiplier {hp.get('learning_rate_multiplier')}",
+        ),
+        (
+            "training",
+            ", ".join(f"{k}={v}" for k, v in (job.get("training") or {}).items() if v is not None),
+        ),
+        ("seed", job.get("seed")),
+        ("trained tokens", count(job["trained_tokens"]) if job.get("trained_tokens") else None),
+    ]
+    tokens = stats.get("tokens") or {}
+    for name in ("train", "valid"):
+        if name in tokens:
+            t = tokens[name]
+            text = f"{count(t.get('tokens'))} tokens per epoch, {count(t.get('examples'))} examples"
+            if t.get("truncated"):
+                text += f", {count(t['truncated'])} truncated"
+            if t.get("dropped"):
+                text += f", {count(t['dropped'])} dropped"
+            rows.append((f"{name} data", text))
+    model = stats.get("model") or {}
+    if model.get("trainable_parameters"):
+        share = ""
+        if model.get("total_parameters"):
+            share = f" ({100 * model['trainable_parameters'] / model['total_parameters']:.2f}%)"
+        rows.append(("trainable params", f"{count(model['trainable_parameters'])}{share}"))
+    throughput = stats.get("throughput") or {}
+    if throughput:
+        rows.append(("tokens/s", number(throughput.get("tokens_per_second"), ",.1f")))
+        if throughput.get("peak_memory_gb") is not None:
+            source = throughput.get("peak_memory_source")
+            rows.append(
+                (
+                    "peak memory",
+                    f"{number(throughput['peak_memory_gb'], '.2f')} GB"
+                    + (f" ({source})" if source else ""),
+                )
+            )
+        rows.append(("device", throughput.get("device")))
+    sample = stats.get("sample") or {}
+    if sample.get("completion") is not None:
+        rows.append(("sample answer", escape(str(sample["completion"]))[:300]))
+    return Panel(_kv(rows), title=f"[bold]{job['id']}[/]", expand=False)
+
+
+@jobs_app.command("get")
+@handles_errors
+def get(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID")],
+    json_: Json = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """A job: status, model, hyperparameters, token counts and stats, place in line."""
+    with LatheClient.from_options(api_url, api_key) as client:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}")
+        if json_:
+            print_json(job)
+            return
+        queue = None
+        if job["status"] in ("queued", "running"):
+            queue = client.get(f"/v1/fine_tuning/jobs/{job_id}/queue")
+    make_console().print(job_panel(job, queue))
+
+
+@jobs_app.command("watch")
+@handles_errors
+def watch(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID")],
+    json_: Annotated[
+        bool, typer.Option("--json", help="At the end, print the job's JSON on stdout.")
+    ] = False,
+    record: Annotated[
+        Path | None, typer.Option(hidden=True, help="Also save the output as an SVG.")
+    ] = None,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Follow a job live: a progress bar of steps with the loss and an ETA, its events,
+    then the outcome. Exit code: 0 succeeded, 1 failed, 2 cancelled, 3 paused (4: an API
+    error, 5: the server unreachable)."""
+    console = make_console(stderr=json_)
+    if record:  # for the docs: the screen as it ends, without the live redraws
+        console = Console(
+            record=True, file=io.StringIO(), width=120, force_terminal=False, highlight=False
+        )
+    with LatheClient.from_options(api_url, api_key) as client:
+        job, code = watch_job(client, job_id, console, step_lines=False if record else None)
+    if record:
+        screen = make_console(stderr=json_)
+        screen.file.write(console.export_text(clear=False, styles=screen.is_terminal))
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(console.export_svg(title=f"lathe jobs watch {job_id}"))
+    if json_:
+        print_json(job)
+    raise typer.Exit(code)
+
+
+def _action(job_id: str, verb: str, api_url: str | None, api_key: str | None, json_: bool) -> None:
+    with LatheClient.from_options(api_url, api_key) as client:
+        job = client.post(f"/v1/fine_tuning/jobs/{job_id}/{verb}")
+    if json_:
+        print_json(job)
+    else:
+        make_console().print(f"{job['id']}: {status_text(job['status'])}")
+
+
+@jobs_app.command("cancel")
+@handles_errors
+def cancel(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID")],
+    json_: Json = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Cancel an unfinished job."""
+    _action(job_id, "cancel", api_url, api_key, json_)
+
+
+@jobs_app.command("pause")
+@handles_errors
+def pause(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID")],
+    json_: Json = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Pause a queued or running job; it keeps its checkpoint."""
+    _action(job_id, "pause", api_url, api_key, json_)
+
+
+@jobs_app.command("resume")
+@handles_errors
+def resume(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID")],
+    json_: Json = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Put a paused job back in line; it continues from its last checkpoint."""
+    _action(job_id, "resume", api_url, api_key, json_)
+
+
+@jobs_app.command("download")
+@handles_errors
+def download(
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Directory to unpack into (default ./JOB_ID-adapter)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Unpack into a directory that is not empty.")
+    ] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a succeeded job's adapter and unpack it, ready for
+    PeftModel.from_pretrained(base_model, DIR)."""
+    out = output or Path(f"{job_id}-adapter")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise ClientError(f"{out} exists and is not an empty directory (--force to unpack anyway)")
+    console = make_console(stderr=True)
+    with LatheClient.from_options(api_url, api_key) as client:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}")
+        if job["status"] != "succeeded":
+            raise ClientError(f"{job_id} is {job['status']}; only a succeeded job has an adapter")
+        records = [client.get(f"/v1/files/{fid}") for fid in job.get("result_files") or []]
+        adapter = next((r for r in records if r["filename"] == ADAPTER), None)
+        if adapter is None:
+            raise ClientError(f"{job_id} has no {ADAPTER} among its result files")
+        with tempfile.TemporaryFile() as tmp:
+            _fetch(client, adapter, tmp, console)
+            tmp.seek(0)
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                with tarfile.open(fileobj=tmp, mode="r:*") as tar:
+                    names = tar.getnames()
+                    # "data": no absolute paths, no escaping the directory, no devices or links out.
+                    tar.extractall(out, filter="data")
+            except (tarfile.TarError, OSError) as exc:
+                raise ClientError(f"could not unpack {ADAPTER}: {exc}") from None
+    console.print(
+        f"[green]adapter[/] of {job['fine_tuned_model']} in [bold]{out}[/] ({len(names)} files)"
+    )
+    console.print(f"  PeftModel.from_pretrained(base_model, {str(out)!r})")
+    print(out)
+
+
+def _fetch(client: LatheClient, record: dict, fh: Any, console: Console) -> None:
+    try:
+        with (
+            client.stream("GET", f"/v1/files/{record['id']}/content") as resp,
+            transfer_progress(console) as progress,
+        ):
+            task = progress.add_task(f"downloading {record['filename']}", total=record["bytes"])
+            for chunk in resp.iter_bytes():
+                fh.write(chunk)
+                progress.advance(task, len(chunk))
+    except httpx.TransportError as exc:
+        raise Unreachable(f"download of {record['id']} failed: {exc}") from None
+    if fh.tell() != record["bytes"]:
+        raise ClientError(f"download of {record['id']} was cut short ({size(fh.tell())})")
