@@ -10,10 +10,12 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StoreDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
+from app.models import File
 from app.schemas import file_object, list_envelope
 from app.services import files
 from app.services.idempotency import fingerprint, idempotent
 from app.services.pool import team_quotas
+from app.storage import ObjectStore
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(*COMMON_ERRORS))
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -80,14 +82,22 @@ def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> dict:
     },
 )
 def file_content(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep):
-    record = files.get_file(session, team, file_id)
-    media = "application/gzip" if record.filename.endswith(".gz") else "application/octet-stream"
+    return file_response(files.get_file(session, team, file_id), store)
+
+
+def file_response(
+    record: File, store: ObjectStore, *, other_media: str = "application/octet-stream", **headers
+) -> StreamingResponse:
+    """A stored file's bytes, streamed from object storage as an attachment (gzip for a .gz
+    name, `other_media` otherwise)."""
+    media = "application/gzip" if record.filename.endswith(".gz") else other_media
     return StreamingResponse(
         store.iter_chunks(record.storage_key),
         media_type=media,
         headers={
             "Content-Length": str(record.bytes),
             "Content-Disposition": content_disposition(record.filename),
+            **headers,
         },
     )
 

@@ -16,6 +16,7 @@ import re
 from fastapi import Request, Response
 from sqlalchemy.orm import Session
 
+from app.logs import bind
 from app.models import Team
 from app.services.teams import team_for_key
 
@@ -39,6 +40,7 @@ def signed_in_team(request: Request, session: Session) -> Team | None:
     team = team_for_key(session, key)
     if team is None or team.disabled:
         return None
+    bind(team_id=team.id)  # on this request's log lines, as for the API (app/logs.py)
     return team
 
 

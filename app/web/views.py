@@ -16,14 +16,14 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
 from sqlalchemy import func, select
 
 from app.api import pool as pool_api
 from app.api.deps import SessionDep, SettingsDep, StoreDep
-from app.api.files import content_disposition
+from app.api.files import file_response
 from app.domain.jobs import FINAL_STATES, JobStatus
 from app.errors import APIError, Conflict
 from app.models import File, Job, JobEvent, Team
@@ -355,16 +355,11 @@ def result_file(
         record = files_service.get_file(session, team, record.id)  # the team-prefix check
     except APIError:
         return not_found(request, team, f"No fine-tuning job {job_id} in team {team.name}.")
-    media = "application/gzip" if record.filename.endswith(".gz") else "text/csv"
-    return StreamingResponse(
-        store.iter_chunks(record.storage_key),
-        media_type=media,
-        headers={
-            "Content-Length": str(record.bytes),
-            "Content-Disposition": content_disposition(record.filename),
-            "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-store",
-        },
+    return file_response(
+        record,
+        store,
+        other_media="text/csv",
+        **{"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
     )
 
 

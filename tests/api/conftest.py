@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import make_engine, make_sessionmaker
 from app.main import create_app
 from tests.conftest import create_team_key, settings_from
 
@@ -58,6 +60,14 @@ class TeamClient:
 
     def upload(self, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune"):
         return self.post("/v1/files", files={"file": (name, content)}, data={"purpose": purpose})
+
+
+@pytest.fixture
+def sessions(api_env: dict[str, str]) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the API's database, for setting up and checking rows directly."""
+    engine = make_engine(api_env["LATHE_DATABASE_URL"])
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from app.cli import app as cli
 from app.config import get_settings
-from app.db import make_engine, make_sessionmaker
 from app.models import Worker
 from app.services.admin import create_admin_key
 from tests.api.conftest import TeamClient
@@ -50,13 +49,6 @@ class AdminClient:
         """This target's audit entries, newest first."""
         entries = self.get("/audit", params={"limit": 100}).json()["data"]
         return [e for e in entries if e["target"] == target]
-
-
-@pytest.fixture
-def sessions(api_env: dict[str, str]):
-    engine = make_engine(api_env["LATHE_DATABASE_URL"])
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from app.db import make_engine, make_sessionmaker
 from app.models import File, Job, Team, Worker
 from app.services.events import add_event
 from app.services.teams import create_team
@@ -31,13 +30,6 @@ from tests.api.conftest import TeamClient
 from tests.api.datasets import CHAT
 
 MODEL = "tiny-random-llama"
-
-
-@pytest.fixture
-def sessions(api_env):
-    engine = make_engine(api_env["LATHE_DATABASE_URL"])
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def browser_for(api: TestClient, base_url: str = "http://testserver") -> TestClient:

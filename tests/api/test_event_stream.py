@@ -6,21 +6,11 @@ import json
 import threading
 from collections.abc import Iterator
 
-import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import make_engine, make_sessionmaker
 from app.models import Job
 from app.services.events import add_event
 from tests.api.datasets import CHAT
-
-
-@pytest.fixture
-def sessions(api_env: dict[str, str]) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(api_env["LATHE_DATABASE_URL"])
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def new_job(team) -> str:

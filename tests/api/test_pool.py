@@ -27,13 +27,6 @@ MODEL = "tiny-random-llama"
 
 
 @pytest.fixture
-def sessions(api_env):
-    engine = make_engine(api_env["LATHE_DATABASE_URL"])
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture
 def admin_client(api, sessions) -> TeamClient:
     with sessions() as session:
         _, key = create_admin_key(session, f"ops-{uuid.uuid4().hex[:6]}")

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker
 from app.services.webhooks import deliver_due, retry_delay
 from tests.api.datasets import CHAT
 from tests.conftest import settings_from
 from tests.webhook_receiver import Receiver
-
-
-@pytest.fixture
-def sessions(api_env: dict[str, str]) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(api_env["LATHE_DATABASE_URL"])
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def settings(api_env: dict[str, str], **overrides) -> Settings:

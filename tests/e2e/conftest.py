@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 
@@ -124,6 +125,11 @@ def workers(
 
 
 DATA = Path(__file__).resolve().parents[2] / "app" / "data"
+
+
+def team_client(base_url: str, key: str) -> httpx.Client:
+    """An HTTP client for the API at `base_url`, authenticated with a team key."""
+    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
 def upload(api, name: str = "sample_chat_valid.jsonl") -> str:

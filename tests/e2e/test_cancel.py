@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.conftest import create_team_key, settings_from
-from tests.e2e.conftest import SMALL, submit, upload, wait_for
+from tests.e2e.conftest import SMALL, submit, team_client, upload, wait_for
 from worker.job_runner import run_job
 
 pytestmark = pytest.mark.slow
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def api(live_api: str, stack_env: dict[str, str], workers) -> httpx.Client:
     _, key = create_team_key(stack_env, "cancel")
-    with httpx.Client(
-        base_url=live_api, headers={"Authorization": f"Bearer {key}"}, timeout=30
-    ) as client:
+    with team_client(live_api, key) as client:
         yield client
 
 

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import create_team_key
-from tests.e2e.conftest import LARGE, SMALL, submit, upload, wait_for
+from tests.e2e.conftest import LARGE, SMALL, submit, team_client, upload, wait_for
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,9 +39,7 @@ def team_key(live_api: str, e2e_env: dict[str, str], workers) -> str:
 
 @pytest.fixture(scope="module")
 def api(live_api: str, team_key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=live_api, headers={"Authorization": f"Bearer {team_key}"}, timeout=30
-    ) as client:
+    with team_client(live_api, team_key) as client:
         yield client
 
 

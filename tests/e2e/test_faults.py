@@ -23,7 +23,14 @@ import uvicorn
 
 from app.main import create_app
 from tests.conftest import create_team_key, settings_from
-from tests.e2e.conftest import free_port, stop_worker, upload, wait_for, wait_ready
+from tests.e2e.conftest import (
+    free_port,
+    stop_worker,
+    team_client,
+    upload,
+    wait_for,
+    wait_ready,
+)
 from tests.e2e.conftest import submit as submit_job
 
 pytestmark = pytest.mark.slow
@@ -52,9 +59,7 @@ def fault_api(fault_env: dict[str, str]) -> Iterator[httpx.Client]:
     thread.start()
     wait_for(lambda: server.started, 30, interval=0.05, what="uvicorn")
     _, key = create_team_key(fault_env, "faults")
-    with httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30
-    ) as client:
+    with team_client(f"http://127.0.0.1:{port}", key) as client:
         yield client
     server.should_exit = True
     thread.join(timeout=10)
@@ -248,20 +253,19 @@ def test_soak_many_clients_polling_while_jobs_run(fault_env, start_worker, tmp_p
     env = {**fault_env, "LATHE_RATE_LIMIT_PER_MINUTE": "100000"}
     api = serve(env, port, tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
+    _, key = create_team_key(env, "soak")
+    client = team_client(base, key)
     try:
-        _, key = create_team_key(env, "soak")
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
-            jobs = [submit(client, n_epochs=2) for _ in range(2)]
-            for _ in range(200):  # warm up before the baseline
-                client.get(f"/v1/fine_tuning/jobs/{jobs[0]}")
+        jobs = [submit(client, n_epochs=2) for _ in range(2)]
+        for _ in range(200):  # warm up before the baseline
+            client.get(f"/v1/fine_tuning/jobs/{jobs[0]}")
         baseline = rss_mb(api.pid)
         errors: list[str] = []
         done = threading.Event()
         counts = [0] * 16
 
         def poll(n: int) -> None:
-            with httpx.Client(base_url=base, headers=headers, timeout=30) as c:
+            with team_client(base, key) as c:
                 while not done.is_set():
                     for url in (
                         f"/v1/fine_tuning/jobs/{jobs[n % 2]}",
@@ -280,9 +284,7 @@ def test_soak_many_clients_polling_while_jobs_run(fault_env, start_worker, tmp_p
         try:
             wait_for(
                 lambda: all(
-                    httpx.get(f"{base}/v1/fine_tuning/jobs/{j}", headers=headers).json()["status"]
-                    in FINAL
-                    for j in jobs
+                    client.get(f"/v1/fine_tuning/jobs/{j}").json()["status"] in FINAL for j in jobs
                 ),
                 300,
                 interval=1,
@@ -293,11 +295,9 @@ def test_soak_many_clients_polling_while_jobs_run(fault_env, start_worker, tmp_p
             for t in threads:
                 t.join()
         growth = rss_mb(api.pid) - baseline
-        statuses = [
-            httpx.get(f"{base}/v1/fine_tuning/jobs/{j}", headers=headers).json()["status"]
-            for j in jobs
-        ]
+        statuses = [client.get(f"/v1/fine_tuning/jobs/{j}").json()["status"] for j in jobs]
     finally:
+        client.close()
         api.terminate()
         api.wait(timeout=30)
     assert errors == []

@@ -11,7 +11,7 @@ import pytest
 
 from tests.api.test_event_stream import messages
 from tests.conftest import create_team_key
-from tests.e2e.conftest import SMALL, submit, upload
+from tests.e2e.conftest import SMALL, submit, team_client, upload
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.slow
@@ -20,9 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def api(live_api: str, stack_env: dict[str, str], workers) -> httpx.Client:
     _, key = create_team_key(stack_env, "hooks")
-    with httpx.Client(
-        base_url=live_api, headers={"Authorization": f"Bearer {key}"}, timeout=30
-    ) as client:
+    with team_client(live_api, key) as client:
         yield client
 
 
