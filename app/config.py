@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 8
     webhook_retry_base_seconds: float = 10.0
     webhook_timeout_seconds: float = 10.0
+    # Webhooks are not sent to hosts resolving into these networks: by default cloud
+    # metadata (link-local) and this host itself. Teams are internal, so private ranges are
+    # allowed; add them here to keep webhooks off the internal network.
+    webhook_denied_networks: list[str] = Field(
+        default_factory=lambda: ["169.254.0.0/16", "fe80::/10", "127.0.0.0/8", "::1/128"]
+    )
     # How often a job's event stream (GET .../events?stream=true) looks for new events.
     event_stream_poll_seconds: float = 0.5
     # Largest upload accepted, in bytes.

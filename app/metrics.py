@@ -70,20 +70,25 @@ class HTTPMetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = 500  # an exception escaping the app is answered 500 outside this middleware
+        streaming = False
         started = time.perf_counter()
 
         async def record_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, streaming
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = dict(message.get("headers") or [])
+                streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
             await send(message)
 
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self.histogram.labels(scope["method"], route_template(scope), str(status)).observe(
-                time.perf_counter() - started
-            )
+            # An event stream lasts as long as its job: not a request latency.
+            if not streaming:
+                self.histogram.labels(scope["method"], route_template(scope), str(status)).observe(
+                    time.perf_counter() - started
+                )
 
 
 # --- The pool, from the database --------------------------------------------------------------

@@ -227,6 +227,8 @@ def stack_env(
         "LATHE_STORAGE_URL": f"s3://{stack_bucket}/lathe",
         "LATHE_S3_ENDPOINT_URL": s3_endpoint,
         "LATHE_CANCEL_POLL_SECONDS": "0",  # check for a cancel at every step
+        # The tests' webhook receivers listen on 127.0.0.1, denied by default.
+        "LATHE_WEBHOOK_DENIED_NETWORKS": '["169.254.0.0/16"]',
     }
     upgrade(postgres_url)
     return env

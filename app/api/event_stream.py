@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.domain.jobs import is_final
 from app.errors import BadRequest
-from app.models import Job, JobEvent, Team, now
+from app.models import Job, JobEvent, now
 from app.schemas import event_object, job_object
 from app.services.events import LATE_COMMIT_SECONDS, events_since
 
@@ -48,17 +48,17 @@ def event_cursor(session: Session, job: Job, event_id: str | None) -> int:
 
 
 def stream_events(
-    request: Request, sessions: sessionmaker[Session], team: Team, job: Job, after_pk: int
+    request: Request, sessions: sessionmaker[Session], team_id: str, job_pk: int, after_pk: int
 ) -> StreamingResponse:
     poll = request.app.state.settings.event_stream_poll_seconds
     sent: dict[int, int] = {}  # pk -> created_at of what went out lately, to skip repeats
 
     def read(cursor: int) -> tuple[list[bytes], int, dict | None]:
         with sessions() as session:
-            current = session.get_one(Job, job.pk)
+            current = session.get_one(Job, job_pk)
             final = is_final(current.status)  # read before the events: none can follow it
             messages = []
-            for event in events_since(session, job.pk, cursor):
+            for event in events_since(session, job_pk, cursor):
                 if event.pk in sent or event.pk <= after_pk:
                     continue
                 sent[event.pk] = event.created_at
@@ -68,7 +68,7 @@ def stream_events(
             horizon = now() - 2 * LATE_COMMIT_SECONDS
             for pk in [pk for pk, created in sent.items() if created < horizon]:
                 del sent[pk]  # older than any late commit: the cursor alone covers it
-            return messages, cursor, job_object(current, team.id) if final else None
+            return messages, cursor, job_object(current, team_id) if final else None
 
     async def generate() -> AsyncIterator[bytes]:
         yield format_sse_event(retry=2000)

@@ -6,6 +6,7 @@ import os
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from app.client.config import Target, config_path, load_config, save_config
@@ -51,8 +52,8 @@ def login(
         except APIError:
             team = None
     path = save_config({"api_url": api_url, "api_key": api_key}, config_path())
-    who = f" as team [bold]{team}[/]" if team else ""
-    console.print(f"[green]logged in[/] to {api_url}{who}; saved to {path}")
+    who = f" as team [bold]{escape(str(team))}[/]" if team else ""
+    console.print(f"[green]logged in[/] to {escape(api_url)}{who}; saved to {escape(str(path))}")
 
 
 @handles_errors

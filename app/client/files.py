@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -81,7 +82,7 @@ def upload_file(client: LatheClient, path: Path, console: Console) -> dict:
 
 def describe_upload(record: dict, console: Console) -> None:
     console.print(
-        f"[green]uploaded[/] {record['filename']} as [bold]{record['id']}[/] "
+        f"[green]uploaded[/] {escape(record['filename'])} as [bold]{escape(record['id'])}[/] "
         f"({size(record['bytes'])}, {record['status']})"
     )
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -51,10 +53,22 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
 
 
 def create_webhook(session: Session, team: Team, url: str, event_types: list[str]) -> Webhook:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parsed = httpx.URL(url)  # what the sender will use, so what it accepts
+        parsed.host.encode("idna")  # what resolving it will need ("a..b" fails here)
+        parts = urlsplit(url)
+    except Exception:
+        parsed = parts = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise BadRequest(
             f"url {url!r} is not an http(s) URL with a host", code="invalid_url", param="url"
+        )
+    if parts.username or parts.password:
+        raise BadRequest(
+            "url must not carry credentials (user:password@); verify deliveries by their "
+            "signature instead",
+            code="invalid_url",
+            param="url",
         )
     unknown = sorted(set(event_types) - set(EVENT_TYPES.values()))
     if unknown:
@@ -155,26 +169,38 @@ class Due:
     secret: str
     payload: dict
     attempts: int
+    lease: float  # the next_attempt_at this sender set when it claimed the row
 
 
-def claim_due(session: Session, limit: int, lease_seconds: float) -> list[Due]:
-    """Pending deliveries whose time has come, pushed `lease_seconds` out so no other
-    sender (another API replica) takes them while this one posts."""
+def claim_next(session: Session, lease_seconds: float) -> Due | None:
+    """The oldest due delivery, claimed by pushing its next attempt `lease_seconds` out with
+    a guarded UPDATE (so two senders, say two API replicas, never both take it), or None."""
     current = time.time()
-    rows = session.execute(
+    row = session.execute(
         select(WebhookDelivery, Webhook.url, Webhook.secret)
         .join(Webhook, Webhook.pk == WebhookDelivery.webhook_pk)
         .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= current)
         .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=WebhookDelivery)
-    ).all()
-    due = []
-    for delivery, url, secret in rows:
-        delivery.next_attempt_at = current + lease_seconds
-        due.append(Due(delivery.id, url, secret, delivery.payload, delivery.attempts))
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    delivery, url, secret = row
+    lease = current + lease_seconds
+    claimed = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.pk == delivery.pk,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at == delivery.next_attempt_at,
+        )
+        .values(next_attempt_at=lease)
+        .execution_options(synchronize_session=False)
+    ).rowcount
     session.commit()
-    return due
+    if claimed != 1:  # another sender took it first
+        return None
+    return Due(delivery.id, url, secret, delivery.payload, delivery.attempts, lease)
 
 
 def retry_delay(attempts: int, base_seconds: float) -> float:
@@ -182,7 +208,26 @@ def retry_delay(attempts: int, base_seconds: float) -> float:
     return min(base_seconds * 3 ** (attempts - 1), 6 * 3600.0)
 
 
-def post(client: httpx.Client, due: Due) -> tuple[int | None, str | None]:
+def denied_address(url: str, networks: list[str]) -> str | None:
+    """Why `url`'s host may not be called (it resolves into a denied network), or None."""
+    host = httpx.URL(url).host
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        return f"cannot resolve {host}: {exc}"
+    denied = [ipaddress.ip_network(n) for n in networks]
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if any(address in network for network in denied):
+            return (
+                f"{host} resolves to {address}, in a denied network (LATHE_WEBHOOK_DENIED_NETWORKS)"
+            )
+    return None
+
+
+def post(
+    client: httpx.Client, due: Due, denied_networks: list[str]
+) -> tuple[int | None, str | None]:
     """POST one event; (status code, error) — a 2xx status code means delivered."""
     body = json.dumps(due.payload, separators=(",", ":")).encode()
     timestamp = int(time.time())
@@ -194,8 +239,11 @@ def post(client: httpx.Client, due: Due) -> tuple[int | None, str | None]:
         "webhook-signature": sign(due.secret, due.delivery_id, timestamp, body),
     }
     try:
+        refused = denied_address(due.url, denied_networks)
+        if refused:
+            return None, refused[:500]
         response = client.post(due.url, content=body, headers=headers)
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # any failure is this delivery's, never the sender's
         return None, f"{type(exc).__name__}: {exc}"[:500]
     if 200 <= response.status_code < 300:
         return response.status_code, None
@@ -215,18 +263,32 @@ def record_attempt(
         values["next_attempt_at"] = time.time() + retry_delay(
             attempts, settings.webhook_retry_base_seconds
         )
+    # Only while the claim is still ours: a sender whose lease ran out (another took the
+    # row since) must not overwrite that one's outcome.
     session.execute(
-        update(WebhookDelivery).where(WebhookDelivery.id == due.delivery_id).values(**values)
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == due.delivery_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at == due.lease,
+        )
+        .values(**values)
     )
     session.commit()
 
 
-def deliver_due(sessions: sessionmaker[Session], client: httpx.Client, settings: Settings) -> int:
-    """Send what is due now; the number of attempts made."""
-    with sessions() as session:
-        due = claim_due(session, limit=20, lease_seconds=settings.webhook_timeout_seconds * 3)
-    for item in due:
-        code, error = post(client, item)
+def deliver_due(
+    sessions: sessionmaker[Session], client: httpx.Client, settings: Settings, limit: int = 20
+) -> int:
+    """Send what is due now, one claimed row at a time; the number of attempts made."""
+    sent = 0
+    while sent < limit:
         with sessions() as session:
-            record_attempt(session, item, code, error, settings)
-    return len(due)
+            due = claim_next(session, lease_seconds=settings.webhook_timeout_seconds * 3)
+        if due is None:
+            break
+        code, error = post(client, due, settings.webhook_denied_networks)
+        with sessions() as session:
+            record_attempt(session, due, code, error, settings)
+        sent += 1
+    return sent

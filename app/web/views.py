@@ -199,6 +199,9 @@ def login(
     key: Annotated[str, Form()] = "",
     next: Annotated[str, Form()] = "",
 ) -> Response:
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        # Another site posting a key (its own) would sign the visitor into that team.
+        return Response("cross-site sign-in refused", status_code=403)
     key = key.strip()
     target = auth.safe_next(next)
     team = team_for_key(session, key) if 0 < len(key) <= auth.MAX_KEY_CHARS else None

@@ -104,6 +104,14 @@ def test_login_with_a_good_key_sets_an_httponly_strict_cookie(api, team) -> None
     assert browser.get("/").headers["location"] == "/jobs"
 
 
+def test_a_sign_in_posted_from_another_site_is_refused(api, team) -> None:
+    browser = browser_for(api)
+    resp = browser.post("/login", data={"key": team.key}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert resp.status_code == 403 and "set-cookie" not in resp.headers
+    ok = browser.post("/login", data={"key": team.key}, headers={"Sec-Fetch-Site": "same-origin"})
+    assert ok.status_code == 303
+
+
 def test_the_cookie_is_secure_over_https(api, team) -> None:
     resp = browser_for(api, "https://testserver").post("/login", data={"key": team.key})
     assert resp.status_code == 303

@@ -68,8 +68,8 @@ def test_failed_deliveries_are_retried_with_backoff_then_given_up(team, api_env,
         hook = team.post("/v1/webhooks", json={"url": receiver.url}).json()
         cancelled_job(team)
         with httpx.Client(timeout=5) as client:
-            for _ in range(3):
-                assert deliver_due(sessions, client, now_settings) == 1
+            # No delay between retries here: 500, 503, then 200 within one pass.
+            assert deliver_due(sessions, client, now_settings) == 3
             assert deliver_due(sessions, client, now_settings) == 0, "delivered: none due"
         received = receiver.wait(3, timeout=5)
     assert len({r.headers["webhook-id"] for r in received}) == 1, "one event, retried"
@@ -85,6 +85,21 @@ def test_failed_deliveries_are_retried_with_backoff_then_given_up(team, api_env,
     [gone] = team.get(f"/v1/webhooks/{dead['id']}/deliveries").json()["data"]
     assert (gone["status"], gone["attempts"]) == ("failed", 3)
     assert gone["last_error"].startswith("ConnectError")
+
+
+def test_a_denied_address_is_not_called_and_does_not_block_others(team, api_env, sessions) -> None:
+    strict = settings(api_env, webhook_denied_networks='["127.0.0.0/8"]')
+    with Receiver() as receiver:
+        team.post("/v1/webhooks", json={"url": receiver.url})
+        cancelled_job(team)
+        cancelled_job(team)
+        with httpx.Client(timeout=5) as client:
+            assert deliver_due(sessions, client, strict) == 2, "both tried, neither blocks"
+    assert receiver.received == []
+    hook = team.get("/v1/webhooks").json()["data"][0]
+    deliveries = team.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["data"]
+    assert all("denied network" in d["last_error"] for d in deliveries)
+    assert all(d["status"] == "pending" and d["attempts"] == 1 for d in deliveries)
 
 
 def test_backoff_grows_by_three_and_is_capped() -> None:
@@ -113,6 +128,8 @@ def test_webhooks_only_for_the_event_types_asked_and_the_team(
         ({"url": "http:///nohost"}, "url", "invalid_url"),
         ({"url": "https://x.test", "event_types": ["job.done"]}, "event_types", "invalid_value"),
         ({"url": "https://x.test", "secret": "mine"}, "secret", "invalid_value"),
+        ({"url": "https://user:pw@x.test/h"}, "url", "invalid_url"),
+        ({"url": "http://a..b/"}, "url", "invalid_url"),
     ],
 )
 def test_bad_webhooks_are_refused(team, body: dict, param: str, code: str) -> None:

@@ -221,6 +221,24 @@ def test_classification_examples_carry_one_class_index(
         load_examples(unknown, "classification", tokenizer, 64, classes=classes)
 
 
+def test_one_label_is_not_a_classifier(tmp_path: Path) -> None:
+    path = tmp_path / "cls.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')
+    with pytest.raises(TrainingDataError) as refused:
+        class_names(path)
+    assert refused.value.code == "too_few_classes" and "'x'" in str(refused.value)
+
+
+def test_lines_split_as_the_upload_validator_splits_them(
+    tmp_path: Path, tokenizer: ByT5Tokenizer
+) -> None:
+    # "\r" is JSON whitespace inside a line (the validator accepted it), not a line end.
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text":\r"first"}\n\n{"text": "' + b"x" * 40 + b'"}\n')
+    with pytest.raises(TrainingDataError, match="lines 3"):
+        load_examples(path, "text", tokenizer, max_seq_length=20, truncation="refuse")
+
+
 def test_refused_truncation_names_the_lines(tmp_path: Path, tokenizer: ByT5Tokenizer) -> None:
     path = tmp_path / "train.jsonl"
     texts = ["short", "x" * 100, "fine", "y" * 200]

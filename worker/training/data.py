@@ -45,7 +45,9 @@ def load_tokenizer(model_path: Path, chat_template: str | None) -> PreTrainedTok
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(1-based line number, record) of an already validated file; blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
+    # Lines end at "\n" only, as the upload validator split them: a "\r" inside a line is
+    # JSON whitespace there, and line numbers must match its.
+    with open(path, encoding="utf-8", newline="\n") as f:
         return [(n, json.loads(line)) for n, line in enumerate(f, start=1) if line.strip()]
 
 
@@ -155,7 +157,15 @@ TOKENIZERS: dict[DatasetFormat, Callable[..., Example]] = {
 
 def class_names(path: Path) -> list[str]:
     """The classes of a classification file, sorted: index i is class i of the model."""
-    return sorted({str(record["label"]) for _, record in read_jsonl(path)})
+    classes = sorted({str(record["label"]) for _, record in read_jsonl(path)})
+    if len(classes) < 2:
+        raise TrainingDataError(
+            "too_few_classes",
+            f"{path.name}: a classifier needs at least two labels; every example is {classes[0]!r}"
+            if classes
+            else f"{path.name}: no labels",
+        )
+    return classes
 
 
 @dataclass
@@ -260,16 +270,23 @@ def _classification_example(
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": classes.index(label)}
 
 
-def micro_batch_size(batch_size: int, mean_tokens: float, budget_tokens: int) -> int:
-    """The largest divisor of batch_size whose packed row (micro examples of the mean
+def micro_batch_size(batch_size: int, typical_tokens: float, budget_tokens: int) -> int:
+    """The largest divisor of batch_size whose packed row (micro examples of the typical
     length) stays within budget_tokens; at least 1. Divisors only, so that micro-batches
     times accumulation steps is exactly the batch."""
     fitting = [
         d
         for d in range(1, batch_size + 1)
-        if batch_size % d == 0 and d * mean_tokens <= budget_tokens
+        if batch_size % d == 0 and d * typical_tokens <= budget_tokens
     ]
     return max(fitting, default=1)
+
+
+def typical_length(examples: list[Example]) -> int:
+    """The 90th percentile of the examples' lengths: what a micro-batch is sized by, so that
+    rows of long examples (a long-tailed chat set's) rarely run far past the budget."""
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    return lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
 
 
 def make_collator(

@@ -31,6 +31,7 @@ from worker.training.data import (
     load_tokenizer,
     make_collator,
     micro_batch_size,
+    typical_length,
 )
 from worker.training.figures import (
     accuracy_metrics,
@@ -229,9 +230,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     # over the whole row), so a batch is trained as micro-batches of about max_seq_length
     # tokens with gradient accumulation: the same optimizer steps and loss (the Trainer
     # normalises over the whole accumulated batch), bounded activation memory.
-    micro = micro_batch_size(
-        spec.batch_size, train.counts.tokens / train.counts.examples, spec.max_seq_length
-    )
+    micro = micro_batch_size(spec.batch_size, typical_length(train.examples), spec.max_seq_length)
     if not packing:
         micro = spec.batch_size
     args = TrainingArguments(
@@ -308,11 +307,15 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     # 5. Show a person what changed: the trained model answers a held-out prompt.
     stopped = callback.stop_reason is not None
     if spec.data_format == DatasetFormat.CHAT and levers.sample_max_new_tokens and not stopped:
-        sample = generation_sample(
-            model, tokenizer, spec.valid_file or spec.train_file, levers.sample_max_new_tokens
-        )
-        sample["source"] = "validation" if spec.valid_file else "training"
-        report("sample", f"Sample completion: {sample['completion'][:200]!r}", sample)
+        try:
+            sample = generation_sample(
+                model, tokenizer, spec.valid_file or spec.train_file, levers.sample_max_new_tokens
+            )
+        except Exception as exc:  # a nicety: never worth failing a trained job over
+            hooks.on_message(f"No generation sample: {type(exc).__name__}: {exc}"[:500])
+        else:
+            sample["source"] = "validation" if spec.valid_file else "training"
+            report("sample", f"Sample completion: {sample['completion'][:200]!r}", sample)
     return TrainingResult(
         adapter_dir=adapter_dir,
         trained_tokens=int(trainer.state.num_input_tokens_seen),
