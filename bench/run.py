@@ -4,6 +4,8 @@
   server (upload, queue, a worker process, training, adapter upload), and the training
   call alone on the chosen device.
 - get_job: latency of GET /v1/fine_tuning/jobs/{id} over HTTP, the API on Postgres.
+- dashboard: the web dashboard's job page for a job with 1,000 metrics events, and how soon
+  a new event reaches a client of GET .../events?stream=true.
 - upload: the API process's memory growth while a 1 GB JSONL streams in.
 - schedule, pickup: the GPU pool (bench/pool.py): one scheduling decision over 10,000
   queued jobs, and the time from a slot freeing to the next job being picked up.
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -181,7 +184,9 @@ def ensure_database(url: str) -> None:
     engine.dispose()
 
 
-def bench_get_job(database_url: str, requests: int) -> dict:
+@contextmanager
+def queued_job(database_url: str):
+    """A server on Postgres with one queued job nobody trains: (server, client, job id)."""
     ensure_database(database_url)
     with tempfile.TemporaryDirectory() as home:
         env = {
@@ -196,28 +201,93 @@ def bench_get_job(database_url: str, requests: int) -> dict:
             "LATHE_RATE_LIMIT_PER_MINUTE": "1000000",
         }
         with Server(env) as server:
-            client = httpx.Client(
-                base_url=server.url, headers={"Authorization": f"Bearer {server.key()}"}
-            )
+            key = server.key()
+            client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"})
             train = upload(client, DATA / "sample_chat.jsonl")
             job = client.post(
                 "/v1/fine_tuning/jobs", json={"model": "tiny-random-llama", "training_file": train}
             ).json()
-            url = f"/v1/fine_tuning/jobs/{job['id']}"
-            for _ in range(50):
-                client.get(url)
-            samples = []
-            for _ in range(requests):
-                started = time.perf_counter()
-                client.get(url).raise_for_status()
-                samples.append((time.perf_counter() - started) * 1000)
-            client.post(f"{url}/cancel")
-    samples.sort()
+            try:
+                yield server, client, job["id"], key
+            finally:
+                client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+
+
+def percentiles(samples: list[float]) -> dict:
+    samples = sorted(samples)
     return {
-        "requests": requests,
+        "requests": len(samples),
         "p50_ms": round(samples[len(samples) // 2], 2),
         "p95_ms": round(samples[int(len(samples) * 0.95)], 2),
         "p99_ms": round(samples[int(len(samples) * 0.99)], 2),
+    }
+
+
+def timed(get, url: str, requests: int, warmup: int = 50) -> dict:
+    for _ in range(warmup):
+        get(url)
+    samples = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        get(url).raise_for_status()
+        samples.append((time.perf_counter() - started) * 1000)
+    return percentiles(samples)
+
+
+def bench_get_job(database_url: str, requests: int) -> dict:
+    with queued_job(database_url) as (_, client, job_id, _):
+        return timed(client.get, f"/v1/fine_tuning/jobs/{job_id}", requests)
+
+
+def bench_dashboard(database_url: str, requests: int, steps: int = 1000) -> dict:
+    """The dashboard's job page for a job with `steps` metrics events (its loss chart and
+    figures rendered on the server), and how soon a new event reaches an event stream."""
+    from sqlalchemy import select
+
+    from app.db import make_engine, make_sessionmaker
+    from app.models import Job
+    from app.services.events import add_event
+
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    with queued_job(database_url) as (server, client, job_id, key):
+        with sessions() as session:
+            job_pk = session.scalar(select(Job.pk).where(Job.id == job_id))
+            for step in range(1, steps + 1):
+                row = {"step": step, "total_steps": steps, "train_loss": 3 + 1 / step}
+                if step % 50 == 0:
+                    row["valid_loss"] = 3.2 + 1 / step
+                add_event(session, job_pk, f"Step {step}/{steps}", type="metrics", data=row)
+            session.commit()
+        browser = httpx.Client(base_url=server.url)
+        browser.post("/login", data={"key": key}).raise_for_status()
+        page = timed(browser.get, f"/jobs/{job_id}", requests // 10)
+        size = len(browser.get(f"/jobs/{job_id}").content)
+
+        # Event stream: write an event, time until the stream delivers it (polled server side).
+        delays = []
+        url = f"/v1/fine_tuning/jobs/{job_id}/events"
+        with client.stream("GET", url, params={"stream": "true"}, timeout=60) as resp:
+            lines = resp.iter_lines()
+            seen = 0
+            written = None
+            for line in lines:
+                if not line.startswith("id: "):
+                    continue
+                seen += 1
+                if written is not None:
+                    delays.append((time.perf_counter() - written) * 1000)
+                    if len(delays) == 20:
+                        break
+                if seen >= steps + 2:  # history sent (the job's own events + the steps)
+                    with sessions() as session:
+                        written = time.perf_counter()
+                        add_event(session, job_pk, "ping")
+                        session.commit()
+    engine.dispose()
+    return {
+        "job_page": {**page, "metrics_events": steps, "html_bytes": size},
+        "event_stream_delivery": percentiles(delays),
     }
 
 
@@ -275,7 +345,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
-        "--only", choices=["demo_job", "training", "get_job", "upload", "schedule", "pickup"]
+        "--only",
+        choices=["demo_job", "training", "get_job", "dashboard", "upload", "schedule", "pickup"],
     )
     parser.add_argument(
         "--database-url",
@@ -294,6 +365,7 @@ def main() -> None:
         "demo_job": lambda: bench_demo_job(args.device),
         "training": lambda: bench_training_call(args.device),
         "get_job": lambda: bench_get_job(args.database_url, args.requests),
+        "dashboard": lambda: bench_dashboard(args.database_url, args.requests),
         "upload": lambda: bench_upload(args.upload_mb),
         "schedule": lambda: bench_schedule(args.database_url),
         "pickup": lambda: bench_pickup(

@@ -276,17 +276,25 @@ def _result_files(session: SessionDep, team: Team, job: Job) -> dict[str, File]:
     return {f.filename: f for f in rows}
 
 
-@router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: str, session: SessionDep, settings: SettingsDep):
+def own_job(request: Request, session, job_id: str) -> tuple[Team, Job] | Response:
+    """The signed-in team and its job `job_id`; else the login redirect or a 404 page."""
     team = auth.signed_in_team(request, session)
     if team is None:
         return to_login(request)
     if not _ID.match(job_id):
         return not_found(request, team, "No such fine-tuning job.")
     try:
-        job = jobs_service.get_job(session, team, job_id)
+        return team, jobs_service.get_job(session, team, job_id)
     except APIError:
         return not_found(request, team, f"No fine-tuning job {job_id} in team {team.name}.")
+
+
+@router.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: str, session: SessionDep, settings: SettingsDep):
+    found = own_job(request, session, job_id)
+    if isinstance(found, Response):
+        return found
+    team, job = found
     # The timeline without the per-step metrics events: those are the chart (and
     # metrics.csv); a long run has thousands.
     timeline = (JobEvent.job_pk == job.pk) & (JobEvent.type != "metrics")
@@ -345,13 +353,11 @@ def result_file(
 ) -> Response:
     """One of the job's result files (adapter.tar.gz, metrics.csv), streamed from object
     storage as GET /v1/files/{id}/content streams it."""
-    team = auth.signed_in_team(request, session)
-    if team is None:
-        return to_login(request)
-    if not _ID.match(job_id):
-        return not_found(request, team, "No such fine-tuning job.")
+    found = own_job(request, session, job_id)
+    if isinstance(found, Response):
+        return found
+    team, job = found
     try:
-        job = jobs_service.get_job(session, team, job_id)
         record = _result_files(session, team, job).get(filename)
         if record is None:
             return not_found(request, team, f"Job {job_id} has no result file {filename}.")
