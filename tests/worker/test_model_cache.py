@@ -6,11 +6,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
 import threading
-import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,15 +250,25 @@ def test_concurrent_resolvers_download_once(
     url = publish(s3, s3_bucket, "shared", model_files())
     seen: list[str] = []
     real = model_cache._s3_client
+    second_waiting = threading.Event()
 
-    def client(settings: Settings):  # slow downloads, so the two resolvers overlap
+    class WaitSeen(logging.Handler):  # the second resolver says so when the lock blocks it
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for another process" in record.getMessage():
+                second_waiting.set()
+
+    handler = WaitSeen()
+    model_cache.log.addHandler(handler)
+    monkeypatch.setattr(model_cache.log, "level", logging.INFO)
+
+    def client(settings: Settings):  # the first download holds until the second waits
         c = real(settings)
 
-        def slow(params, **_):
+        def hold(params, **_):
             seen.append(params["Key"])
-            time.sleep(0.2)
+            assert second_waiting.wait(10), "the second resolver never waited for the lock"
 
-        c.meta.events.register("provide-client-params.s3.GetObject", slow)
+        c.meta.events.register("provide-client-params.s3.GetObject", hold)
         return c
 
     monkeypatch.setattr(model_cache, "_s3_client", client)
@@ -280,8 +290,10 @@ def test_concurrent_resolvers_download_once(
     for thread in threads:
         thread.join(10)
 
+    model_cache.log.removeHandler(handler)
     expected = settings.resolved_model_cache_dir / entry_name(url)
     assert results == [expected, expected]
+    assert second_waiting.is_set(), "the two resolvers overlapped"
     assert sorted(seen) == sorted(f"shared/{rel}" for rel in model_files())
 
 
