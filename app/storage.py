@@ -106,12 +106,19 @@ class LocalStore:
 class S3Store:
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None) -> None:
         import boto3  # imported here so the local backend needs no AWS setup
+        from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         from boto3.s3.transfer import TransferConfig
 
-        self.client = boto3.client("s3", endpoint_url=endpoint_url)
+        # botocore's "standard" retries: throttling, 5xx and connection errors are retried
+        # with backoff (8 attempts), so a blip of the object store fails nothing.
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=Config(retries={"max_attempts": 8, "mode": "standard"}),
+        )
         # A non-seekable upload stream is buffered a part at a time; keep few parts in flight
         # so a large upload holds ~2 x 8 MB in memory, not s3transfer's default of 10 parts.
         self.transfer = TransferConfig(max_concurrency=2)

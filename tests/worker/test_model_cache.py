@@ -245,7 +245,12 @@ def test_a_model_bigger_than_the_whole_cache_is_refused(
 
 
 def test_concurrent_resolvers_download_once(
-    tmp_path: Path, s3_endpoint: str, s3, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    s3_endpoint: str,
+    s3,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     url = publish(s3, s3_bucket, "shared", model_files())
     seen: list[str] = []
@@ -257,9 +262,12 @@ def test_concurrent_resolvers_download_once(
             if "waiting for another process" in record.getMessage():
                 second_waiting.set()
 
-    handler = WaitSeen()
+    handler = WaitSeen(level=logging.INFO)
     model_cache.log.addHandler(handler)
-    monkeypatch.setattr(model_cache.log, "level", logging.INFO)
+    level = model_cache.log.level
+    model_cache.log.setLevel(logging.INFO)  # setLevel: it also clears the logger's cache
+    request.addfinalizer(lambda: model_cache.log.setLevel(level))
+    request.addfinalizer(lambda: model_cache.log.removeHandler(handler))
 
     def client(settings: Settings):  # the first download holds until the second waits
         c = real(settings)
@@ -290,7 +298,6 @@ def test_concurrent_resolvers_download_once(
     for thread in threads:
         thread.join(10)
 
-    model_cache.log.removeHandler(handler)
     expected = settings.resolved_model_cache_dir / entry_name(url)
     assert results == [expected, expected]
     assert second_waiting.is_set(), "the two resolvers overlapped"
