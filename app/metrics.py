@@ -43,7 +43,7 @@ from app.domain.memory import eligible_classes
 from app.errors import Unauthorized
 from app.logs import route_template
 from app.models import Job, Team, Worker
-from app.services.pool import LIVE_STATUSES, pending_dispatches, pool_classes
+from app.services.pool import LIVE_STATUSES, pending_dispatches, pool_classes, shown_state
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class DatabaseCollector:
     def _workers(self, session: Session) -> list[Metric]:
         """Registered workers by state and class; a live-status worker silent past its
         lease counts as lost (as GET /v1/workers shows it), busy ones by `busy`."""
-        cutoff = time.time() - self.settings.worker_lease_seconds
+        at = time.time()
         family = GaugeMetricFamily(
             "lathe_workers",
             "GPU workers by state (active, draining, drained, lost, stopped) and class",
@@ -262,7 +262,7 @@ class DatabaseCollector:
             )
         ).all()  # one row per live worker: as many as GPUs
         for status, gpu_class, last_seen, current_job in live:
-            state = "lost" if last_seen < cutoff else status
+            state = shown_state(status, last_seen, at, self.settings)
             counts[(state, gpu_class)] = counts.get((state, gpu_class), 0) + 1
             busy.setdefault(gpu_class, 0)
             if state != "lost" and current_job is not None:

@@ -13,7 +13,7 @@ from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.models import Job, Worker
 from app.schemas import list_envelope
 from app.services import jobs
-from app.services.pool import team_quotas
+from app.services.pool import shown_state, team_quotas
 from app.services.queue_view import job_position, queue_summary
 from app.services.usage import usage_for
 
@@ -29,9 +29,6 @@ def list_workers(team: TeamDep, session: SessionDep, settings: SettingsDep) -> d
     rows = session.scalars(select(Worker).order_by(Worker.gpu_class, Worker.id)).all()
     data = []
     for w in rows:
-        stale = w.status not in ("lost", "stopped") and (
-            w.last_seen < at - settings.worker_lease_seconds
-        )
         data.append(
             {
                 "id": w.id,
@@ -40,7 +37,7 @@ def list_workers(team: TeamDep, session: SessionDep, settings: SettingsDep) -> d
                 "gpu_name": w.gpu_name,
                 "gpu_class": w.gpu_class,
                 "memory_gb": w.memory_gb,
-                "status": "lost" if stale else w.status,
+                "status": shown_state(w.status, w.last_seen, at, settings),
                 "busy": w.current_job is not None,
                 # Another team's job id is not shown, only that the worker is busy.
                 "current_job": w.current_job if w.current_job in own else None,

@@ -22,6 +22,14 @@ from app.services.usage import month_gpu_seconds
 LIVE_STATUSES = ("active", "draining", "drained")
 
 
+def shown_state(status: str, last_seen: float, at: float, settings: Settings) -> str:
+    """A worker's state as the pool shows it: one in a live status but silent past its
+    lease is `lost` already, before the scheduler's reconciler marks it so."""
+    if status in LIVE_STATUSES and last_seen < at - settings.worker_lease_seconds:
+        return "lost"
+    return status
+
+
 def quota_defaults(settings: Settings) -> Quotas:
     return Quotas(**settings.default_quotas.model_dump())
 

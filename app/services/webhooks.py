@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -77,7 +77,7 @@ def create_webhook(session: Session, team: Team, url: str, event_types: list[str
             code="invalid_value",
             param="event_types",
         )
-    count = len(session.scalars(select(Webhook.pk).where(Webhook.team_pk == team.pk)).all())
+    count = session.scalar(select(func.count()).where(Webhook.team_pk == team.pk))
     if count >= MAX_WEBHOOKS_PER_TEAM:
         raise BadRequest(
             f"a team has at most {MAX_WEBHOOKS_PER_TEAM} webhooks; delete one first",

@@ -9,9 +9,8 @@ import numpy as np
 import torch
 from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 
+from app.domain.memory import GB
 from worker.training.data import IGNORE_INDEX, TokenizedFile, chat_prompt, read_jsonl
-
-GB = 1024**3
 
 
 def token_summary(train: TokenizedFile, valid: TokenizedFile | None, max_seq_length: int) -> str:
