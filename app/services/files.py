@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.domain.datasets import DatasetError, DatasetValidator
 from app.domain.ids import new_id
+from app.domain.jobs import FINAL_STATES
 from app.domain.quotas import Quotas, check_upload
 from app.errors import BadRequest, NotFound, PayloadTooLarge, QuotaError
 from app.models import File, Job, Team
@@ -179,11 +180,15 @@ def list_files(session: Session, team: Team, purpose: str | None, limit: int, af
 
 
 def delete_file(session: Session, store: ObjectStore, team: Team, file_id: str) -> None:
+    """Delete a file no unfinished job uses. A paused job counts: its resume reads the
+    training and validation files again. The row is locked, so a job created meanwhile
+    (which locks it too) is either seen here or sees the file gone."""
     record = get_file(session, team, file_id)
+    session.execute(select(File.pk).where(File.pk == record.pk).with_for_update())
     in_use = session.scalar(
         select(Job.id).where(
             Job.team_pk == team.pk,
-            Job.status.in_(("validating_files", "queued", "running")),
+            Job.status.not_in([s.value for s in FINAL_STATES]),
             (Job.training_file == file_id) | (Job.validation_file == file_id),
         )
     )
