@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
@@ -88,11 +89,28 @@ class Settings(BaseSettings):
     webhook_retry_base_seconds: float = 10.0
     webhook_timeout_seconds: float = 10.0
     # Webhooks are not sent to hosts resolving into these networks: by default cloud
-    # metadata (link-local) and this host itself. Teams are internal, so private ranges are
-    # allowed; add them here to keep webhooks off the internal network.
+    # metadata (link-local) and this host itself ("this-host": every address of its
+    # interfaces). Teams are internal, so private ranges are allowed; add them here to keep
+    # webhooks off the internal network. 0.0.0.0/8 and :: are always denied (app/services/
+    # egress.py, which also judges IPv4-mapped and other IPv4-embedding IPv6 addresses).
     webhook_denied_networks: list[str] = Field(
-        default_factory=lambda: ["169.254.0.0/16", "fe80::/10", "127.0.0.0/8", "::1/128"]
+        default_factory=lambda: [
+            "169.254.0.0/16",
+            "fe80::/10",
+            "127.0.0.0/8",
+            "::1/128",
+            "this-host",
+        ]
     )
+
+    @field_validator("webhook_denied_networks")
+    @classmethod
+    def _networks_parse(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            if entry.strip() != "this-host":
+                ipaddress.ip_network(entry.strip(), strict=False)  # ValueError names it
+        return entries
+
     # How often a job's event stream (GET .../events?stream=true) looks for new events.
     event_stream_poll_seconds: float = 0.5
     # Largest upload accepted, in bytes.

@@ -9,14 +9,12 @@ import logging
 import threading
 import time
 
-import httpx
-
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.queue import make_celery
 from app.services.files import sweep_orphans
 from app.services.scheduler import schedule_once
-from app.services.webhooks import deliver_due
+from app.services.webhooks import deliver_due, sender_client
 from app.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,8 @@ def run_forever(settings: Settings, stop: threading.Event | None = None) -> None
 
 def deliver_webhooks_forever(settings: Settings, sessions, stop: threading.Event) -> None:
     """Send due webhook deliveries until `stop`; idle, look again every second."""
-    with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
+    # Each connection checks its address against LATHE_WEBHOOK_DENIED_NETWORKS (egress.py).
+    with sender_client(settings) as client:
         while not stop.is_set():
             sent = 0
             try:

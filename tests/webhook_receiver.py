@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,12 +16,17 @@ class Received:
 
 @dataclass
 class Receiver:
-    """Answers each POST with the next status in `statuses` (then 200) and records it."""
+    """Answers each POST with the next status in `statuses` (then 200) and records it.
+
+    `host`: the address it listens on (0.0.0.0: every address of this machine); `tls`: serve
+    HTTPS with this context."""
 
     statuses: list[int] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     arrived: threading.Condition = field(default_factory=threading.Condition)
     url: str = ""
+    host: str = "127.0.0.1"
+    tls: ssl.SSLContext | None = None
 
     def __enter__(self) -> Receiver:
         receiver = self
@@ -38,11 +44,18 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/lathe"
+        self.server = ThreadingHTTPServer((self.host, 0), Handler)
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/hooks/lathe"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         return self
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import Field
 
-from app.api.deps import SessionDep, TeamDep
+from app.api.deps import SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.models import Webhook, WebhookDelivery
 from app.schemas import Strict, list_envelope
@@ -44,8 +44,13 @@ def delivery_object(delivery: WebhookDelivery) -> dict:
         "event_type": delivery.event_type,
         "status": delivery.status,
         "attempts": delivery.attempts,
-        "last_status_code": delivery.last_status_code,
-        "last_error": delivery.last_error,
+        # Coarse, also for rows written before they were stored so (app.services.webhooks).
+        "last_status_code": (
+            None
+            if delivery.last_status_code is None
+            else webhooks.status_class(delivery.last_status_code)
+        ),
+        "last_error": webhooks.coarse_error(delivery.last_error),
         "created_at": delivery.created_at,
         "delivered_at": delivery.delivered_at,
         "payload": delivery.payload,
@@ -53,8 +58,11 @@ def delivery_object(delivery: WebhookDelivery) -> dict:
 
 
 @router.post("")
-def create_webhook(body: WebhookCreate, team: TeamDep, session: SessionDep) -> dict:
-    webhook = webhooks.create_webhook(session, team, body.url, body.event_types)
+def create_webhook(
+    body: WebhookCreate, team: TeamDep, session: SessionDep, settings: SettingsDep
+) -> dict:
+    policy = webhooks.egress_policy(settings)
+    webhook = webhooks.create_webhook(session, team, body.url, body.event_types, policy)
     return webhook_object(webhook, with_secret=True)
 
 

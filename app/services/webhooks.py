@@ -15,10 +15,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -32,6 +30,14 @@ from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
 from app.errors import BadRequest, NotFound
 from app.models import Job, Team, Webhook, WebhookDelivery, now
+from app.services.egress import (
+    DeniedAddress,
+    EgressPolicy,
+    Resolver,
+    system_resolver,
+    webhook_client,
+)
+from app.services.locks import lock_team
 
 EVENT_TYPES = {
     JobStatus.SUCCEEDED: "fine_tuning.job.succeeded",
@@ -39,6 +45,48 @@ EVENT_TYPES = {
     JobStatus.CANCELLED: "fine_tuning.job.cancelled",
 }
 MAX_WEBHOOKS_PER_TEAM = 20
+
+# What a failed attempt records (last_error), and nothing finer: the exact reason (refused,
+# unreachable, reset, TLS, which status) would let a team map the network around Lathe.
+DENIED = "not sent: the host resolves into a denied network (LATHE_WEBHOOK_DENIED_NETWORKS)"
+CONNECTION_FAILED = "connection failed"
+TIMED_OUT = "timed out"
+
+
+def status_class(code: int) -> int:
+    """503 -> 500: the status code a delivery records and shows."""
+    return code // 100 * 100
+
+
+def http_error(code: int) -> str:
+    return f"HTTP {code // 100}xx"
+
+
+def coarse_error(error: str | None) -> str | None:
+    """A stored last_error in the coarse form, whatever wrote it (rows from before this
+    form held exception text)."""
+    if error is None or error in (DENIED, CONNECTION_FAILED, TIMED_OUT):
+        return error
+    if "denied network" in error:
+        return DENIED
+    if error.startswith("HTTP ") and error[5:6].isdigit():
+        return f"HTTP {error[5]}xx"
+    if "Timeout" in error or "timed out" in error:
+        return TIMED_OUT
+    return CONNECTION_FAILED
+
+
+def egress_policy(settings: Settings, resolver: Resolver = system_resolver) -> EgressPolicy:
+    return EgressPolicy.from_entries(settings.webhook_denied_networks, resolver)
+
+
+def sender_client(
+    settings: Settings, resolver: Resolver = system_resolver, verify: bool | str = True
+) -> httpx.Client:
+    """The client deliveries go out with: it connects only to addresses it has checked."""
+    return webhook_client(
+        egress_policy(settings, resolver), settings.webhook_timeout_seconds, verify
+    )
 
 
 def new_secret() -> str:
@@ -52,7 +100,9 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def create_webhook(session: Session, team: Team, url: str, event_types: list[str]) -> Webhook:
+def create_webhook(
+    session: Session, team: Team, url: str, event_types: list[str], policy: EgressPolicy
+) -> Webhook:
     try:
         parsed = httpx.URL(url)  # what the sender will use, so what it accepts
         parsed.host.encode("idna")  # what resolving it will need ("a..b" fails here)
@@ -77,6 +127,10 @@ def create_webhook(session: Session, team: Team, url: str, event_types: list[str
             code="invalid_value",
             param="event_types",
         )
+    refused = denied_host(parsed, policy)
+    if refused:
+        raise BadRequest(refused, code="denied_url", param="url")
+    lock_team(session, team)  # one creation of this team at a time counts, then inserts
     count = session.scalar(select(func.count()).where(Webhook.team_pk == team.pk))
     if count >= MAX_WEBHOOKS_PER_TEAM:
         raise BadRequest(
@@ -93,6 +147,22 @@ def create_webhook(session: Session, team: Team, url: str, event_types: list[str
     session.add(webhook)
     session.commit()
     return webhook
+
+
+def denied_host(url: httpx.URL, policy: EgressPolicy) -> str | None:
+    """Why a new webhook's host may not be called, or None. A name that does not resolve
+    now is accepted: each delivery checks again, and connects only where it checked."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        policy.vet(url.host, port)
+    except DeniedAddress as denied:
+        return (
+            f"url host {denied.host!r} resolves to {denied.address}, {denied.reason}; "
+            "webhooks may not call it (LATHE_WEBHOOK_DENIED_NETWORKS)"
+        )
+    except (OSError, UnicodeError):
+        return None
+    return None
 
 
 def get_webhook(session: Session, team: Team, webhook_id: str) -> Webhook:
@@ -208,27 +278,9 @@ def retry_delay(attempts: int, base_seconds: float) -> float:
     return min(base_seconds * 3 ** (attempts - 1), 6 * 3600.0)
 
 
-def denied_address(url: str, networks: list[str]) -> str | None:
-    """Why `url`'s host may not be called (it resolves into a denied network), or None."""
-    host = httpx.URL(url).host
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        return f"cannot resolve {host}: {exc}"
-    denied = [ipaddress.ip_network(n) for n in networks]
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if any(address in network for network in denied):
-            return (
-                f"{host} resolves to {address}, in a denied network (LATHE_WEBHOOK_DENIED_NETWORKS)"
-            )
-    return None
-
-
-def post(
-    client: httpx.Client, due: Due, denied_networks: list[str]
-) -> tuple[int | None, str | None]:
-    """POST one event; (status code, error) — a 2xx status code means delivered."""
+def post(client: httpx.Client, due: Due) -> tuple[int | None, str | None]:
+    """POST one event with `client` (a `sender_client`, which checks where it connects);
+    (status class, coarse error): no error means delivered."""
     body = json.dumps(due.payload, separators=(",", ":")).encode()
     timestamp = int(time.time())
     headers = {
@@ -239,15 +291,16 @@ def post(
         "webhook-signature": sign(due.secret, due.delivery_id, timestamp, body),
     }
     try:
-        refused = denied_address(due.url, denied_networks)
-        if refused:
-            return None, refused[:500]
         response = client.post(due.url, content=body, headers=headers)
-    except Exception as exc:  # any failure is this delivery's, never the sender's
-        return None, f"{type(exc).__name__}: {exc}"[:500]
+    except DeniedAddress:
+        return None, DENIED
+    except httpx.TimeoutException:
+        return None, TIMED_OUT
+    except Exception:  # any failure is this delivery's, never the sender's
+        return None, CONNECTION_FAILED
     if 200 <= response.status_code < 300:
-        return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}"
+        return status_class(response.status_code), None
+    return status_class(response.status_code), http_error(response.status_code)
 
 
 def record_attempt(
@@ -280,14 +333,15 @@ def record_attempt(
 def deliver_due(
     sessions: sessionmaker[Session], client: httpx.Client, settings: Settings, limit: int = 20
 ) -> int:
-    """Send what is due now, one claimed row at a time; the number of attempts made."""
+    """Send what is due now, one claimed row at a time, with `client` from `sender_client`;
+    the number of attempts made."""
     sent = 0
     while sent < limit:
         with sessions() as session:
             due = claim_next(session, lease_seconds=settings.webhook_timeout_seconds * 3)
         if due is None:
             break
-        code, error = post(client, due, settings.webhook_denied_networks)
+        code, error = post(client, due)
         with sessions() as session:
             record_attempt(session, due, code, error, settings)
         sent += 1

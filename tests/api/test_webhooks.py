@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 
 from app.config import Settings
-from app.services.webhooks import deliver_due, retry_delay
+from app.services.webhooks import CONNECTION_FAILED, deliver_due, retry_delay, sender_client
 from tests.api.datasets import CHAT
 from tests.conftest import settings_from
 from tests.webhook_receiver import Receiver
@@ -41,7 +40,7 @@ def test_a_cancelled_job_is_delivered_signed_as_openai_verifies_it(team, api_env
         ]
         job_id = cancelled_job(team)
 
-        with httpx.Client(timeout=5) as client:
+        with sender_client(settings(api_env)) as client:
             assert deliver_due(sessions, client, settings(api_env)) == 1
         [delivery] = receiver.wait(1, timeout=5)
 
@@ -67,7 +66,7 @@ def test_failed_deliveries_are_retried_with_backoff_then_given_up(team, api_env,
     with Receiver(statuses=[500, 503]) as receiver:
         hook = team.post("/v1/webhooks", json={"url": receiver.url}).json()
         cancelled_job(team)
-        with httpx.Client(timeout=5) as client:
+        with sender_client(now_settings) as client:
             # No delay between retries here: 500, 503, then 200 within one pass.
             assert deliver_due(sessions, client, now_settings) == 3
             assert deliver_due(sessions, client, now_settings) == 0, "delivered: none due"
@@ -79,12 +78,12 @@ def test_failed_deliveries_are_retried_with_backoff_then_given_up(team, api_env,
     # A receiver that never answers 2xx: given up after webhook_max_attempts.
     dead = team.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/nothing"}).json()
     cancelled_job(team)
-    with httpx.Client(timeout=2) as client:
+    with sender_client(now_settings) as client:
         while deliver_due(sessions, client, now_settings):
             pass
     [gone] = team.get(f"/v1/webhooks/{dead['id']}/deliveries").json()["data"]
     assert (gone["status"], gone["attempts"]) == ("failed", 3)
-    assert gone["last_error"].startswith("ConnectError")
+    assert (gone["last_error"], gone["last_status_code"]) == (CONNECTION_FAILED, None)
 
 
 def test_a_denied_address_is_not_called_and_does_not_block_others(team, api_env, sessions) -> None:
@@ -93,7 +92,7 @@ def test_a_denied_address_is_not_called_and_does_not_block_others(team, api_env,
         team.post("/v1/webhooks", json={"url": receiver.url})
         cancelled_job(team)
         cancelled_job(team)
-        with httpx.Client(timeout=5) as client:
+        with sender_client(strict) as client:
             assert deliver_due(sessions, client, strict) == 2, "both tried, neither blocks"
     assert receiver.received == []
     hook = team.get("/v1/webhooks").json()["data"][0]
@@ -116,7 +115,7 @@ def test_webhooks_only_for_the_event_types_asked_and_the_team(
         )
         other_team.post("/v1/webhooks", json={"url": receiver.url})
         cancelled_job(team)  # a cancel: not asked for; the other team's hook is not ours
-        with httpx.Client(timeout=5) as client:
+        with sender_client(settings(api_env)) as client:
             assert deliver_due(sessions, client, settings(api_env)) == 0
     assert receiver.received == []
 
