@@ -7,6 +7,8 @@ streams to storage, in constant memory.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -43,6 +45,50 @@ class DatasetStats:
     format: DatasetFormat
     examples: int
     characters: int
+
+
+# What JSON's \\u escapes can spell but a training file must not hold: NUL (Postgres, C
+# tokenizers and most tools end a string there) and UTF-16 surrogates that are not part of
+# a pair (json.loads joins a valid pair into one character; a lone one cannot be encoded as
+# UTF-8, so the job would fail when it tokenizes the file). As raw bytes, both are refused
+# already: a raw NUL is invalid JSON and a surrogate is invalid UTF-8.
+_FORBIDDEN_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+
+
+def _strings(value: object, where: str = "") -> Iterator[tuple[str, str]]:
+    """(where, string) for every key and string value in a parsed JSON value, iteratively
+    (a record may be nested as deeply as json.loads allows)."""
+    stack: list[tuple[str, object]] = [(where, value)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            yield where or "the line", value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                # A key is checked before the path that names it is used in a message.
+                yield f"a key of {where or 'the object'}", key
+                name = key if len(key) <= 40 else key[:40] + "..."
+                path = f"{where}.{name}" if where else name
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+
+
+def check_characters(record: object, line: int) -> None:
+    """Refuse an escaped NUL (\\u0000) or lone surrogate (\\ud800) anywhere in the record."""
+    for where, text in _strings(record):
+        found = _FORBIDDEN_CHARACTER.search(text)
+        if found is None:
+            continue
+        char = found.group()
+        if char == "\x00":
+            raise DatasetError("nul_character", f"{where} contains a NUL character (\\u0000)", line)
+        raise DatasetError(
+            "invalid_encoding",
+            f"{where} contains a lone UTF-16 surrogate (\\u{ord(char):04x}), which is not "
+            "valid Unicode",
+            line,
+        )
 
 
 def detect_format(record: dict, line: int) -> DatasetFormat:
@@ -177,6 +223,8 @@ class DatasetValidator:
             raise DatasetError(
                 "invalid_type", f"expected a JSON object, got {type(record).__name__}", line
             )
+        if "\\u" in text:  # only an escape can put either character in a parsed string
+            check_characters(record, line)
         fmt = detect_format(record, line)
         if self.format is None:
             self.format, self.first_line = fmt, line

@@ -113,3 +113,39 @@ def test_integer_labels_are_classes_too() -> None:
 def test_text_then_classification_is_mixed() -> None:
     error = error_for([TEXT, CLS])
     assert error.code == "mixed_formats" and "classification" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "fragment"),
+    [
+        # Escapes of what a raw byte could not carry: each parses, and would fail the job.
+        (
+            rb'{"text": "a\ud800b"}',
+            "invalid_encoding",
+            r"text contains a lone UTF-16 surrogate (\ud800)",
+        ),
+        (rb'{"text": "a\uDFFF"}', "invalid_encoding", r"(\udfff)"),
+        (rb'{"text": "a\u0000b"}', "nul_character", r"text contains a NUL character (\u0000)"),
+        (
+            rb'{"messages": [{"role": "user", "content": "x"},'
+            rb' {"role": "assistant", "content": "\u0000"}]}',
+            "nul_character",
+            "messages[1].content",
+        ),
+        (rb'{"text": "x", "meta": {"k\u0000": 1}}', "nul_character", "a key of meta"),
+        (rb'{"text": "x", "tags": [["\udc00"]]}', "invalid_encoding", "tags[0][0]"),
+    ],
+)
+def test_escaped_nul_and_lone_surrogates_are_refused_with_the_line(
+    bad: bytes, code: str, fragment: str
+) -> None:
+    err = error_for([TEXT, TEXT, bad, TEXT])
+    assert (err.code, err.line) == (code, 3)
+    assert fragment in str(err)
+
+
+def test_escapes_of_valid_text_are_accepted() -> None:
+    """A surrogate pair is one character (an emoji), and an escaped backslash before
+    u0000 is the six characters \\u0000, not a NUL."""
+    stats = validate_lines([rb'{"text": "\ud83d\ude00 and \\u0000"}'])
+    assert stats.examples == 1
