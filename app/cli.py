@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,28 +39,76 @@ def migrate() -> None:
     console.print(f"database at head: {settings.resolved_database_url.split('@')[-1]}")
 
 
+class _Stopped(BaseException):
+    """A stop signal, raised in the main thread (BaseException: nothing catches it midway)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM, SIGINT and SIGHUP raise _Stopped, once: the cleanup it unwinds into is not
+    interrupted by a second one. uvicorn handles SIGTERM and SIGINT itself while it runs,
+    then restores these handlers and raises the signal again after its graceful shutdown:
+    without a handler of ours SIGTERM would kill the process there, skipping every
+    `finally` (and leaving the embedded worker running)."""
+    stopping = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise _Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind."),
     port: int = typer.Option(8000, help="Port to listen on."),
 ) -> None:
     """Run the API. With no LATHE_BROKER_URL it also runs its own worker (embedded mode)."""
+    from app.lifetime import die_with_parent
+
+    _stop_on_signals()
+    # Started by `lathe demo`: stop cleanly (as on SIGTERM) when the demo is gone.
+    die_with_parent(signal.SIGTERM, grace_s=30)
+    try:
+        _serve(host, port)
+    except _Stopped as stopped:
+        # Cleaned up: now end as the signal would have (the status a supervisor expects).
+        signal.signal(stopped.signum, signal.SIG_DFL)
+        signal.raise_signal(stopped.signum)
+
+
+def _serve(host: str, port: int) -> None:
     import uvicorn
 
+    from app.lifetime import child_env, stop_child
     from app.logs import configure_logging
     from app.main import create_app
 
     settings = get_settings()
     configure_logging(settings.log_format)
     worker = None
-    if settings.embedded:
-        from app.migrate import upgrade
-
-        upgrade(settings.resolved_database_url)
-        # The worker is a child process: the API process never imports torch.
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ)
-        console.print(f"embedded mode: worker pid {worker.pid}, data in {settings.home}")
     try:
+        if settings.embedded:
+            from app.migrate import upgrade
+
+            upgrade(settings.resolved_database_url)
+            # The worker is a child process (the API process never imports torch), in a
+            # process group of its own with its pool and training process: stopped
+            # together below, and each dies with its parent if this process is killed
+            # (app/lifetime.py).
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker"],
+                env=child_env(),
+                start_new_session=True,
+            )
+            console.print(f"embedded mode: worker pid {worker.pid}, data in {settings.home}")
         # Request lines come from app.logs' access log (with request and team ids); in
         # JSON, uvicorn's own lines go through the root logger's JSON handler too.
         json_logs = {"log_config": None} if settings.log_format == "json" else {}
@@ -73,11 +122,10 @@ def serve(
         )
     finally:
         if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            # A cold Celery shutdown: a running job is not waited for; its worker marks
+            # itself stopped and the job goes back in line, to resume from its last
+            # checkpoint on the next start.
+            stop_child(worker, signal.SIGQUIT, grace_s=10)
 
 
 @app.command()
@@ -90,6 +138,11 @@ def worker(
     loglevel: str = typer.Option("INFO"),
 ) -> None:
     """Run a Celery GPU worker for one GPU: one job at a time, each in a fresh process."""
+    from app.lifetime import die_with_parent
+
+    # Started by `lathe serve` (embedded): a cold shutdown when the server is gone, then
+    # SIGKILL for this process group (the pool and the training process) if it lingers.
+    die_with_parent(signal.SIGQUIT, grace_s=10)
     if gpu_class:
         os.environ["LATHE_WORKER_GPU_CLASS"] = gpu_class
     if memory_gb:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from app.config import TINY_RANDOM_LLAMA, get_settings
 from app.db import make_engine, make_sessionmaker
+from app.lifetime import child_env, stop_child
 from app.migrate import upgrade
 from app.models import Team
 from app.services.teams import create_team, issue_key
@@ -131,9 +132,10 @@ def run_demo(port: int) -> None:
         raise SystemExit("the demo runs the embedded server: unset LATHE_BROKER_URL")
     key = demo_key()
     base_url = f"http://127.0.0.1:{port}"
+    # The server (and its worker) dies with the demo, even a killed one (app/lifetime.py).
     server = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-        env=os.environ,
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=open(settings.home / "demo-server.log", "w"),
     )
@@ -176,5 +178,4 @@ def run_demo(port: int) -> None:
             )
             show_results(client, job, settings.home / "demo-output")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_child(server, signal.SIGTERM, grace_s=30)

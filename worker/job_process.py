@@ -5,12 +5,15 @@ LATHE_* environment the worker passed down."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 from sqlalchemy import select
 
 from app.config import get_settings
 from app.db import make_engine, make_sessionmaker
+from app.lifetime import PARENT_PID_ENV, die_with_parent
 from app.logs import configure_logging, set_process_fields
 from app.models import Job, Team
 from worker.job_runner import train_or_fail, worker_id
@@ -19,6 +22,10 @@ TEXT_FORMAT = "[%(asctime)s: %(levelname)s/job] %(message)s"  # LATHE_LOG_FORMAT
 
 
 def main(job_id: str, attempt: int | None = None) -> int:
+    # Never outlive the Celery pool process waiting on this one (its parent, whose pid it
+    # passes down): killed with it, the GPU is freed and the job's lease lapses.
+    parent = os.environ.get(PARENT_PID_ENV)
+    die_with_parent(signal.SIGKILL, parent_pid=int(parent) if parent else os.getppid())
     settings = get_settings()
     configure_logging(settings.log_format, text_format=TEXT_FORMAT)
     engine = make_engine(settings.resolved_database_url)

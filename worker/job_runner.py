@@ -29,6 +29,7 @@ from app.config import Settings, get_settings
 from app.db import RETRYABLE, make_engine, make_sessionmaker, retry_db
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
+from app.lifetime import child_env
 from app.logs import bind, log_context
 from app.models import Checkpoint, File, Job, JobEvent, Worker, now
 from app.services.events import add_event
@@ -203,7 +204,9 @@ def _train_in_subprocess(
     process has not stopped on its own within the grace period (it polls every step), it
     is killed so the GPU is freed whatever state training is in."""
     fence = lease(me, attempt)
-    proc = subprocess.Popen([sys.executable, "-m", "worker.job_process", job_id, str(attempt)])
+    proc = subprocess.Popen(  # it dies with this process (app/lifetime.py)
+        [sys.executable, "-m", "worker.job_process", job_id, str(attempt)], env=child_env()
+    )
     stopping_since: float | None = None
     while proc.poll() is None:
         try:

@@ -1,5 +1,6 @@
 """The embedded default: `lathe serve` with nothing configured (SQLite, a local object
-directory, a folder queue and its own worker process) runs a job to the end."""
+directory, a folder queue and its own worker process) runs a job to the end, and leaves
+no process behind when stopped."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import free_port, wait_for
+from tests.e2e.processes import kill_all, wait_for_processes
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "app" / "data"
@@ -80,6 +82,13 @@ def test_embedded_server_trains_a_job(tmp_path: Path) -> None:
         # The dataset, the adapter and metrics.csv, under the team's prefix.
         stored = list((tmp_path / "home" / "objects" / "teams").glob("*/files/*"))
         assert len(stored) == 3
-    finally:
+        # Stopped, the server takes its worker and the worker's pool process with it.
         server.terminate()
         server.wait(timeout=30)
+        left = wait_for_processes(tmp_path / "home", lambda found: not found, 15)
+        assert left == {}, f"still running after lathe serve stopped: {left}"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        kill_all(tmp_path / "home")
