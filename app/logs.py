@@ -88,15 +88,48 @@ class ContextFilter(logging.Filter):
 # --- Formatters and setup -------------------------------------------------------------------
 
 
+# C0 and C1 controls (CR, LF, ESC for terminal sequences, NUL...), DEL, and the Unicode
+# line and paragraph separators that some viewers break lines at.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """ "GET /a\\r\\nforged" for "GET /a\r\nforged": a client's bytes (a URL-encoded CR/LF
+    in a path, a job id) can never start a line of their own in a text log."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(logging.Formatter):
-    """The plain format, with the context's ids appended: `... [team_id=... job_id=...]`."""
+    """The plain format, with the context's ids appended: `... [team_id=... job_id=...]`.
+
+    One record is one line: control characters in every field are escaped. A traceback
+    keeps its lines, each indented, so none of them can pass for a record of its own."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         line = super().formatMessage(record)
         ids = " ".join(
             f"{k}={getattr(record, k)}" for k in CONTEXT_FIELDS if getattr(record, k, None)
         )
-        return f"{line} [{ids}]" if ids else line
+        return escape_controls(f"{line} [{ids}]" if ids else line)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # logging.Formatter.format, but the traceback is formatted here each time: its
+        # cached copy (record.exc_text) may have been made by another handler's formatter.
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info:
+            text += "\n" + _indented(self.formatException(record.exc_info))
+        elif record.exc_text:
+            text += "\n" + _indented(record.exc_text)
+        if record.stack_info:
+            text += "\n" + _indented(self.formatStack(record.stack_info))
+        return text
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape_controls(part) for part in text.split("\n"))
 
 
 def json_formatter() -> JsonFormatter:
