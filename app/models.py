@@ -115,7 +115,11 @@ class Job(Base):
     result_files: Mapped[list] = mapped_column(JSON, default=list)
     error: Mapped[dict | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # Claims by a worker (pause/resume and re-queues included); the fencing of a run's
+    # writes (worker.job_runner.lease).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Workers lost, stopped or restarted while running the job; the third fails it.
+    worker_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Scheduling: priority within the team, the class asked for (NULL: any that fits),
     # the memory estimate, and the dispatch (late: only when a slot of the class is free).
     priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.models import Job, Worker, now
-from app.services.jobs import transition
+from app.services.jobs import requeue_after_worker_loss
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +130,13 @@ class Heartbeat:
 
     def _requeue_orphans(self, session: Session) -> None:
         """Jobs still `running` under this worker's id belonged to a previous incarnation
-        that died (a restart within the lease): they go back in line."""
+        that died (a restart within the lease): they go back in line, or fail once the
+        job has lost its worker too often."""
         orphans = session.scalars(
             select(Job).where(Job.worker == self.worker_id, Job.status == JobStatus.RUNNING.value)
         ).all()
-        for job in orphans:
-            transition(
-                session,
-                job,
-                JobStatus.QUEUED,
-                f"Worker {self.worker_id} restarted; the job is back in line",
-                level="warn",
-                dispatched_at=None,
-                dispatched_class=None,
-                worker=None,
-                estimated_finish=None,
-            )
+        for job in orphans:  # a restart is a loss like any other: it counts to the limit
+            requeue_after_worker_loss(session, job, f"Worker {self.worker_id} restarted")
 
     def start(self) -> None:
         self.register()

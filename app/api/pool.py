@@ -68,6 +68,8 @@ def job_queue(job_id: str, team: TeamDep, session: SessionDep, settings: Setting
         "eligible_gpu_classes": sorted(place.eligible) if place else None,
         "position": place.position if place else None,
         "estimated_start": place.estimated_start if place else None,
+        # Set while no worker of a class the job fits is online: it waits for one.
+        "waiting_for": place.waiting_for if place else None,
         "estimated_finish": job.estimated_finish,
         "worker": job.worker if job.status == "running" else None,
     }

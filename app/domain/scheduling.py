@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -249,6 +249,25 @@ def queue_order(
     taken: set[int] = set()
     waiting = _group(candidates, taken, None)
     return _fill(waiting, teams, taken, len(candidates), dispatch_charge, respect_quota=False)
+
+
+def waiting_for_worker(eligible: frozenset[str], online: Set[str]) -> str | None:
+    """Why a queued job cannot start however the queue moves: no live worker of any class
+    it may run on. None when one is online.
+
+    An empty `eligible` is a job accepted while the pool knew no class that could hold it
+    (no worker had registered and none was declared): it waits for one that can."""
+    if eligible & online:
+        return None
+    if not eligible:
+        return (
+            "No worker of a fitting GPU class is online: the pool knows no class that can "
+            "hold this job yet; it waits in line until such a worker registers"
+        )
+    return (
+        f"No worker of a fitting GPU class ({', '.join(sorted(eligible))}) is online; "
+        "the job waits in line until one is"
+    )
 
 
 def decayed_usage(

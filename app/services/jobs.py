@@ -18,17 +18,19 @@ from app.domain.jobs import WAITING_STATES, JobStatus, is_final, sources_of
 from app.domain.memory import (
     ModelShape,
     adapted_matrices,
+    eligible_classes,
     estimate_memory_gb,
     fitting_classes,
     shape_from_parameters,
 )
 from app.domain.quotas import check_new_job
+from app.domain.scheduling import waiting_for_worker
 from app.errors import BadRequest, Conflict, NotFound, QuotaError
 from app.models import Checkpoint, File, Job, JobEvent, Team, Worker, now
 from app.schemas import JobCreate, QuantizationIn, TrainingIn
 from app.services.events import add_event
 from app.services.pagination import newest_first_page
-from app.services.pool import pool_classes, team_quotas
+from app.services.pool import online_classes, pool_classes, team_quotas
 from app.services.usage import month_gpu_seconds
 from app.services.webhooks import enqueue_job_outcome
 
@@ -62,8 +64,67 @@ def transition(
     return True
 
 
+MAX_WORKER_LOSSES = 3
+"""The loss of a job's worker that fails the job: a job that takes its worker down each
+time (an OOM that kills the host, say) must not be re-queued forever."""
+
+
+def requeue_after_worker_loss(
+    session: Session, job: Job, what: str, *, at: float | None = None
+) -> bool:
+    """Put a running `job` whose worker was lost, stopped or restarted back in line,
+    counting the loss in `worker_losses`; the MAX_WORKER_LOSSES-th loss fails it
+    `worker_lost`. `what` says what happened ("Worker w1 was lost"). True when the job
+    went back in line. No commit.
+
+    Every path that takes a running job from its worker calls this, so every loss counts
+    whatever the event says. The count is guarded like the status: two processes
+    handling one loss (the restarted worker and the scheduler) cannot both count it."""
+    worker, losses = job.worker, job.worker_losses + 1
+    guard = (
+        Job.status == JobStatus.RUNNING.value,  # not one paused meanwhile
+        Job.worker == worker,
+        Job.worker_losses == losses - 1,
+    )
+    if losses >= MAX_WORKER_LOSSES:
+        transition(
+            session,
+            job,
+            JobStatus.FAILED,
+            f"{what}; the job failed after {losses} lost workers",
+            level="error",
+            guard=guard,
+            error={
+                "code": "worker_lost",
+                "param": None,
+                "message": f"the job's worker was lost, stopped or restarted {losses} times "
+                "while running it",
+            },
+            worker_losses=losses,
+            finished_at=int(at if at is not None else now()),
+            estimated_finish=None,
+        )
+        return False
+    return transition(
+        session,
+        job,
+        JobStatus.QUEUED,
+        f"{what}; the job is back in line ({losses} of {MAX_WORKER_LOSSES} losses allowed)",
+        level="warn",
+        guard=guard,
+        worker_losses=losses,
+        dispatched_at=None,
+        dispatched_class=None,
+        worker=None,
+        estimated_finish=None,
+    )
+
+
 def _job_file(session: Session, team: Team, file_id: str, param: str) -> File:
-    record = session.scalar(select(File).where(File.id == file_id, File.team_pk == team.pk))
+    # Locked: a concurrent DELETE of the file waits, then sees this job using it.
+    record = session.scalar(
+        select(File).where(File.id == file_id, File.team_pk == team.pk).with_for_update()
+    )
     if record is None:
         raise BadRequest(f"{param} {file_id!r} does not exist", code="file_not_found", param=param)
     if record.purpose != "fine-tune":
@@ -115,7 +176,7 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
     memory_gb = job_memory_gb(
         base, lora, hp.batch_size, body.max_seq_length, body.quantization, body.training
     )
-    check_fits_pool(session, settings, body.gpu_class, memory_gb)
+    classes = check_fits_pool(session, settings, body.gpu_class, memory_gb)
     job = Job(
         id=new_id("ftjob"),
         team_pk=team.pk,
@@ -169,6 +230,7 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
             finished_at=now(),
         )
     else:
+        note_if_no_worker(session, settings, job, classes)
         transition(
             session,
             job,
@@ -177,6 +239,19 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         )
     session.commit()
     return job
+
+
+def note_if_no_worker(
+    session: Session, settings: Settings, job: Job, classes: dict[str, float] | None = None
+) -> None:
+    """Tell the job's owner, in its events, when no worker that could take it is online:
+    it is accepted and waits, but it will not start until one registers."""
+    if classes is None:
+        classes = pool_classes(session, settings)
+    eligible = eligible_classes(job.gpu_class, job.memory_gb, classes)
+    notice = waiting_for_worker(eligible, online_classes(session, settings))
+    if notice:
+        add_event(session, job.pk, notice, level="warn")
 
 
 def job_memory_gb(
@@ -210,9 +285,16 @@ def job_memory_gb(
 
 def check_fits_pool(
     session: Session, settings: Settings, gpu_class: str | None, memory_gb: float
-) -> None:
-    """Refuse, at creation, a job no class in the pool can run: it would wait forever."""
+) -> dict[str, float]:
+    """Refuse, at creation, a job no class the pool knows can run: it would wait forever.
+
+    The pool knows the declared classes and every class a worker has ever announced, so
+    a job is accepted while its class's workers are all down (a rolling restart, a pool
+    scaled to zero). A pool that knows no class at all (a fresh one, nothing declared)
+    accepts every job: it waits for the first worker. Returns the known classes."""
     classes = pool_classes(session, settings)
+    if not classes:
+        return classes
     if gpu_class is not None:
         if gpu_class not in classes:
             raise BadRequest(
@@ -229,7 +311,7 @@ def check_fits_pool(
                 code="insufficient_gpu_memory",
                 param="gpu_class",
             )
-        return
+        return classes
     if not fitting_classes(memory_gb, classes):
         largest = max(classes.items(), key=lambda kv: kv[1], default=("none", 0.0))
         raise BadRequest(
@@ -239,6 +321,7 @@ def check_fits_pool(
             code="insufficient_gpu_memory",
             param="max_seq_length",
         )
+    return classes
 
 
 def check_new_job_quota(
@@ -350,6 +433,7 @@ def resume_job(session: Session, settings: Settings, team: Team, job_id: str) ->
     ):
         session.rollback()
         raise Conflict(f"job {job.id} changed state; try again", code="job_not_paused")
+    note_if_no_worker(session, settings, job)
     session.commit()
     return job
 

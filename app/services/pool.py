@@ -59,11 +59,24 @@ def live_workers(session: Session, settings: Settings, at: float | None = None) 
 
 
 def pool_classes(session: Session, settings: Settings, at: float | None = None) -> dict[str, float]:
-    """Declared classes plus those live workers announce (the larger memory wins)."""
+    """The classes the pool knows: declared ones plus every class a worker has ever
+    announced, live or not (the larger memory wins).
+
+    Not only live ones: during a rolling restart, or in a pool scaled to zero while idle,
+    no worker is up, and a job must wait for its class rather than be refused. `at` is
+    accepted for symmetry with the other reads; every row counts whatever its age."""
     classes = dict(settings.declared_gpu_classes)
-    for worker in live_workers(session, settings, at):
-        classes[worker.gpu_class] = max(classes.get(worker.gpu_class, 0.0), worker.memory_gb)
+    announced = session.execute(
+        select(Worker.gpu_class, func.max(Worker.memory_gb)).group_by(Worker.gpu_class)
+    )
+    for gpu_class, memory_gb in announced:
+        classes[gpu_class] = max(classes.get(gpu_class, 0.0), float(memory_gb or 0.0))
     return classes
+
+
+def online_classes(session: Session, settings: Settings, at: float | None = None) -> set[str]:
+    """Classes with at least one live, active (undrained) worker: those that will take a job."""
+    return {w.gpu_class for w in live_workers(session, settings, at) if w.status == "active"}
 
 
 def pending_dispatches(session: Session) -> dict[str, int]:

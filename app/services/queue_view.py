@@ -18,9 +18,15 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
-from app.domain.scheduling import QueuedJob, estimate_starts, queue_order
+from app.domain.scheduling import QueuedJob, estimate_starts, queue_order, waiting_for_worker
 from app.models import Job, Team
-from app.services.pool import live_workers, pool_classes, slot_free_times, team_shares
+from app.services.pool import (
+    live_workers,
+    online_classes,
+    pool_classes,
+    slot_free_times,
+    team_shares,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,7 @@ class Position:
     position: int  # 1-based, among jobs that compete for the same classes
     estimated_start: int | None  # epoch seconds; None: no worker of its classes is up
     eligible: frozenset[str]
+    waiting_for: str | None = None  # why it will not start: no fitting worker is online
 
 
 def typical_job_seconds(session: Session, settings: Settings) -> float:
@@ -84,11 +91,14 @@ def positions(session: Session, settings: Settings) -> dict[int, Position]:
     )
     slots = slot_free_times(session, settings, at)
     typical = typical_job_seconds(session, settings)
-    # Position: jobs ahead in the fair-share order that compete for one of its classes.
+    # Position: jobs ahead in the fair-share order that compete for one of its classes
+    # (jobs that fit no known class yet wait for the same first worker: they compete).
     seen: dict[frozenset[str], int] = {}
     placed: list[tuple[QueuedJob, int]] = []
     for job in order:
-        competing = sum(n for eligible, n in seen.items() if eligible & job.eligible)
+        competing = sum(
+            n for eligible, n in seen.items() if eligible & job.eligible or eligible == job.eligible
+        )
         placed.append((job, competing + 1))
         seen[job.eligible] = seen.get(job.eligible, 0) + 1
     # Starts: one simulation per distinct set of classes, long enough for its last job.
@@ -97,12 +107,14 @@ def positions(session: Session, settings: Settings) -> dict[int, Position]:
         deepest = max(pos for job, pos in placed if job.eligible == eligible)
         free_in = [t for c in sorted(eligible) if c in slots for t in slots[c].free_in]
         starts[eligible] = estimate_starts(deepest, free_in, typical)
+    online = online_classes(session, settings, at)
     result: dict[int, Position] = {}
     for job, position in placed:
         wait = starts[job.eligible][position - 1]
         dispatched = jobs[job.key]
         estimate = None if math.isinf(wait) else int(dispatched or at + wait)
-        result[job.key] = Position(position, estimate, job.eligible)
+        waiting_for = None if dispatched else waiting_for_worker(job.eligible, online)
+        result[job.key] = Position(position, estimate, job.eligible, waiting_for)
     return result
 
 

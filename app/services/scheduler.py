@@ -24,15 +24,14 @@ from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
 from app.domain.scheduling import QueuedJob, plan_dispatch
-from app.models import Job, JobEvent, Team, Worker
+from app.models import Job, Team, Worker
 from app.queue import send_training_task, tasks_in_broker
 from app.services.idempotency import purge_expired
-from app.services.jobs import transition
+from app.services.jobs import requeue_after_worker_loss
 from app.services.pool import free_slots, pool_classes, team_shares
 
 log = logging.getLogger(__name__)
 SCHEDULER_LOCK = 0x1A7E  # pg advisory lock key: one pass at a time, pool-wide
-MAX_ATTEMPTS = 3
 
 PRIORITY_RANK = case((Job.priority == "high", 0), (Job.priority == "normal", 1), else_=2)
 
@@ -54,7 +53,8 @@ def _try_lock(session: Session) -> bool:
 
 def reconcile_workers(session: Session, settings: Settings, at: float, result: PassResult) -> None:
     """Workers silent past their lease are lost; their running jobs go back in line, as
-    do jobs still running on a worker that stopped."""
+    do jobs still running on a worker that stopped. Each counts as one of the job's
+    allowed losses (app.services.jobs.requeue_after_worker_loss)."""
     lost = session.scalars(
         select(Worker).where(
             Worker.status.in_(("active", "draining", "drained")),
@@ -70,43 +70,7 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
         select(Job).where(Job.status == JobStatus.RUNNING.value, Job.worker.in_(gone))
     ).all()
     for job in orphans:
-        worker_id = job.worker
-        losses = 1 + (
-            session.scalar(
-                select(func.count()).where(
-                    JobEvent.job_pk == job.pk, JobEvent.message.like("Worker % was lost%")
-                )
-            )
-            or 0
-        )
-        if losses >= MAX_ATTEMPTS:
-            transition(
-                session,
-                job,
-                JobStatus.FAILED,
-                f"Worker {worker_id} was lost; the job failed after {losses} lost workers",
-                level="error",
-                error={
-                    "code": "worker_lost",
-                    "param": None,
-                    "message": f"the job's worker was lost {losses} times",
-                },
-                finished_at=int(at),
-                estimated_finish=None,
-            )
-        else:
-            transition(
-                session,
-                job,
-                JobStatus.QUEUED,
-                f"Worker {worker_id} was lost; the job is back in line "
-                f"({losses} of {MAX_ATTEMPTS} losses allowed)",
-                level="warn",
-                dispatched_at=None,
-                dispatched_class=None,
-                worker=None,
-                estimated_finish=None,
-            )
+        if requeue_after_worker_loss(session, job, f"Worker {job.worker} was lost", at=at):
             result.requeued.append(job.id)
 
 

@@ -384,3 +384,167 @@ def test_a_dispatch_the_broker_lost_is_sent_again_with_a_new_token(
     assert [j for j, _ in result.dispatched] == [job_id]
     messages = broker.lrange(class_queue(gpu_class), 0, -1)
     assert [json.loads(m)["headers"]["argsrepr"] for m in messages] == [repr([job_id, 3])]
+
+
+@pytest.fixture
+def empty_pool(api_env, postgres_server) -> Iterator[tuple[TeamClient, dict[str, str]]]:
+    """A fresh database no worker has ever registered with, and no declared classes (as
+    docker-compose.yml ships): (a team's client, the environment)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.migrate import upgrade
+    from tests.conftest import create_team_key
+
+    url = postgres_server.create_database("lathe_empty_pool")
+    upgrade(url)
+    env = {k: v for k, v in api_env.items() if k != "LATHE_GPU_CLASSES"}
+    env["LATHE_DATABASE_URL"] = url
+    assert settings_from(env).declared_gpu_classes == {}
+    with TestClient(create_app(settings_from(env))) as client:
+        yield TeamClient(*create_team_key(env), client), env
+    postgres_server.drop_database(url)
+
+
+def job_messages(team: TeamClient, job_id: str) -> list[str]:
+    events = team.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
+    return [e["message"] for e in events["data"]]
+
+
+def test_an_empty_pool_accepts_jobs_says_no_worker_is_online_then_dispatches(
+    empty_pool, gpu_class
+) -> None:
+    team, env = empty_pool
+    engine = make_engine(env["LATHE_DATABASE_URL"])
+    sessions = make_sessionmaker(engine)
+    try:
+        train = team.upload(CHAT).json()["id"]
+        created = create(team, train)
+        assert created.status_code == 200, created.text
+        job_id = created.json()["id"]
+        assert created.json()["status"] == "queued"
+        pinned = create(team, train, gpu_class=gpu_class)  # a class nobody has announced
+        assert pinned.status_code == 200, pinned.text
+        assert any(
+            m.startswith("No worker of a fitting GPU class") for m in job_messages(team, job_id)
+        )
+        place = team.get(f"/v1/fine_tuning/jobs/{job_id}/queue").json()
+        assert (place["status"], place["estimated_start"]) == ("queued", None)
+        assert place["waiting_for"].startswith("No worker of a fitting GPU class is online")
+        assert schedule(env, sessions).dispatched == []
+
+        with sessions() as session:  # a worker registers, as its heartbeat does
+            session.add(
+                Worker(
+                    id="late@host",
+                    host="host",
+                    gpu_name="test",
+                    gpu_class=gpu_class,
+                    memory_gb=8.0,
+                    status="active",
+                    jobs_done=0,
+                    last_seen=time.time(),
+                )
+            )
+            session.commit()
+        place = team.get(f"/v1/fine_tuning/jobs/{job_id}/queue").json()
+        assert place["eligible_gpu_classes"] == [gpu_class]
+        assert place["waiting_for"] is None
+        assert place["estimated_start"] is not None
+        dispatched = {j for j, _ in schedule(env, sessions).dispatched}
+        assert dispatched & {job_id, pinned.json()["id"]}  # the one slot took one of them
+    finally:
+        engine.dispose()
+
+
+def test_classes_of_workers_no_longer_live_still_accept_jobs_and_bound_their_size(
+    empty_pool, gpu_class
+) -> None:
+    """A rolling restart: the class's only worker is stopped. Jobs for it are accepted and
+    told no worker is online; a job larger than every class ever seen is still refused."""
+    team, env = empty_pool
+    engine = make_engine(env["LATHE_DATABASE_URL"])
+    try:
+        with make_sessionmaker(engine)() as session:
+            session.add(
+                Worker(
+                    id="gone@host",
+                    host="host",
+                    gpu_name="test",
+                    gpu_class=gpu_class,
+                    memory_gb=8.0,
+                    status="stopped",
+                    jobs_done=3,
+                    last_seen=time.time() - 86400,
+                )
+            )
+            session.commit()
+    finally:
+        engine.dispose()
+    train = team.upload(CHAT).json()["id"]
+    pinned = create(team, train, gpu_class=gpu_class)
+    assert pinned.status_code == 200, pinned.text
+    notice = f"No worker of a fitting GPU class ({gpu_class}) is online"
+    assert any(m.startswith(notice) for m in job_messages(team, pinned.json()["id"]))
+    place = team.get(f"/v1/fine_tuning/jobs/{pinned.json()['id']}/queue").json()
+    assert place["waiting_for"].startswith(notice)
+    unknown = create(team, train, gpu_class="no-such-class")
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["code"] == "unknown_gpu_class"
+    huge = create(team, train, max_seq_length=32768, hyperparameters={"batch_size": 256})
+    assert huge.status_code == 400, huge.text
+    error = huge.json()["error"]
+    assert error["code"] == "insufficient_gpu_memory"
+    assert repr(gpu_class) in error["message"]
+
+
+def test_lost_and_restarted_workers_count_together_toward_worker_lost(
+    team, train_id, api_env, sessions, add_worker, gpu_class
+) -> None:
+    """Lease expiry (the scheduler) and a restart (the worker's registry) are both losses,
+    counted on the job, not by the events' wording: the third fails it."""
+    from worker.registry import Hardware, Heartbeat
+
+    first = add_worker(gpu_class)
+    job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
+
+    def runs_on(worker_id: str) -> None:  # dispatched and claimed, as the worker does
+        with sessions() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(status="running", worker=worker_id, attempt=Job.attempt + 1)
+            )
+            session.commit()
+
+    def silent(worker_id: str) -> None:
+        with sessions() as session:
+            session.execute(
+                update(Worker).where(Worker.id == worker_id).values(last_seen=time.time() - 3600)
+            )
+            session.commit()
+
+    runs_on(first)
+    silent(first)
+    assert job_id in schedule(api_env, sessions).requeued  # loss 1: the lease expired
+
+    second = add_worker(gpu_class)
+    runs_on(second)
+    restarted = Heartbeat(
+        sessions, settings_from(api_env), second, Hardware("test", gpu_class, 8.0), print
+    )
+    restarted.register()  # loss 2: it came back under the same id, without the job
+    assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+
+    runs_on(second)
+    silent(second)
+    result = schedule(api_env, sessions)  # loss 3
+    assert job_id not in result.requeued
+    job = team.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "worker_lost"
+    assert "3 times" in job["error"]["message"]
+    with sessions() as session:
+        assert session.scalar(select(Job.worker_losses).where(Job.id == job_id)) == 3
+    messages = job_messages(team, job_id)
+    assert any("restarted; the job is back in line (2 of 3" in m for m in messages)

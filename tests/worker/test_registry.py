@@ -102,3 +102,45 @@ def test_a_restarted_worker_puts_its_previous_incarnations_job_back_in_line(sess
         events = session.scalars(select(JobEvent.message).where(JobEvent.job_pk == job.pk)).all()
     assert (job.status, job.worker) == ("queued", None)
     assert any("restarted" in m for m in events)
+
+
+def test_a_job_whose_worker_restarts_three_times_fails_worker_lost(sessions) -> None:
+    """A job that takes its worker host down each time (an OOM kill, say) is not re-queued
+    forever: each restart counts as a lost worker, and the third fails it."""
+    with sessions() as session:
+        team = Team(id="team-1", name="t")
+        session.add(team)
+        session.flush()
+        session.add(
+            Job(
+                id="ftjob-1",
+                team_pk=team.pk,
+                model="m",
+                training_file="file-1",
+                status="queued",
+                hyperparameters={},
+                lora={},
+                quantization={},
+                max_seq_length=64,
+                seed=0,
+                result_files=[],
+            )
+        )
+        session.commit()
+    outcomes = []
+    for attempt in (1, 2, 3):
+        with sessions() as session:  # claimed again by the worker, which then dies
+            job = session.scalar(select(Job).where(Job.id == "ftjob-1"))
+            job.status, job.worker, job.attempt = "running", "w1@host", attempt
+            session.commit()
+        heartbeat(sessions, []).register()
+        with sessions() as session:
+            job = session.scalar(select(Job).where(Job.id == "ftjob-1"))
+            outcomes.append((job.status, job.worker_losses))
+    assert outcomes == [("queued", 1), ("queued", 2), ("failed", 3)]
+    assert job.error["code"] == "worker_lost"
+    with sessions() as session:
+        last = session.scalar(
+            select(JobEvent.message).where(JobEvent.job_pk == job.pk).order_by(JobEvent.pk.desc())
+        )
+    assert last == "Worker w1@host restarted; the job failed after 3 lost workers"
