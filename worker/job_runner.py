@@ -17,7 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import Settings, get_settings
 from app.db import RETRYABLE, make_engine, make_sessionmaker, retry_db
 from app.domain.ids import new_id

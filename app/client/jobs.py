@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,6 +29,7 @@ from app.client.render import (
     when,
 )
 from app.client.watch import watch_job
+from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 
 jobs_app = typer.Typer(help="Create, follow and manage fine-tuning jobs.", no_args_is_help=True)
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]+$")

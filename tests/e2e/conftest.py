@@ -17,6 +17,7 @@ import httpx
 import pytest
 import uvicorn
 
+from app.lifetime import child_env
 from app.main import create_app
 from tests.conftest import settings_from, wait_for  # noqa: F401 (re-exported)
 
@@ -79,7 +80,7 @@ def start_worker(
             "--name",
             name,
         ],
-        env={**os.environ, **env},
+        env=child_env({**os.environ, **env}),  # it dies with pytest, even a killed one
         stdout=log,
         stderr=subprocess.STDOUT,
     )

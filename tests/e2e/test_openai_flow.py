@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-import tarfile
 from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
+from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from tests.conftest import create_team_key
 from tests.e2e.conftest import wait_for
 

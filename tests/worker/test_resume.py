@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import AutoModelForCausalLM
 
+from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
 from app.migrate import upgrade
