@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 from app.db import make_engine, make_sessionmaker
+from app.main import create_app
+from app.migrate import upgrade
 from app.services.admin import create_admin_key
-from tests.conftest import create_team_key
-from tests.e2e.conftest import LARGE, SMALL, submit, upload, wait_for
+from tests.conftest import create_team_key, settings_from
+from tests.e2e.conftest import (
+    LARGE,
+    SMALL,
+    free_port,
+    start_worker,
+    stop_worker,
+    submit,
+    upload,
+    wait_for,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.slow
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -227,3 +241,55 @@ def test_a_killed_training_process_fails_its_job_and_frees_the_worker(team_a) ->
     after = submit(team_a, file_id, gpu_class=SMALL)
     wait_for(lambda: job(team_a, after)["status"] in FINAL, 180, what="the next job")
     assert job(team_a, after)["status"] == "succeeded"
+
+
+@pytest.fixture
+def empty_pool_env(e2e_env: dict[str, str], postgres_server) -> Iterator[dict[str, str]]:
+    """A fresh database no worker has ever registered with, no declared classes (as
+    docker-compose.yml ships), and a broker database of its own."""
+    url = postgres_server.create_database("lathe_empty_pool")
+    upgrade(url)
+    env = {k: v for k, v in e2e_env.items() if k != "LATHE_GPU_CLASSES"}
+    env["LATHE_DATABASE_URL"] = url
+    env["LATHE_BROKER_URL"] = e2e_env["LATHE_BROKER_URL"][:-1] + "5"
+    yield env
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture
+def empty_pool_api(empty_pool_env: dict[str, str]) -> Iterator[httpx.Client]:
+    """The API, with its scheduler, on the empty pool; a team's client."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings_from(empty_pool_env)), port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, interval=0.05, what="uvicorn")
+    with client(f"http://127.0.0.1:{port}", create_team_key(empty_pool_env, "empty")[1]) as c:
+        yield c
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_an_empty_pool_accepts_a_job_and_runs_it_when_a_worker_appears(
+    empty_pool_api, empty_pool_env, tmp_path
+) -> None:
+    api = empty_pool_api
+    job_id = submit(api, upload(api))  # submit asserts the 200
+    waiting = place(api, job_id)
+    assert (waiting["status"], waiting["estimated_start"]) == ("queued", None)
+    assert waiting["waiting_for"].startswith("No worker of a fitting GPU class is online")
+    events = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
+    assert any(e["message"].startswith("No worker of a fitting") for e in events["data"])
+
+    log_path = tmp_path / "late-worker.log"
+    worker = start_worker(empty_pool_env, "cpu-late", "late@e2e", 4.0, log_path)
+    try:
+        wait_ready(worker, log_path)
+        wait_for(lambda: job(api, job_id)["status"] in FINAL, 240, what="the job to end")
+        assert job(api, job_id)["status"] == "succeeded", log_path.read_text()[-3000:]
+    finally:
+        stop_worker(worker)
+    events = api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()
+    assert any("late@e2e" in e["message"] for e in events["data"])
