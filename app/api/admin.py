@@ -6,7 +6,7 @@ audited (app.services.admin).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import Field, StringConstraints
@@ -16,6 +16,7 @@ from sqlalchemy import select
 from app import models
 from app.api.deps import AdminDep, SessionDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
+from app.domain.quotas import QUOTA_MAXIMA
 from app.schemas import Strict, job_object, list_envelope
 from app.services import admin
 from app.services.usage import usage_for
@@ -24,17 +25,24 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses
 CONFLICT = error_responses(409)
 Limit = Annotated[int, Query(ge=1, le=100)]
 TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-Weight = Annotated[float, Field(gt=0, le=1_000_000)]
-Count = Annotated[int, Field(ge=0, le=1_000_000)]
+Weight = Annotated[float, Field(gt=0, le=admin.MAX_WEIGHT, allow_inf_nan=False)]
+
+
+def _at_most(name: str) -> Any:
+    """0 to the quota's maximum (app.domain.quotas.QUOTA_MAXIMA), finite: in the document
+    too, so a client learns the bounds before it sends Infinity or 1e26."""
+    return Field(ge=0, le=QUOTA_MAXIMA[name])
 
 
 class QuotasIn(Strict):
     """A team's own limits; null (or absent on creation) takes the deployment default."""
 
-    max_running_jobs: Count | None = None
-    max_queued_jobs: Count | None = None
-    max_file_bytes: Annotated[int, Field(ge=0)] | None = None
-    gpu_hours_per_month: Annotated[float, Field(ge=0)] | None = None
+    max_running_jobs: Annotated[int, _at_most("max_running_jobs")] | None = None
+    max_queued_jobs: Annotated[int, _at_most("max_queued_jobs")] | None = None
+    max_file_bytes: Annotated[int, _at_most("max_file_bytes")] | None = None
+    gpu_hours_per_month: (
+        Annotated[float, _at_most("gpu_hours_per_month"), Field(allow_inf_nan=False)] | None
+    ) = None
 
 
 class TeamCreate(Strict):

@@ -8,6 +8,7 @@ a job over it is still accepted and waits in line, and the scheduler skips the t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,34 @@ class Quotas:
     max_file_bytes: int | None = None
     gpu_hours_per_month: float | None = None
     """GPU hours used by jobs in the current calendar month, UTC (see `month_start`)."""
+
+
+# The largest value each quota may be set to: far above any real pool, well inside the
+# database columns (Integer, BigInteger, Float), and finite (JSON's Infinity is no limit:
+# leave the quota unset for that).
+QUOTA_MAXIMA: dict[str, int | float] = {
+    "max_running_jobs": 1_000_000,
+    "max_queued_jobs": 1_000_000,
+    "max_file_bytes": 2**50,  # 1 PiB
+    "gpu_hours_per_month": 10_000_000.0,
+}
+INTEGER_QUOTAS = ("max_running_jobs", "max_queued_jobs", "max_file_bytes")
+
+
+def quota_value_problem(name: str, value: object) -> str | None:
+    """Why `value` cannot be quota `name` (a message naming it), or None if it can.
+    None (unset: the deployment default) is allowed."""
+    if value is None:
+        return None
+    maximum = QUOTA_MAXIMA[name]
+    kind = "an integer" if name in INTEGER_QUOTAS else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{name} must be {kind}"
+    if name in INTEGER_QUOTAS and isinstance(value, float) and not value.is_integer():
+        return f"{name} must be {kind}"
+    if not math.isfinite(value) or not 0 <= value <= maximum:
+        return f"{name} must be {kind} from 0 to {int(maximum)}"
+    return None
 
 
 @dataclass(frozen=True)

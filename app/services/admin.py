@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus, is_final
+from app.domain.quotas import quota_value_problem
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import AdminKey, ApiKey, AuditEntry, Job, Team, Worker, now
 from app.services import teams
@@ -25,6 +26,7 @@ from app.services.pagination import newest_first_page
 ADMIN_KEY_PREFIX = "lathe-admin-"
 QUOTA_FIELDS = ("max_running_jobs", "max_queued_jobs", "max_file_bytes", "gpu_hours_per_month")
 TEAM_FIELDS = ("weight", "disabled", *QUOTA_FIELDS)
+MAX_WEIGHT = 1_000_000  # a fair-share weight; finite, so shares stay numbers
 CLI_ACTOR = "cli"
 
 
@@ -90,14 +92,24 @@ def _check_team_fields(fields: dict[str, Any]) -> None:
     unknown = set(fields) - set(TEAM_FIELDS)
     if unknown:
         raise BadRequest(f"unknown team fields: {', '.join(sorted(unknown))}")
-    if "weight" in fields and (fields["weight"] is None or fields["weight"] <= 0):
-        raise BadRequest("weight must be a number above 0", code="invalid_value", param="weight")
+    if "weight" in fields:
+        weight = fields["weight"]
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not 0 < weight <= MAX_WEIGHT  # False for NaN; Infinity is above the maximum
+        ):
+            raise BadRequest(
+                f"weight must be a number above 0, at most {MAX_WEIGHT}",
+                code="invalid_value",
+                param="weight",
+            )
     if "disabled" in fields and fields["disabled"] is None:
         raise BadRequest("disabled must be true or false", code="invalid_value", param="disabled")
     for name in QUOTA_FIELDS:
-        value = fields.get(name)
-        if value is not None and value < 0:
-            raise BadRequest(f"{name} must be 0 or more", code="invalid_value", param=name)
+        problem = quota_value_problem(name, fields.get(name))
+        if problem is not None:
+            raise BadRequest(problem, code="invalid_value", param=name)
 
 
 def create_team(

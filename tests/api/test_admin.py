@@ -197,6 +197,65 @@ def test_bad_team_updates_are_refused(admin, team, body) -> None:
     assert admin.get(f"/teams/{team.id}").json()["weight"] == 1.0
 
 
+OUT_OF_BOUNDS = [
+    ("gpu_hours_per_month", "Infinity"),  # was stored, and shown as null
+    ("gpu_hours_per_month", "NaN"),
+    ("gpu_hours_per_month", "1e26"),
+    ("max_file_bytes", "1e26"),  # was a 500
+    ("max_file_bytes", str(2**63)),  # past the BigInteger column
+    ("max_running_jobs", str(2**31)),  # past the Integer column
+    ("max_queued_jobs", "-1"),
+]
+
+
+@pytest.mark.parametrize(("field", "raw"), OUT_OF_BOUNDS)
+def test_quotas_out_of_bounds_are_refused_naming_the_field(admin, team, field, raw) -> None:
+    # Raw JSON: Infinity and NaN are what Python's json (and so Starlette) parses.
+    body = f'{{"quotas": {{"{field}": {raw}}}}}'
+    headers = {**admin._headers(), "Content-Type": "application/json"}
+    before = admin.get(f"/teams/{team.id}").json()
+    for method, url in (("patch", f"/teams/{team.id}"), ("post", "/teams")):
+        content = (
+            body if method == "patch" else body[:-1] + f', "name": "q-{uuid.uuid4().hex[:8]}"}}'
+        )
+        resp = admin.client.request(
+            method.upper(), "/v1/admin" + url, content=content, headers=headers
+        )
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "invalid_value"
+        assert error["param"] == f"quotas.{field}"
+    assert admin.get(f"/teams/{team.id}").json() == before
+
+
+def test_quota_and_weight_bounds_are_in_the_document(api) -> None:
+    schemas = api.app.openapi()["components"]["schemas"]
+    quotas = schemas["QuotasIn"]["properties"]
+    bounds = {name: quotas[name]["anyOf"][0] for name in quotas}
+    assert bounds["max_file_bytes"] == {"type": "integer", "minimum": 0, "maximum": 2**50}
+    assert bounds["gpu_hours_per_month"]["maximum"] == 10_000_000
+    assert schemas["TeamCreate"]["properties"]["weight"]["maximum"] == 1_000_000
+
+
+def test_the_service_refuses_the_same_bounds(sessions, team) -> None:
+    """The check behind the schema (app.services.admin), for callers that skip it."""
+    from app.errors import BadRequest
+    from app.services import admin as service
+
+    with sessions() as session:
+        caller, _ = create_admin_key(session, f"bounds-{uuid.uuid4().hex[:6]}")
+        for fields in (
+            {"gpu_hours_per_month": float("inf")},
+            {"max_file_bytes": 10**26},
+            {"max_queued_jobs": 2.5},
+            {"weight": float("inf")},
+            {"weight": float("nan")},
+        ):
+            with pytest.raises(BadRequest) as info:
+                service.update_team(session, caller, team.id, fields)
+            assert info.value.param == next(iter(fields))
+
+
 def test_max_queued_jobs_refuses_the_next_job_with_429(admin, team) -> None:
     train_id = team.upload(CHAT).json()["id"]
     admin.patch(f"/teams/{team.id}", json={"quotas": {"max_queued_jobs": 1}})
