@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Query, UploadFile
+import anyio
+from anyio.lowlevel import EventLoopToken, current_token
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+from starlette.types import Message, Receive
 
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StoreDep, TeamDep
-from app.api.error_handlers import COMMON_ERRORS, error_responses
-from app.models import File
+from app.api.error_handlers import COMMON_ERRORS, ErrorEnvelope, error_responses
+from app.api.multipart import FormError, MultipartStream, boundary_of
+from app.errors import APIError, BadRequest
+from app.models import File, Team
 from app.schemas import file_object, list_envelope
 from app.services import files
-from app.services.idempotency import fingerprint, idempotent
+from app.services.idempotency import KEY_PATTERN, fingerprint, idempotent
 from app.services.pool import team_quotas
 from app.storage import ObjectStore
 
@@ -21,37 +28,210 @@ router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-@router.post("", responses=error_responses(409, 413, 422))
-def upload_file(
+# A request body may pass the file limit by this much, room for the multipart framing, the
+# part headers (a filename of up to 255 characters) and the purpose field. A Content-Length
+# beyond it is refused unread; a body without one is cut off there.
+FRAMING_BYTES = 64 * 1024
+MAX_PURPOSE_BYTES = 1024
+# Uploads stream in threads of their own (object storage clients block), at most this many
+# at once; more wait their turn unread, so slow uploads never take the threads that the
+# other endpoints run in.
+UPLOAD_THREADS = 16
+BODY_IDLE_SECONDS = 60.0
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {
+                        "type": "string",
+                        "contentMediaType": "application/octet-stream",
+                        "description": "The dataset: JSON lines (docs/datasets.md)",
+                    },
+                    "purpose": {"type": "string", "enum": list(files.UPLOAD_PURPOSES)},
+                },
+            }
+        }
+    },
+}
+
+
+class RequestTimeout(APIError):
+    status_code = 408
+
+
+@router.post(
+    "",
+    responses={
+        **error_responses(409, 413, 422),
+        408: {"model": ErrorEnvelope, "description": "The upload stalled"},
+    },
+    openapi_extra={"requestBody": UPLOAD_BODY},
+)
+async def upload_file(
+    request: Request,
     team: TeamDep,
     session: SessionDep,
     objects: StoreDep,
     settings: SettingsDep,
-    file: UploadFile,
-    purpose: Annotated[str, Form()],
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict:
-    filename = file.filename or "upload.jsonl"
-
-    def store() -> dict:
-        # Starlette spools the multipart body to a temporary file; it is read back in chunks.
-        record = files.store_upload(
-            session,
-            objects,
-            team,
-            filename,
-            purpose,
-            file.file,
-            settings.max_file_bytes,
-            team_quotas(team, settings).max_file_bytes,
+    """Upload a dataset. The key, the Content-Type and the Content-Length are checked before
+    any of the body is read; the body then streams through the validator into object
+    storage, cut off as soon as it passes the limit (a chunked body has no length)."""
+    limits = files.UploadLimits(settings.max_file_bytes, team_quotas(team, settings).max_file_bytes)
+    try:
+        boundary = boundary_of(request.headers.get("content-type"))
+    except FormError as exc:
+        raise BadRequest(str(exc), code="invalid_multipart", param="file") from None
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.bytes + FRAMING_BYTES:
+        raise limits.refusal(int(declared))
+    if idempotency_key is not None and not KEY_PATTERN.match(idempotency_key):
+        raise BadRequest(
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+            code="invalid_idempotency_key",
+            param="Idempotency-Key",
         )
-        return file_object(record)
+    session.commit()  # end the key lookup's transaction: no connection waits on the client
+    body = _BodyChunks(request.receive, current_token(), limits, limits.bytes + FRAMING_BYTES)
+    form = MultipartStream(body, boundary)
+    receive = partial(_receive_upload, session, objects, team, limits, form, idempotency_key)
+    return await anyio.to_thread.run_sync(receive, limiter=_upload_threads(request.app))
 
-    # A retry with the same key and name returns the first file; the body is not compared
-    # (that would mean storing it again).
-    return idempotent(
-        session, team, "POST /v1/files", idempotency_key, fingerprint(filename, purpose), store
-    )
+
+def _receive_upload(
+    session: Session,
+    objects: ObjectStore,
+    team: Team,
+    limits: files.UploadLimits,
+    form: MultipartStream,
+    idempotency_key: str | None,
+) -> dict:
+    """Read the form, storing its file as it arrives; then record it, once per key."""
+    purpose: str | None = None
+    filename = "upload.jsonl"
+    stored: files.StoredUpload | None = None
+    try:
+        for part in form.parts():
+            if part.name == "purpose" and purpose is None:
+                purpose = part.read_text(MAX_PURPOSE_BYTES)
+                files.check_purpose(purpose)  # before the file, when it comes first
+            elif part.name == "file" and stored is None:
+                filename = files.clean_filename(part.filename or filename)
+                stored = files.put_upload(objects, team, part, limits, filename)  # type: ignore[arg-type]
+            # Anything else (fields Lathe does not use, a second file) is skipped.
+        if stored is None:
+            raise BadRequest(
+                "the form has no 'file' part: send the dataset as the multipart field 'file'",
+                code="invalid_value",
+                param="file",
+            )
+        if purpose is None:
+            raise BadRequest(
+                "the form has no 'purpose' field: send purpose=fine-tune",
+                code="invalid_value",
+                param="purpose",
+            )
+    except FormError as exc:
+        if stored is not None:
+            files.discard_upload(objects, stored)
+        raise BadRequest(str(exc), code="invalid_multipart", param="file") from None
+    except BaseException:
+        if stored is not None:
+            files.discard_upload(objects, stored)
+        raise
+    return _record_once(session, objects, team, filename, purpose, stored, idempotency_key)
+
+
+def _record_once(
+    session: Session,
+    objects: ObjectStore,
+    team: Team,
+    filename: str,
+    purpose: str,
+    stored: files.StoredUpload,
+    idempotency_key: str | None,
+) -> dict:
+    """Record the stored upload, unless this is a retry of an upload with the same
+    Idempotency-Key: then the first file is the answer and this copy is dropped. A retry
+    must carry the same name, purpose and content (compared by SHA-256)."""
+    recorded = False
+
+    def record() -> dict:
+        nonlocal recorded
+        response = file_object(
+            files.record_upload(session, objects, team, filename, purpose, stored)
+        )
+        recorded = True
+        return response
+
+    try:
+        return idempotent(
+            session,
+            team,
+            "POST /v1/files",
+            idempotency_key,
+            fingerprint(filename, purpose, stored.sha256),
+            record,
+        )
+    finally:
+        if not recorded:
+            files.discard_upload(objects, stored)
+
+
+class _BodyChunks:
+    """The request body's chunks for the upload's thread (or object storage's), each pulled
+    from the event loop; cut off past `max_bytes` and after BODY_IDLE_SECONDS of silence."""
+
+    def __init__(
+        self, receive: Receive, token: EventLoopToken, limits: files.UploadLimits, max_bytes: int
+    ) -> None:
+        self._receive, self._token = receive, token
+        self._limits, self._max_bytes = limits, max_bytes
+        self._received = 0
+        self._done = False
+
+    def __iter__(self) -> _BodyChunks:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self._done:
+            message = anyio.from_thread.run(self._next_message, token=self._token)
+            if message["type"] == "http.disconnect":
+                raise BadRequest(
+                    "the client disconnected before the upload ended", code="client_disconnected"
+                )
+            self._done = not message.get("more_body", False)
+            chunk = message.get("body", b"")
+            self._received += len(chunk)
+            if self._received > self._max_bytes:
+                raise self._limits.refusal(self._received, so_far=True)
+            if chunk:
+                return chunk
+        raise StopIteration
+
+    async def _next_message(self) -> Message:
+        try:
+            with anyio.fail_after(BODY_IDLE_SECONDS):
+                return await self._receive()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the upload stalled: no data for {BODY_IDLE_SECONDS:.0f} s",
+                code="upload_timeout",
+            ) from None
+
+
+def _upload_threads(app: FastAPI) -> anyio.CapacityLimiter:
+    """The app's upload threads (made on first use, in the event loop)."""
+    limiter = getattr(app.state, "upload_threads", None)
+    if limiter is None:
+        limiter = app.state.upload_threads = anyio.CapacityLimiter(UPLOAD_THREADS)
+    return limiter
 
 
 @router.get("")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from sqlalchemy import select
@@ -12,8 +13,8 @@ from sqlalchemy.orm import Session
 from app.domain.datasets import DatasetError, DatasetValidator
 from app.domain.ids import new_id
 from app.domain.jobs import FINAL_STATES
-from app.domain.quotas import Quotas, check_upload
-from app.errors import BadRequest, NotFound, PayloadTooLarge, QuotaError
+from app.domain.quotas import QuotaExceeded
+from app.errors import APIError, BadRequest, NotFound, PayloadTooLarge, QuotaError
 from app.models import File, Job, Team
 from app.services.pagination import newest_first_page
 from app.storage import ObjectStore, file_key, team_prefix
@@ -76,26 +77,66 @@ class ValidatingReader:
             self._partial = b""
 
 
-def store_upload(
-    session: Session,
-    store: ObjectStore,
-    team: Team,
-    filename: str,
-    purpose: str,
-    stream: BinaryIO,
-    max_bytes: int,
-    quota_bytes: int | None = None,
-) -> File:
-    """Store an upload; `max_bytes` is the deployment's limit (413), `quota_bytes` the
-    team's largest-dataset quota (403)."""
+@dataclass(frozen=True)
+class UploadLimits:
+    """An upload's size limits: the deployment's (`413 file_too_large`) and the team's
+    largest-file quota (`403 quota_exceeded`), whichever is tighter."""
+
+    max_bytes: int
+    quota_bytes: int | None = None
+
+    @property
+    def bytes(self) -> int:
+        return self.max_bytes if self.quota_bytes is None else min(self.max_bytes, self.quota_bytes)
+
+    def refusal(self, body_bytes: int | None = None, *, so_far: bool = False) -> APIError:
+        """The error for an upload over `bytes`: its file, found while streaming, or a
+        request body of `body_bytes` (its Content-Length, or what arrived `so_far` of a
+        body without one) too large to hold a file within the limit. The tighter limit is
+        named: the team's quota, else the deployment's."""
+        by_quota = self.quota_bytes is not None and self.quota_bytes < self.max_bytes
+        limit = self.bytes
+        if body_bytes is None:
+            said = f"the file is larger than {limit}"
+        else:
+            size = f"passed {body_bytes}" if so_far else f"is {body_bytes}"
+            said = f"the request body {size} bytes, too large for a file of at most {limit}"
+        if by_quota:
+            message = f"quota max_file_bytes exceeded: {said} bytes"
+            return QuotaError(
+                QuotaExceeded("max_file_bytes", limit, body_bytes or limit + 1, message)
+            )
+        return PayloadTooLarge(
+            f"{said} bytes, the deployment's limit (LATHE_MAX_FILE_BYTES)",
+            code="file_too_large",
+            param="file",
+        )
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    """A validated upload's object, not yet recorded (record_upload) or discarded."""
+
+    file_id: str
+    key: str
+    bytes: int
+    sha256: str
+    format: str
+    examples: int
+
+
+def check_purpose(purpose: str) -> None:
     if purpose not in UPLOAD_PURPOSES:
         raise BadRequest(
             f"purpose {purpose!r} is not accepted; use one of: {', '.join(UPLOAD_PURPOSES)}",
             code="invalid_purpose",
             param="purpose",
         )
-    # Only the last path component is kept ("../../x.jsonl" -> "x.jsonl"): a filename is a
-    # label, never a path; control characters are refused outright.
+
+
+def clean_filename(filename: str) -> str:
+    """Only the last path component is kept ("../../x.jsonl" -> "x.jsonl"): a filename is a
+    label, never a path; control characters are refused outright."""
     filename = filename.replace("\\", "/").rsplit("/", 1)[-1]
     if (
         not filename
@@ -107,11 +148,19 @@ def store_upload(
             code="invalid_filename",
             param="file",
         )
+    return filename
+
+
+def put_upload(
+    store: ObjectStore, team: Team, stream: BinaryIO, limits: UploadLimits, filename: str
+) -> StoredUpload:
+    """Stream `stream` into object storage through the dataset validator, hashing and
+    counting on the way; on any refusal or error nothing stays stored. `filename` names the
+    file in error messages."""
     file_id = new_id("file")
     key = file_key(team.id, file_id)
     validator = DatasetValidator()
-    limit = min(max_bytes, quota_bytes) if quota_bytes is not None else max_bytes
-    reader = ValidatingReader(stream, validator, limit)
+    reader = ValidatingReader(stream, validator, limits.bytes)
     try:
         store.put(key, reader)  # type: ignore[arg-type]
         reader.read()  # drain: make sure the validator saw end of file
@@ -123,36 +172,72 @@ def store_upload(
         ) from None
     except TooLarge:
         _discard(store, key)
-        if quota_bytes is not None and quota_bytes < max_bytes:
-            exceeded = check_upload(Quotas(max_file_bytes=quota_bytes), reader.bytes)
-            raise QuotaError(exceeded) from None
-        raise PayloadTooLarge(
-            f"file is larger than the limit of {max_bytes} bytes",
-            code="file_too_large",
-            param="file",
-        ) from None
+        raise limits.refusal() from None
     except BaseException:
         _discard(store, key)
         raise
+    return StoredUpload(
+        file_id=file_id,
+        key=key,
+        bytes=reader.bytes,
+        sha256=reader.sha256.hexdigest(),
+        format=stats.format.value,
+        examples=stats.examples,
+    )
+
+
+def record_upload(
+    session: Session,
+    store: ObjectStore,
+    team: Team,
+    filename: str,
+    purpose: str,
+    stored: StoredUpload,
+) -> File:
+    """The File row of a stored upload, committed; the object is discarded if it is not."""
     record = File(
-        id=file_id,
+        id=stored.file_id,
         team_pk=team.pk,
         filename=filename,
         purpose=purpose,
-        bytes=reader.bytes,
-        sha256=reader.sha256.hexdigest(),
-        storage_key=key,
+        bytes=stored.bytes,
+        sha256=stored.sha256,
+        storage_key=stored.key,
         status="processed",
-        format=stats.format.value,
-        examples=stats.examples,
+        format=stored.format,
+        examples=stored.examples,
     )
     session.add(record)
     try:
         session.commit()
     except BaseException:
-        _discard(store, key)
+        session.rollback()
+        _discard(store, stored.key)
         raise
     return record
+
+
+def discard_upload(store: ObjectStore, stored: StoredUpload) -> None:
+    """Drop a stored upload that will not be recorded (a refused or replayed request)."""
+    _discard(store, stored.key)
+
+
+def store_upload(
+    session: Session,
+    store: ObjectStore,
+    team: Team,
+    filename: str,
+    purpose: str,
+    stream: BinaryIO,
+    max_bytes: int,
+    quota_bytes: int | None = None,
+) -> File:
+    """Check, store and record an upload read from `stream`; `max_bytes` is the
+    deployment's limit (413), `quota_bytes` the team's largest-dataset quota (403)."""
+    check_purpose(purpose)
+    filename = clean_filename(filename)
+    stored = put_upload(store, team, stream, UploadLimits(max_bytes, quota_bytes), filename)
+    return record_upload(session, store, team, filename, purpose, stored)
 
 
 def _discard(store: ObjectStore, key: str) -> None:
