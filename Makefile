@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEVICE ?= cpu
 
-.PHONY: install demo test test-fast bench bench-service lint serve worker clean
+.PHONY: install demo test test-fast bench bench-service lint serve worker clean system-deps python-venv
 
 install: $(VENV)/.installed
 
 # torch is pinned to the CPU build here; Dockerfile.gpu installs the CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml | python-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -19,10 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/lathe demo
 
-test: install
+test: system-deps install
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: install
+test-fast: system-deps install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Lathe's trainer against the tutorial QLoRA recipe (bench/training.py); DEVICE=cuda on a
@@ -46,3 +46,50 @@ worker: install
 
 clean:
 	rm -rf .lathe .pytest_cache
+
+# What the machine must provide (Debian 12 package names), so that `make test` is the one
+# command on a fresh machine as on a laptop (CI's .ci/run is just `make test`):
+# - python3-venv: without it Debian's python3 cannot create .venv (no ensurepip);
+# - postgresql, redis-server: the binaries the tests start throwaway servers from
+#   (tests/conftest.py); no running service is needed;
+# - chromium: Debian's browser, which Playwright drives in tests/e2e/test_dashboard.py.
+# As root, apt-get installs whatever is missing, with a policy-rc.d that keeps the packages
+# from starting their system services (invoke-rc.d skips any start it refuses with 101);
+# otherwise the exact command to run is printed and make stops. Every check can be pointed
+# elsewhere (tests/test_deployment_files.py does).
+PG_CTL ?= $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl) $(shell command -v pg_ctl 2>/dev/null))
+REDIS_SERVER ?= $(shell command -v redis-server 2>/dev/null)
+CHROMIUM ?= /usr/bin/chromium
+APT_GET ?= apt-get
+POLICY_RC_D ?= /usr/sbin/policy-rc.d
+AS_ROOT ?= $(filter 0,$(shell id -u))
+
+missing_venv = $(if $(shell $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && echo ok),,python3-venv)
+missing_test = $(missing_venv) \
+	$(if $(PG_CTL),$(if $(wildcard $(PG_CTL)),,postgresql),postgresql) \
+	$(if $(REDIS_SERVER),$(if $(wildcard $(REDIS_SERVER)),,redis-server),redis-server) \
+	$(if $(wildcard $(CHROMIUM)),,chromium)
+
+# $(call apt_install,PACKAGES): install PACKAGES (none: nothing to do), as described above.
+define apt_install
+@missing='$(strip $(1))'; \
+if [ -z "$$missing" ]; then exit 0; fi; \
+if [ -z '$(AS_ROOT)' ] || ! command -v $(firstword $(APT_GET)) >/dev/null 2>&1; then \
+	echo "make: missing system packages (Debian names): $$missing. Install them with:" >&2; \
+	echo "  sudo $(APT_GET) update && sudo $(APT_GET) install -y --no-install-recommends $$missing" >&2; \
+	exit 1; \
+fi; \
+export DEBIAN_FRONTEND=noninteractive; \
+if [ ! -e '$(POLICY_RC_D)' ]; then \
+	printf '#!/bin/sh\nexit 101\n' >'$(POLICY_RC_D)' && chmod +x '$(POLICY_RC_D)'; \
+	trap "rm -f '$(POLICY_RC_D)'" EXIT; \
+fi; \
+echo "make: installing system packages: $$missing"; \
+$(APT_GET) update && $(APT_GET) install -y --no-install-recommends $$missing
+endef
+
+python-venv:
+	$(call apt_install,$(missing_venv))
+
+system-deps:
+	$(call apt_install,$(missing_test))

@@ -93,3 +93,122 @@ def test_prometheus_scrapes_the_api_metrics() -> None:
     # tests/api/test_metrics.py).
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "lathe-dashboard.json").read_text())
     assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
+
+
+# `make test` is the one command, on a fresh Debian 12 machine as on a laptop: the Makefile
+# installs (as root) or names (otherwise) the system packages the suite needs. Its checks
+# and apt-get are pointed at stand-ins here, so nothing is installed on this machine.
+
+
+def make(*args: str, **variables: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(ROOT), *args]
+        + [f"{name}={value}" for name, value in variables.items()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def fake_apt_get(tmp_path: Path, policy: Path) -> tuple[Path, Path]:
+    """An apt-get that logs its arguments and the policy-rc.d in force when it runs."""
+    log = tmp_path / "apt.log"
+    script = tmp_path / "apt-get"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "apt-get $*" >>{log}\n'
+        f'if [ -x {policy} ]; then echo "policy: $(tr "\\n" " " <{policy})" >>{log}; fi\n'
+    )
+    script.chmod(0o755)
+    return script, log
+
+
+PRESENT = sys.executable  # stands in for every binary that is there
+
+
+def test_make_test_is_the_one_command_and_ci_runs_just_that() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test: system-deps install$", makefile, re.M)
+    assert re.search(r"^test-fast: system-deps install$", makefile, re.M)
+    # The venv needs python3-venv first (Debian's python3 has no ensurepip without it).
+    assert re.search(r"^\$\(VENV\)/\.installed: pyproject\.toml \| python-venv$", makefile, re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [
+        line.strip()
+        for line in ci.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert commands == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', "make test"]
+
+
+def test_system_deps_does_nothing_when_everything_is_there(tmp_path: Path) -> None:
+    apt, log = fake_apt_get(tmp_path, tmp_path / "policy-rc.d")
+    done = make(
+        "system-deps",
+        PG_CTL=PRESENT,
+        REDIS_SERVER=PRESENT,
+        CHROMIUM=PRESENT,
+        PYTHON=sys.executable,
+        APT_GET=str(apt),
+        AS_ROOT="0",
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("", "")
+    assert not log.exists()
+
+
+def test_system_deps_as_root_installs_what_is_missing_without_starting_services(
+    tmp_path: Path,
+) -> None:
+    policy = tmp_path / "policy-rc.d"
+    apt, log = fake_apt_get(tmp_path, policy)
+    done = make(
+        "system-deps",
+        PG_CTL="/nonexistent/pg_ctl",
+        REDIS_SERVER=PRESENT,
+        CHROMIUM="/nonexistent/chromium",
+        PYTHON=sys.executable,
+        APT_GET=str(apt),
+        POLICY_RC_D=str(policy),
+        AS_ROOT="0",
+    )
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == [
+        "apt-get update",
+        "policy: #!/bin/sh exit 101 ",  # invoke-rc.d refuses every service start
+        "apt-get install -y --no-install-recommends postgresql chromium",
+        "policy: #!/bin/sh exit 101 ",
+    ]
+    assert not policy.exists()  # removed afterwards
+
+
+def test_system_deps_elsewhere_prints_the_exact_command_and_fails(tmp_path: Path) -> None:
+    apt, log = fake_apt_get(tmp_path, tmp_path / "policy-rc.d")
+    done = make(
+        "system-deps",
+        PG_CTL=PRESENT,
+        REDIS_SERVER="",  # not on PATH
+        CHROMIUM="/nonexistent/chromium",
+        PYTHON="false",  # a python3 that cannot `import ensurepip`: no python3-venv
+        APT_GET="apt-get",
+        AS_ROOT="",
+    )
+    assert done.returncode != 0
+    assert (
+        "sudo apt-get update && sudo apt-get install -y --no-install-recommends "
+        "python3-venv redis-server chromium"
+    ) in done.stderr
+    assert not log.exists()
+
+
+def test_debian_12_s_python3_is_supported() -> None:
+    """Debian 12 ships Python 3.11.2; tarfile's extraction filters came in 3.11.4 and are
+    taken from backports.tarfile before (app/compat.py)."""
+    from packaging.specifiers import SpecifierSet
+
+    from app.compat import tarfile
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "3.11.2" in SpecifierSet(project["requires-python"])
+    assert "backports.tarfile==1.2.0; python_full_version < '3.11.4'" in project["dependencies"]
+    assert hasattr(tarfile, "data_filter")

@@ -1,5 +1,5 @@
 """The web dashboard in a real headless browser: Playwright drives Debian's Chromium
-(/usr/bin/chromium, apt package `chromium`, installed by .ci/run; no Playwright browser
+(/usr/bin/chromium, apt package `chromium`, installed by `make test`; no Playwright browser
 download) against the production-shaped stack of tests/e2e/conftest.py.
 
 A small QLoRA job with a validation file runs to success on a real worker; then the browser
@@ -72,7 +72,7 @@ def chromium():
     if not CHROMIUM.exists():
         pytest.fail(
             f"Debian's Chromium is not installed at {CHROMIUM}: the dashboard test drives it "
-            "with Playwright. Install it with `apt-get install chromium` (.ci/run does)."
+            "with Playwright. `make system-deps` installs it (as root) or prints the command."
         )
     from playwright.sync_api import sync_playwright
 
