@@ -29,6 +29,7 @@ from app.errors import BadRequest, Conflict, NotFound, QuotaError
 from app.models import Checkpoint, File, Job, JobEvent, Team, Worker, now
 from app.schemas import JobCreate, QuantizationIn, TrainingIn
 from app.services.events import add_event
+from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
 from app.services.pool import online_classes, pool_classes, team_quotas
 from app.services.usage import month_gpu_seconds
@@ -327,8 +328,8 @@ def check_fits_pool(
 def check_new_job_quota(
     session: Session, settings: Settings, team: Team, *, already_waiting: bool = False
 ) -> None:
-    # Lock the team row: concurrent creations count and insert one at a time.
-    session.execute(select(Team.pk).where(Team.pk == team.pk).with_for_update())
+    # Concurrent creations of one team count and insert one at a time, on both databases.
+    lock_team(session, team)
     quotas = team_quotas(team, settings)
     waiting = 0
     if not already_waiting:
