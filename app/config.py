@@ -137,7 +137,8 @@ class Settings(BaseSettings):
 
     # --- The GPU pool ---
     # Classes the pool is declared to have (name -> GPU memory in GB). Workers announce
-    # their own class and memory too; a job is refused when it fits no class in either.
+    # their own class and memory too; a job is refused when it fits no class in either
+    # (announced ever, live or not), and accepted unchecked while no class is known.
     # Unset: none, except the embedded default, which declares its own worker's "cpu".
     gpu_classes: dict[str, float] | None = None
     # This worker's class, memory (GB) and name; detected from the GPU when unset.
