@@ -16,9 +16,38 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def make_engine(url: str) -> Engine:
+# The API process's connection budget (app/main.py, app/api/deps.py). A request holds its
+# session from its first dependency to the end of its handler, and a session uses at most
+# one connection at a time; at most API_SESSIONS requests hold one at once, the others wait
+# on the event loop, taking no thread. The reserve is for what queries outside a request's
+# session: the event-stream poller (app/api/event_stream.py), /readyz and /metrics; each
+# uses one connection for one short query on a thread of its own and gives it back.
+#
+# So when every session holds a connection and is waiting for a thread, connections are
+# still left over for the threads, and a thread that waits for one waits on a query that
+# is running, never on a request that is waiting for a thread (the 30 s stall, issue 11).
+API_SESSIONS = 32
+API_RESERVED_CONNECTIONS = 8
+API_CONNECTIONS = API_SESSIONS + API_RESERVED_CONNECTIONS
+# Worker threads for the API's blocking work (sync routes and dependencies, response
+# checks): anyio's default, stated, and one per connection.
+API_THREADS = API_CONNECTIONS
+_POOL_KEPT = 10  # connections kept open when idle; the rest of the budget is overflow
+
+
+def make_engine(url: str, *, max_connections: int | None = None) -> Engine:
+    """An engine whose pool lends at most `max_connections` (the API's API_CONNECTIONS);
+    unset, SQLAlchemy's defaults (5 + 10 on SQLite, 10 + 20 on Postgres), for the worker
+    and the command line."""
+    if max_connections is None:
+        sizing = {} if url.startswith("sqlite") else {"pool_size": 10, "max_overflow": 20}
+    else:
+        kept = min(_POOL_KEPT, max_connections)
+        sizing = {"pool_size": kept, "max_overflow": max_connections - kept}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, **sizing
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -30,7 +59,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **sizing)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from app.api import admin, files, health, jobs, models, pool, webhooks
 from app.api.error_handlers import install_error_handlers
+from app.api.event_stream import EventHub
 from app.config import Settings, get_settings
-from app.db import make_engine, make_sessionmaker
+from app.db import API_CONNECTIONS, API_THREADS, make_engine, make_sessionmaker
 from app.logs import RequestContextMiddleware
 from app.metrics import install_metrics
 from app.queue import make_celery
@@ -25,6 +27,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Sized with the connection pool (app/db.py): one connection per thread.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
         scheduler = SchedulerThread(settings) if settings.scheduler_in_api else None
         if scheduler:
             scheduler.start()
@@ -37,8 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Lathe", version="0.1.0", summary="4-bit QLoRA fine-tuning jobs", lifespan=lifespan
     )
     app.state.settings = settings
-    app.state.engine = make_engine(settings.resolved_database_url)
+    app.state.engine = make_engine(settings.resolved_database_url, max_connections=API_CONNECTIONS)
     app.state.sessionmaker = make_sessionmaker(app.state.engine)
+    # One poller for every open event stream (GET .../events?stream=true).
+    app.state.event_hub = EventHub(app.state.sessionmaker, settings.event_stream_poll_seconds)
     app.state.store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)

@@ -1,34 +1,52 @@
 """A job's events as server-sent events: GET /v1/fine_tuning/jobs/{id}/events?stream=true.
 
 First every event already written (past `after` / `Last-Event-ID`, oldest first), then each
-new one as it is committed; once the job is finished and its last events are out, an `end`
-event carries the job object and the stream closes. A comment line every 15 s keeps
-proxies from closing an idle stream. The database is polled (LATHE_EVENT_STREAM_POLL_SECONDS)
-with a short session per poll: a watcher holds no connection while it waits.
+new one as it is committed. The stream ends with one last message:
+
+- `end`, carrying the job object, once the job is finished (succeeded, failed, cancelled)
+  or paused and its events up to then are out. A paused job's stream ends too: reconnect
+  with `Last-Event-ID` after resuming it to follow the rest.
+- `error`, carrying an error envelope like the API's (`{"error": {"message", "type",
+  "param", "code"}}`), as soon as the key the stream was opened with is revoked
+  (`invalid_api_key`) or its team disabled (`team_disabled`); nothing more is sent.
+
+A comment line every 15 s keeps proxies from closing an idle stream.
+
+One poller per API process (EventHub) serves every open stream: each poll
+(LATHE_EVENT_STREAM_POLL_SECONDS) is one short session on a thread of its own that reads
+the watched jobs, their new events and whether each stream's key is still good, in a few
+queries for all streams together. A stream waits on the event loop for its share, so open
+streams take neither a worker thread nor a database connection each, and the key is
+checked again at every poll.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import anyio
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.domain.jobs import is_final
+from app.domain.jobs import JobStatus, is_final
 from app.errors import BadRequest
-from app.models import Job, JobEvent, now
+from app.models import ApiKey, Job, JobEvent, Team, now
 from app.schemas import event_object, job_object
-from app.services.events import LATE_COMMIT_SECONDS, events_since
+from app.services.events import LATE_COMMIT_SECONDS, events_since_each
+from app.services.teams import bearer_key, hash_key
 
+log = logging.getLogger(__name__)
 EVENT = "fine_tuning.job.event"
 KEEPALIVE_SECONDS = 15.0
+MAX_BACKOFF_SECONDS = 5.0  # between polls while the database is unreachable
 
 
 def event_cursor(session: Session, job: Job, event_id: str | None) -> int:
@@ -47,49 +65,200 @@ def event_cursor(session: Session, job: Job, event_id: str | None) -> int:
     return pk
 
 
+@dataclass(frozen=True)
+class StreamedEvent:
+    pk: int
+    created_at: int
+    id: str
+    body: str  # the event object as JSON
+
+
+@dataclass(frozen=True)
+class Poll:
+    """What one poll read, for every watched job and key."""
+
+    events: dict[int, list[StreamedEvent]]  # job pk -> its events past the cursor
+    ends: dict[int, str | None]  # job pk -> the `end` message's data when it ended, or None
+    refusals: dict[str, tuple[str, str, str]]  # key digest -> (message, type, code)
+
+
+@dataclass(eq=False)
+class Watcher:
+    """One open stream: its job, its key (by digest), what it sent, what waits to go out."""
+
+    job_pk: int
+    team_id: str
+    key_digest: str
+    after_pk: int  # the stream starts past this event
+    cursor: int  # the highest event pk handed to this stream
+    sent: dict[int, int] = field(default_factory=dict)  # pk -> created_at, to skip repeats
+    outbox: list[bytes] = field(default_factory=list)
+    last: bytes | None = None  # the closing `end` or `error` message, once there is one
+    ready: anyio.Event = field(default_factory=anyio.Event)
+
+    def take(self, poll: Poll) -> None:
+        """Queue what `poll` holds for this stream (called on the event loop)."""
+        if self.last is not None:
+            return
+        refusal = poll.refusals.get(self.key_digest)
+        if refusal is not None:  # nothing more for this key, not even events already read
+            message, type_, code = refusal
+            body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+            self.last = format_sse_event(data_str=json.dumps(body), event="error")
+        else:
+            for event in poll.events.get(self.job_pk, ()):
+                if event.pk in self.sent or event.pk <= self.after_pk:
+                    continue
+                self.sent[event.pk] = event.created_at
+                self.cursor = max(self.cursor, event.pk)
+                self.outbox.append(format_sse_event(data_str=event.body, event=EVENT, id=event.id))
+            horizon = now() - 2 * LATE_COMMIT_SECONDS
+            for pk in [pk for pk, created in self.sent.items() if created < horizon]:
+                del self.sent[pk]  # older than any late commit: the cursor alone covers it
+            if self.job_pk in poll.ends:
+                self.last = format_sse_event(data_str=poll.ends[self.job_pk], event="end")
+        self.ready.set()
+
+
+class EventHub:
+    """The shared poller behind every event stream of one API process.
+
+    It runs (an asyncio task) while a stream is open. Its reads run on a thread of their own
+    (a limiter of one token, not the request thread pool) and use one pooled connection
+    for the few milliseconds a poll takes; the pool keeps a connection for it
+    (app/db.py API_RESERVED_CONNECTIONS)."""
+
+    def __init__(self, sessions: sessionmaker[Session], poll_seconds: float) -> None:
+        self.sessions = sessions
+        self.poll_seconds = poll_seconds
+        self.watchers: set[Watcher] = set()
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: anyio.Event | None = None
+
+    def add(self, watcher: Watcher) -> None:
+        self.watchers.add(watcher)
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._loop is not loop:
+            self._loop, self._wake = loop, anyio.Event()
+            self._task = loop.create_task(self._run(), name="lathe-event-hub")
+        elif self._wake is not None:
+            self._wake.set()  # a new stream gets its backlog now, not at the next tick
+
+    def remove(self, watcher: Watcher) -> None:
+        self.watchers.discard(watcher)
+
+    async def _run(self) -> None:
+        limiter = anyio.CapacityLimiter(1)
+        delay = self.poll_seconds
+        while True:
+            if not self.watchers:  # checked and cleared with no await between: add() sees it
+                self._task = None
+                return
+            watchers = list(self.watchers)
+            self._wake = anyio.Event()  # before the read: a stream added during it wakes us
+            try:
+                poll = await anyio.to_thread.run_sync(self._read, watchers, limiter=limiter)
+            except Exception as exc:  # the database is down: the streams wait, then retry
+                log.warning("event streams: poll failed (%s); retrying", type(exc).__name__)
+                delay = min(max(delay, self.poll_seconds) * 2, MAX_BACKOFF_SECONDS)
+            else:
+                delay = self.poll_seconds
+                for watcher in watchers:
+                    watcher.take(poll)
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+
+    def _read(self, watchers: list[Watcher]) -> Poll:
+        cursors: dict[int, int] = {}
+        team_of: dict[int, str] = {}
+        for watcher in watchers:
+            cursors[watcher.job_pk] = min(
+                cursors.get(watcher.job_pk, watcher.cursor), watcher.cursor
+            )
+            team_of[watcher.job_pk] = watcher.team_id
+        digests = {watcher.key_digest for watcher in watchers}
+        with self.sessions() as session:
+            # Each job's state is read before its events: none can follow a final state.
+            jobs = {
+                job.pk: job for job in session.scalars(select(Job).where(Job.pk.in_(list(cursors))))
+            }
+            ends: dict[int, str | None] = {}
+            for pk in cursors:
+                job = jobs.get(pk)
+                if job is not None and (is_final(job.status) or job.status == JobStatus.PAUSED):
+                    ends[pk] = json.dumps(job_object(job, team_of[pk]), separators=(",", ":"))
+            events = {
+                pk: [
+                    StreamedEvent(
+                        e.pk, e.created_at, e.id, json.dumps(event_object(e), separators=(",", ":"))
+                    )
+                    for e in rows
+                ]
+                for pk, rows in events_since_each(session, cursors).items()
+            }
+            good = session.execute(
+                select(ApiKey.key_hash, Team.name, Team.disabled)
+                .join(Team, Team.pk == ApiKey.team_pk)
+                .where(ApiKey.key_hash.in_(list(digests)), ApiKey.revoked_at.is_(None))
+            ).all()
+        refusals = {digest: REVOKED for digest in digests}
+        for digest, team_name, disabled in good:
+            if disabled:
+                refusals[digest] = (
+                    f"team {team_name} is disabled; ask an administrator",
+                    "permission_error",
+                    "team_disabled",
+                )
+            else:
+                del refusals[digest]
+        return Poll(events, ends, refusals)
+
+
+REVOKED = ("invalid or revoked API key", "authentication_error", "invalid_api_key")
+
+
+def event_hub(request: Request, sessions: sessionmaker[Session]) -> EventHub:
+    """The app's hub, made on first use."""
+    state = request.app.state
+    hub = getattr(state, "event_hub", None)
+    if hub is None:
+        hub = state.event_hub = EventHub(sessions, state.settings.event_stream_poll_seconds)
+    return hub
+
+
 def stream_events(
     request: Request, sessions: sessionmaker[Session], team_id: str, job_pk: int, after_pk: int
 ) -> StreamingResponse:
-    poll = request.app.state.settings.event_stream_poll_seconds
-    sent: dict[int, int] = {}  # pk -> created_at of what went out lately, to skip repeats
-
-    def read(cursor: int) -> tuple[list[bytes], int, dict | None]:
-        with sessions() as session:
-            current = session.get_one(Job, job_pk)
-            final = is_final(current.status)  # read before the events: none can follow it
-            messages = []
-            for event in events_since(session, job_pk, cursor):
-                if event.pk in sent or event.pk <= after_pk:
-                    continue
-                sent[event.pk] = event.created_at
-                cursor = max(cursor, event.pk)
-                body = json.dumps(event_object(event), separators=(",", ":"))
-                messages.append(format_sse_event(data_str=body, event=EVENT, id=event.id))
-            horizon = now() - 2 * LATE_COMMIT_SECONDS
-            for pk in [pk for pk, created in sent.items() if created < horizon]:
-                del sent[pk]  # older than any late commit: the cursor alone covers it
-            return messages, cursor, job_object(current, team_id) if final else None
+    hub = event_hub(request, sessions)
+    # The key that opened the stream (authenticated by the route), re-checked at each poll.
+    key_digest = hash_key(bearer_key(request.headers.get("authorization")) or "")
 
     async def generate() -> AsyncIterator[bytes]:
         yield format_sse_event(retry=2000)
-        cursor = after_pk
-        last_write = time.monotonic()
-        while True:
-            messages, cursor, finished = await run_in_threadpool(read, cursor)
-            for message in messages:
-                yield message
-            if messages:
-                last_write = time.monotonic()
-            if finished is not None:
-                body = json.dumps(finished, separators=(",", ":"))
-                yield format_sse_event(data_str=body, event="end")
-                return
-            if time.monotonic() - last_write >= KEEPALIVE_SECONDS:
-                yield format_sse_event(comment="keepalive")
-                last_write = time.monotonic()
-            if await request.is_disconnected():
-                return
-            await anyio.sleep(poll)
+        watcher = Watcher(job_pk, team_id, key_digest, after_pk=after_pk, cursor=after_pk)
+        hub.add(watcher)
+        try:
+            last_write = time.monotonic()
+            while True:
+                with anyio.move_on_after(KEEPALIVE_SECONDS - (time.monotonic() - last_write)):
+                    await watcher.ready.wait()
+                watcher.ready = anyio.Event()
+                messages, watcher.outbox = watcher.outbox, []
+                for message in messages:
+                    yield message
+                if messages:
+                    last_write = time.monotonic()
+                if watcher.last is not None:
+                    yield watcher.last
+                    return
+                if time.monotonic() - last_write >= KEEPALIVE_SECONDS:
+                    yield format_sse_event(comment="keepalive")
+                    last_write = time.monotonic()
+                if await request.is_disconnected():
+                    return
+        finally:
+            hub.remove(watcher)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(generate(), media_type="text/event-stream", headers=headers)

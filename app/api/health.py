@@ -16,7 +16,8 @@ class Readiness(BaseModel):
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:
+    # On the event loop: liveness answers at once even when every worker thread is busy.
     return {"status": "ok"}
 
 
