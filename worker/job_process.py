@@ -22,10 +22,6 @@ TEXT_FORMAT = "[%(asctime)s: %(levelname)s/job] %(message)s"  # LATHE_LOG_FORMAT
 
 
 def main(job_id: str, attempt: int | None = None) -> int:
-    # Never outlive the Celery pool process waiting on this one (its parent, whose pid it
-    # passes down): killed with it, the GPU is freed and the job's lease lapses.
-    parent = os.environ.get(PARENT_PID_ENV)
-    die_with_parent(signal.SIGKILL, parent_pid=int(parent) if parent else os.getppid())
     settings = get_settings()
     configure_logging(settings.log_format, text_format=TEXT_FORMAT)
     engine = make_engine(settings.resolved_database_url)
@@ -45,4 +41,8 @@ def main(job_id: str, attempt: int | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Never outlive the Celery pool process waiting on this one (its parent, whose pid it
+    # passes down): killed with it, the GPU is freed and the job's lease lapses.
+    parent = os.environ.get(PARENT_PID_ENV)
+    die_with_parent(signal.SIGKILL, parent_pid=int(parent) if parent else os.getppid())
     sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))

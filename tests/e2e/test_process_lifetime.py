@@ -91,3 +91,28 @@ def test_stopping_the_embedded_server_mid_job_leaves_no_process_of_its_home(
             server.kill()
             server.wait()
         kill_all(home)
+
+
+def test_killing_lathe_demo_mid_job_leaves_no_process_of_its_home(tmp_path: Path) -> None:
+    """`lathe demo` runs `lathe serve` (which runs the worker): SIGKILLed, nothing of the
+    demo is left, the server having stopped as on SIGTERM."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATHE_")}
+    env["LATHE_HOME"] = str(home)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "demo", "--port", str(free_port())],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        running = wait_for_processes(home, training, 180)
+        assert training(running), f"the demo's job never started training: {running}"
+        demo.kill()
+        demo.wait()
+        left = wait_for_processes(home, lambda found: not found, GONE_WITHIN_S)
+        assert left == {}, f"still running after SIGKILL to lathe demo: {left}"
+    finally:
+        demo.kill()
+        demo.wait()
+        kill_all(home)
