@@ -15,7 +15,7 @@ from app.logs import bind
 from app.models import AdminKey, Team
 from app.services.admin import admin_for_key
 from app.services.idempotency import KEY_PATTERN
-from app.services.teams import team_for_key
+from app.services.teams import bearer_key, team_for_key
 from app.storage import ObjectStore
 
 
@@ -68,13 +68,13 @@ AdminBearer = Annotated[
 
 
 def current_team(request: Request, session: SessionDep, _bearer: TeamBearer) -> Team:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = bearer_key(request.headers.get("authorization"))
+    if key is None:
         raise Unauthorized(
-            "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key"
+            "missing or malformed API key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
         )
-    team = team_for_key(session, key.strip())
+    team = team_for_key(session, key)
     if team is None:
         raise Unauthorized("invalid or revoked API key", code="invalid_api_key")
     bind(team_id=team.id)  # on this request's log lines from here on (app/logs.py)
@@ -88,12 +88,10 @@ TeamDep = Annotated[Team, Depends(current_team)]
 
 def current_admin(request: Request, session: SessionDep, _bearer: AdminBearer) -> AdminKey:
     """The caller's admin key; a team key is refused (403), a missing or unknown one 401."""
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key:
+    key = bearer_key(request.headers.get("authorization"))
+    if key is None:
         raise Unauthorized(
-            "missing admin key: send 'Authorization: Bearer <admin key>'",
+            "missing or malformed admin key: send 'Authorization: Bearer <admin key>'",
             code="missing_api_key",
         )
     admin = admin_for_key(session, key)

@@ -8,12 +8,20 @@ from urllib.parse import quote
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import Message, Receive
 
-from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, StoreDep, TeamDep
+from app.api.deps import (
+    IdempotencyKeyDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    TeamBearer,
+    TeamDep,
+    current_team,
+)
 from app.api.error_handlers import COMMON_ERRORS, ErrorEnvelope, error_responses
 from app.api.multipart import FormError, MultipartStream, boundary_of
 from app.errors import APIError, BadRequest
@@ -60,6 +68,17 @@ UPLOAD_BODY = {
 }
 
 
+def uploading_team(request: Request, bearer: TeamBearer) -> Team:
+    """The caller's team (current_team), looked up in a session that ends at once: an
+    upload holds no session, nor a connection, while its body arrives (minutes, for a
+    large file); it records the file in a session of its own."""
+    with request.app.state.sessionmaker() as session:
+        return current_team(request, session, bearer)
+
+
+UploadingTeamDep = Annotated[Team, Depends(uploading_team)]
+
+
 class RequestTimeout(APIError):
     status_code = 408
 
@@ -74,8 +93,7 @@ class RequestTimeout(APIError):
 )
 async def upload_file(
     request: Request,
-    team: TeamDep,
-    session: SessionDep,
+    team: UploadingTeamDep,
     objects: StoreDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyDep = None,
@@ -97,15 +115,15 @@ async def upload_file(
             code="invalid_idempotency_key",
             param="Idempotency-Key",
         )
-    session.commit()  # end the key lookup's transaction: no connection waits on the client
     body = _BodyChunks(request.receive, current_token(), limits, limits.bytes + FRAMING_BYTES)
     form = MultipartStream(body, boundary)
-    receive = partial(_receive_upload, session, objects, team, limits, form, idempotency_key)
+    sessions = request.app.state.sessionmaker
+    receive = partial(_receive_upload, sessions, objects, team, limits, form, idempotency_key)
     return await anyio.to_thread.run_sync(receive, limiter=_upload_threads(request.app))
 
 
 def _receive_upload(
-    session: Session,
+    sessions: sessionmaker[Session],
     objects: ObjectStore,
     team: Team,
     limits: files.UploadLimits,
@@ -145,7 +163,8 @@ def _receive_upload(
         if stored is not None:
             files.discard_upload(objects, stored)
         raise
-    return _record_once(session, objects, team, filename, purpose, stored, idempotency_key)
+    with sessions() as session:
+        return _record_once(session, objects, team, filename, purpose, stored, idempotency_key)
 
 
 def _record_once(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from sqlalchemy import select
@@ -13,6 +14,16 @@ from app.domain.ids import new_id
 from app.models import ApiKey, Team
 
 KEY_PREFIX = "lathe-"
+# RFC 9110 credentials: the scheme in any case, then spaces or tabs, then a token68.
+_BEARER = re.compile(r"[ \t]*bearer[ \t]+([A-Za-z0-9._~+/-]+=*)[ \t]*", re.IGNORECASE)
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header; None when there is none or it is
+    not one. The one reading of the header, for authentication (app/api/deps.py) and the
+    rate limiter (app/ratelimit.py): `bEaReR   KEY` is the same key, so the same bucket."""
+    match = _BEARER.fullmatch(authorization or "")
+    return match.group(1) if match else None
 
 
 def hash_key(key: str) -> str:

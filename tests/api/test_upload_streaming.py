@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Iterator
 
+import openai
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from openai import OpenAI
 from sqlalchemy import update
 from starlette.types import ASGIApp, Message
 
@@ -260,3 +262,22 @@ def test_an_upload_reaches_object_storage_while_its_body_still_arrives(
     assert created["bytes"] == len(data)
     # Storage started reading when about one chunk of the body had come, not the whole.
     assert given_at_first_read[0] <= 2 * CHUNK < len(data)
+
+
+def test_the_openai_sdk_uploads_through_the_stream(served, limited_env) -> None:
+    _, key = create_team_key(limited_env)
+    host, port = served
+    sdk = OpenAI(base_url=f"http://{host}:{port}/v1", api_key=key, max_retries=0)
+    created = sdk.files.create(file=("chat.jsonl", CHAT), purpose="fine-tune")
+    assert (created.status, created.bytes, created.filename) == (
+        "processed",
+        len(CHAT),
+        "chat.jsonl",
+    )
+    assert sdk.files.content(created.id).content == CHAT
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.files.create(file=("chat.jsonl", CHAT + b"{}\n"), purpose="fine-tune")
+    assert "line 13" in refused.value.message
+    with pytest.raises(openai.APIStatusError) as too_large:
+        sdk.files.create(file=("big.jsonl", CHAT * (2 * LIMIT // len(CHAT))), purpose="fine-tune")
+    assert too_large.value.status_code == 413
