@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
+from fastapi import Header, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app import models
@@ -80,10 +82,118 @@ GpuClass = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}
 Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+# --- Rules said in the OpenAPI document -----------------------------------------------------
+# What the API refuses for its form alone is stated in the document (pattern, bounds), so
+# the document, generated clients and the docs match the validation; tests/api/test_fuzz.py
+# checks that no request valid by the document is refused for its form. The rules below are
+# enforced by the services, which answer with their own codes (invalid_cursor,
+# invalid_period, invalid_url, denied_url), so they are put in the document only
+# (json_schema_extra) rather than checked a second time by FastAPI with a generic code.
+
+ID_PATTERN = "^{prefix}-[0-9a-f]{{24}}$"  # app.domain.ids.new_id
+
+
+def _pattern(pattern: str) -> Callable[[dict[str, Any]], None]:
+    """json_schema_extra: the pattern on the string (not the null) of an optional value."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") == "string":
+                branch["pattern"] = pattern
+
+    return extra
+
+
+def _documented_query(pattern: str, description: str) -> Any:
+    return Query(description=description, json_schema_extra=_pattern(pattern))
+
+
+def cursor(prefix: str) -> Any:
+    """An optional `after` query parameter: the id of an object of the list (`ftjob-...`).
+    Any other value, well-formed or not, is 400 invalid_cursor (app.services.pagination)."""
+    return Annotated[
+        str | None,
+        _documented_query(
+            ID_PATTERN.format(prefix=prefix),
+            f"Continue after this object of the list (its id, `{prefix}-...`)",
+        ),
+    ]
+
+
+JobCursor = cursor("ftjob")
+EventCursor = cursor("ftevent")
+CheckpointCursor = cursor("ftckpt")
+FileCursor = cursor("file")
+TeamCursor = cursor("team")
+AuditCursor = cursor("audit")
+LastEventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        description="The last event received (`ftevent-...`): the stream resumes after it",
+        json_schema_extra=_pattern(ID_PATTERN.format(prefix="ftevent")),
+    ),
+]
+# A file purpose to list by ("fine-tune", "fine-tune-results"); another name lists nothing.
+PurposeFilter = Annotated[
+    str | None, _documented_query(r"^[a-z][a-z0-9_-]{0,63}$", "Only files of this purpose")
+]
+# A calendar month (app.services.usage.period_bounds: else 400 invalid_period).
+Period = Annotated[
+    str | None,
+    _documented_query(
+        r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$", "A calendar month, YYYY-MM (UTC); default: this month"
+    ),
+]
+
+# A webhook's url, as app.services.webhooks accepts it (else 400 invalid_url): http(s), a
+# host (an IPv4 address, an IPv6 address in brackets, or a name of letters, digits, "-"
+# and "_" labels, not four numbers), an optional port, printable characters after it; no
+# user:password@. Which hosts may be called (denied_url) is the deployment's, not a form.
+_LABEL = "[A-Za-z0-9_-]{1,63}"
+_NAME_LABEL = "[A-Za-z0-9_-]{0,31}[A-Za-z_-][A-Za-z0-9_-]{0,31}"  # not only digits
+_NUMBERS = "[0-9]{1,63}(?:\\.[0-9]{1,63}){0,2}"  # "0", "127.1": names to a resolver
+_NAME = f"(?:(?:{_LABEL}\\.)*{_NAME_LABEL}(?:\\.{_LABEL})*|{_NUMBERS})\\.?"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = f"{_OCTET}(?:\\.{_OCTET}){{3}}"
+_H16 = "[0-9A-Fa-f]{1,4}"
+_LS32 = f"(?:{_H16}:{_H16}|{_IPV4})"
+
+
+def _ipv6() -> str:
+    """RFC 3986's IPv6address (section 3.2.2), as a regular expression."""
+
+    def groups(n: int) -> str:
+        return f"(?:{_H16}:){{{n}}}" if n else ""
+
+    def head(n: int) -> str:  # [ *n( h16 ":" ) h16 ]
+        return f"(?:(?:{_H16}:){{0,{n}}}{_H16})?" if n else f"(?:{_H16})?"
+
+    forms = [f"{groups(6)}{_LS32}", f"::{groups(5)}{_LS32}"]
+    forms += [f"{head(n)}::{groups(4 - n)}{_LS32}" for n in range(4)]
+    forms += [f"{head(4)}::{_LS32}", f"{head(5)}::{_H16}", f"{head(6)}::"]
+    return "|".join(f"(?:{form})" for form in forms)
+
+
+_PORT = "(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+WEBHOOK_URL_PATTERN = (
+    f"^https?://(?:{_IPV4}|\\[(?:{_ipv6()})\\]|{_NAME})(?::{_PORT})?(?:[/?#][^\\x00-\\x20\\x7f]*)?$"
+)
+WebhookUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2048,
+        description="An http(s) URL with a host, no user:password@",
+        json_schema_extra=_pattern(WEBHOOK_URL_PATTERN),
+    ),
+]
+
+
 class JobCreate(Strict):
-    model: str
-    training_file: str
-    validation_file: str | None = None
+    model: Annotated[str, Field(min_length=1)]
+    training_file: Annotated[str, Field(min_length=1)]
+    validation_file: Annotated[str, Field(min_length=1)] | None = None
     hyperparameters: HyperparametersIn | None = None
     method: MethodIn | None = None
     suffix: Suffix | None = None

@@ -17,7 +17,7 @@ from app import models
 from app.api.deps import AdminDep, SessionDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.domain.quotas import QUOTA_MAXIMA
-from app.schemas import Strict, job_object, list_envelope
+from app.schemas import AuditCursor, Period, Strict, TeamCursor, job_object, list_envelope
 from app.services import admin
 from app.services.usage import usage_for
 
@@ -142,7 +142,7 @@ def create_team(body: TeamCreate, caller: AdminDep, session: SessionDep) -> dict
 
 @router.get("/teams")
 def list_teams(
-    caller: AdminDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+    caller: AdminDep, session: SessionDep, limit: Limit = 20, after: TeamCursor = None
 ) -> dict:
     rows, has_more = admin.list_teams(session, limit, after)
     return list_envelope([team_object(t) for t in rows], has_more)
@@ -196,14 +196,14 @@ def cancel_job(job_id: str, caller: AdminDep, session: SessionDep) -> dict:
 
 @router.get("/audit")
 def list_audit(
-    caller: AdminDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+    caller: AdminDep, session: SessionDep, limit: Limit = 20, after: AuditCursor = None
 ) -> dict:
     rows, has_more = admin.list_audit(session, limit, after)
     return list_envelope([audit_object(e) for e in rows], has_more)
 
 
 @router.get("/usage")
-def usage_all_teams(caller: AdminDep, session: SessionDep, period: str | None = None) -> dict:
+def usage_all_teams(caller: AdminDep, session: SessionDep, period: Period = None) -> dict:
     """GPU seconds per team for one month (YYYY-MM, default this month): chargeback."""
     teams = list(session.scalars(select(models.Team).order_by(models.Team.pk)))
     return {"object": "list", "data": usage_for(session, teams, period), "has_more": False}

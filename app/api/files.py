@@ -26,7 +26,7 @@ from app.api.error_handlers import COMMON_ERRORS, ErrorEnvelope, error_responses
 from app.api.multipart import FormError, MultipartStream, boundary_of
 from app.errors import APIError, BadRequest
 from app.models import File, Team
-from app.schemas import file_object, list_envelope
+from app.schemas import FileCursor, PurposeFilter, file_object, list_envelope
 from app.services import files
 from app.services.idempotency import KEY_PATTERN, fingerprint, idempotent
 from app.services.pool import team_quotas
@@ -257,9 +257,9 @@ def _upload_threads(app: FastAPI) -> anyio.CapacityLimiter:
 def list_files(
     team: TeamDep,
     session: SessionDep,
-    purpose: str | None = None,
+    purpose: PurposeFilter = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
-    after: str | None = None,
+    after: FileCursor = None,
 ) -> dict:
     rows, has_more = files.list_files(session, team, purpose, limit, after)
     return list_envelope([file_object(f) for f in rows], has_more)

@@ -5,12 +5,22 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.api.event_stream import event_cursor, stream_events
-from app.schemas import JobCreate, checkpoint_object, event_object, job_object, list_envelope
+from app.schemas import (
+    CheckpointCursor,
+    EventCursor,
+    JobCreate,
+    JobCursor,
+    LastEventId,
+    checkpoint_object,
+    event_object,
+    job_object,
+    list_envelope,
+)
 from app.services import jobs
 from app.services.idempotency import fingerprint, idempotent
 
@@ -23,9 +33,12 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 SSE_MESSAGE = {
     "type": "object",
     "properties": {
-        "event": {"type": "string", "enum": ["fine_tuning.job.event", "end"]},
+        "event": {"type": "string", "enum": ["fine_tuning.job.event", "end", "error"]},
         "id": {"type": "string"},
-        "data": {"type": "string", "description": "An event object, or the job at `end`"},
+        "data": {
+            "type": "string",
+            "description": "An event object; the job at `end`; an error envelope at `error`",
+        },
         "retry": {"type": "integer", "minimum": 0},
     },
 }
@@ -52,7 +65,7 @@ def create_job(
 
 @router.get("")
 def list_jobs(
-    team: TeamDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+    team: TeamDep, session: SessionDep, limit: Limit = 20, after: JobCursor = None
 ) -> dict:
     rows, has_more = jobs.list_jobs(session, team, limit, after)
     return list_envelope([job_object(j, team.id) for j in rows], has_more)
@@ -97,9 +110,9 @@ def list_events(
     session: SessionDep,
     request: Request,
     limit: Limit = 20,
-    after: str | None = None,
+    after: EventCursor = None,
     stream: bool = False,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: LastEventId = None,
 ) -> Response | dict:
     if stream:
         # Oldest first from `after` (or the Last-Event-ID a reconnecting client sends),
@@ -117,7 +130,11 @@ def list_events(
 
 @router.get("/{job_id}/checkpoints")
 def list_checkpoints(
-    job_id: str, team: TeamDep, session: SessionDep, limit: Limit = 10, after: str | None = None
+    job_id: str,
+    team: TeamDep,
+    session: SessionDep,
+    limit: Limit = 10,
+    after: CheckpointCursor = None,
 ) -> dict:
     rows, has_more = jobs.list_checkpoints(session, team, job_id, limit, after)
     return list_envelope([checkpoint_object(c, job_id) for c in rows], has_more)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from app.api.deps import SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.models import Job, Worker
-from app.schemas import list_envelope
+from app.schemas import Period, list_envelope
 from app.services import jobs
 from app.services.pool import shown_state, team_quotas
 from app.services.queue_view import job_position, queue_summary
@@ -77,7 +77,7 @@ def job_queue(job_id: str, team: TeamDep, session: SessionDep, settings: Setting
 
 @router.get("/usage")
 def get_usage(
-    team: TeamDep, session: SessionDep, settings: SettingsDep, period: str | None = None
+    team: TeamDep, session: SessionDep, settings: SettingsDep, period: Period = None
 ) -> dict:
     report = usage_for(session, [team], period)[0]
     quota = team_quotas(team, settings).gpu_hours_per_month

@@ -10,7 +10,7 @@ from pydantic import Field
 from app.api.deps import SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.models import Webhook, WebhookDelivery
-from app.schemas import Strict, list_envelope
+from app.schemas import Strict, WebhookUrl, list_envelope
 from app.services import webhooks
 
 router = APIRouter(
@@ -19,9 +19,18 @@ router = APIRouter(
 
 
 class WebhookCreate(Strict):
-    url: Annotated[str, Field(min_length=1, max_length=2048)]
-    # Default: every outcome (succeeded, failed, cancelled).
-    event_types: Annotated[list[str], Field(max_length=8)] = []
+    url: WebhookUrl
+    # Default: every outcome (succeeded, failed, cancelled). The names are in the document;
+    # the service refuses others (400 invalid_value, param event_types).
+    event_types: Annotated[
+        list[str],
+        Field(
+            max_length=8,
+            json_schema_extra={
+                "items": {"type": "string", "enum": list(webhooks.EVENT_TYPES.values())}
+            },
+        ),
+    ] = []
 
 
 def webhook_object(webhook: Webhook, *, with_secret: bool = False) -> dict:
