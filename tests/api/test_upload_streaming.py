@@ -114,8 +114,14 @@ def test_a_content_length_over_the_limit_is_refused_before_the_body_is_sent(
     served, limited_env
 ) -> None:
     _, key = create_team_key(limited_env)
+    # Expect: 100-continue: the answer comes instead of the go-ahead.
     status, body = headers_only(
-        served, {"Content-Length": str(LIMIT + FRAMING_BYTES + 1), "Authorization": f"Bearer {key}"}
+        served,
+        {
+            "Content-Length": str(LIMIT + FRAMING_BYTES + 1),
+            "Authorization": f"Bearer {key}",
+            "Expect": "100-continue",
+        },
     )
     assert status == 413
     assert body["error"]["code"] == "file_too_large"
