@@ -287,3 +287,14 @@ def test_the_openai_sdk_uploads_through_the_stream(served, limited_env) -> None:
     with pytest.raises(openai.APIStatusError) as too_large:
         sdk.files.create(file=("big.jsonl", CHAT * (2 * LIMIT // len(CHAT))), purpose="fine-tune")
     assert too_large.value.status_code == 413
+
+
+def test_the_openapi_document_states_the_upload_body_and_its_rules(client: TestClient) -> None:
+    """Generated clients and schemathesis see the multipart body (the handler reads it
+    itself) and its rules: both parts required, `purpose` one of the accepted values."""
+    body = client.app.openapi()["paths"]["/v1/files"]["post"]["requestBody"]
+    schema = body["content"]["multipart/form-data"]["schema"]
+    assert body["required"] is True
+    assert sorted(schema["required"]) == ["file", "purpose"]
+    assert schema["properties"]["purpose"]["enum"] == ["fine-tune"]
+    assert schema["properties"]["file"]["contentMediaType"] == "application/octet-stream"
