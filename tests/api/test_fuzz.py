@@ -53,39 +53,59 @@ from tests.conftest import create_team_key, settings_from
 MAX_EXAMPLES = int(os.environ.get("LATHE_FUZZ_EXAMPLES", "25"))
 
 # 400s that a schema-valid request may still get, because they depend on what exists (the
-# team's objects, the pool, the deployment's settings), not on the request's form: error
-# code -> why the document cannot say it. Everything else the API refuses with 400 must be
-# said in the document (minLength, pattern, enum, format, bounds), so generated clients
-# and the docs match the validation.
+# team's objects, the pool, the deployment's settings), not on the request's form:
+# (error code, the param it names) -> why the document cannot say it. Everything else the
+# API refuses with 400 must be said in the document (minLength, pattern, enum, format,
+# bounds), so generated clients and the docs match the validation (docs/api.md).
 STATE_DEPENDENT_400 = {
     # The document gives each `after` its id pattern (`ftjob-` and 24 hex digits...), so a
     # valid case's cursor is well-formed; it names an object of the list or not.
-    "invalid_cursor": "a well-formed `after` id that is not in this list",
-    "file_not_found": "a well-formed file id the team does not have",
-    "invalid_file_purpose": "a file of the team uploaded for another purpose",
-    "file_in_use": "a file an unfinished job trains on",
-    "model_not_found": "a model the deployment does not offer (its settings)",
-    "unknown_gpu_class": "a GPU class the pool does not have",
-    "insufficient_gpu_memory": "a job larger than the pool's GPUs",
-    "too_many_webhooks": "the team's webhook count",
-    "denied_url": "a webhook host in the deployment's denied networks (as it resolves now)",
+    ("invalid_cursor", "after"): "a well-formed id that is not in this list",
+    ("file_not_found", "training_file"): "a file id the team does not have",
+    ("file_not_found", "validation_file"): "a file id the team does not have",
+    ("invalid_file_purpose", "training_file"): "a file of the team with another purpose",
+    ("invalid_file_purpose", "validation_file"): "a file of the team with another purpose",
+    ("file_in_use", "file_id"): "a file an unfinished job trains on",
+    ("model_not_found", "model"): "a model the deployment does not offer (its settings)",
+    ("unknown_gpu_class", "gpu_class"): "a GPU class the pool does not have",
+    ("insufficient_gpu_memory", "gpu_class"): "a class with less memory than the job needs",
+    ("insufficient_gpu_memory", "max_seq_length"): "a job larger than the pool's GPUs",
+    ("too_many_webhooks", None): "the team's webhook count",
+    ("denied_url", "url"): "a host in the deployment's denied networks, as it resolves now",
+}
+# An upload refused for its file's content (the JSONL rules of docs/datasets.md, which a
+# multipart schema cannot say) or its file name (control characters, length): param "file".
+UPLOAD_CONTENT_400 = {
+    "invalid_encoding",
+    "nul_character",
+    "invalid_json",
+    "invalid_type",
+    "invalid_value",
+    "missing_key",
+    "unknown_role",
+    "no_assistant_message",
+    "empty_value",
+    "mixed_formats",
+    "line_too_long",
+    "empty_file",
+    "invalid_filename",
 }
 
 
 @schemathesis.check
 def valid_requests_not_refused(ctx, response, case) -> None:
     """A request the document calls valid (schemathesis' positive cases) is not answered
-    400, except for STATE_DEPENDENT_400, and an upload refused for its file's content (the
-    JSONL rules of docs/datasets.md, which a multipart schema cannot say)."""
+    400, except for STATE_DEPENDENT_400 and UPLOAD_CONTENT_400."""
     if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
         return
     if response.status_code != 400:
         return
     error = response.json().get("error") or {}
-    if error.get("code") in STATE_DEPENDENT_400:
+    if (error.get("code"), error.get("param")) in STATE_DEPENDENT_400:
         return
-    if case.path == "/v1/files" and case.method == "POST" and error.get("param") == "file":
-        return
+    if (case.method, case.path) == ("POST", "/v1/files") and error.get("param") == "file":
+        if error.get("code") in UPLOAD_CONTENT_400:
+            return
     raise AssertionError(
         f"a schema-valid request was refused with 400: {error.get('code')} "
         f"(param {error.get('param')!r}): {error.get('message')}"
