@@ -71,23 +71,28 @@ time (an OOM that kills the host, say) must not be re-queued forever."""
 
 
 def requeue_after_worker_loss(
-    session: Session, job: Job, what: str, *, at: float | None = None
+    session: Session, job: Job, what: str, *, at: float | None = None, counts: bool = True
 ) -> bool:
     """Put a running `job` whose worker was lost, stopped or restarted back in line,
     counting the loss in `worker_losses`; the MAX_WORKER_LOSSES-th loss fails it
     `worker_lost`. `what` says what happened ("Worker w1 was lost"). True when the job
     went back in line. No commit.
 
+    `counts=False` for a worker an operator stopped on purpose (it marked itself
+    `stopped` at shutdown): that says nothing about the job, so it is not held against it.
+    A host that dies with the job (an OOM kill) never gets to say so: it is lost or
+    restarts, and that counts.
+
     Every path that takes a running job from its worker calls this, so every loss counts
     whatever the event says. The count is guarded like the status: two processes
     handling one loss (the restarted worker and the scheduler) cannot both count it."""
-    worker, losses = job.worker, job.worker_losses + 1
+    worker, losses = job.worker, job.worker_losses + int(counts)
     guard = (
         Job.status == JobStatus.RUNNING.value,  # not one paused meanwhile
         Job.worker == worker,
-        Job.worker_losses == losses - 1,
+        Job.worker_losses == job.worker_losses,
     )
-    if losses >= MAX_WORKER_LOSSES:
+    if counts and losses >= MAX_WORKER_LOSSES:
         transition(
             session,
             job,
@@ -106,11 +111,12 @@ def requeue_after_worker_loss(
             estimated_finish=None,
         )
         return False
+    tally = f"{losses} of {MAX_WORKER_LOSSES} losses allowed" if counts else "not a loss"
     return transition(
         session,
         job,
         JobStatus.QUEUED,
-        f"{what}; the job is back in line ({losses} of {MAX_WORKER_LOSSES} losses allowed)",
+        f"{what}; the job is back in line ({tally})",
         level="warn",
         guard=guard,
         worker_losses=losses,

@@ -53,8 +53,9 @@ def _try_lock(session: Session) -> bool:
 
 def reconcile_workers(session: Session, settings: Settings, at: float, result: PassResult) -> None:
     """Workers silent past their lease are lost; their running jobs go back in line, as
-    do jobs still running on a worker that stopped. Each counts as one of the job's
-    allowed losses (app.services.jobs.requeue_after_worker_loss)."""
+    do jobs still running on a worker that stopped. A loss counts toward the job's
+    allowed losses (app.services.jobs.requeue_after_worker_loss); a stop, which an
+    operator asked for, does not."""
     lost = session.scalars(
         select(Worker).where(
             Worker.status.in_(("active", "draining", "drained")),
@@ -65,12 +66,15 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
         worker.status = "lost"
         worker.current_job = None
         result.lost_workers.append(worker.id)
-    gone = select(Worker.id).where(Worker.status.in_(("lost", "stopped")))
-    orphans = session.scalars(
-        select(Job).where(Job.status == JobStatus.RUNNING.value, Job.worker.in_(gone))
+    orphans = session.execute(
+        select(Job, Worker.status)
+        .join(Worker, Worker.id == Job.worker)
+        .where(Job.status == JobStatus.RUNNING.value, Worker.status.in_(("lost", "stopped")))
     ).all()
-    for job in orphans:
-        if requeue_after_worker_loss(session, job, f"Worker {job.worker} was lost", at=at):
+    for job, worker_status in orphans:
+        stopped = worker_status == "stopped"  # on purpose: not held against the job
+        what = f"Worker {job.worker} {'stopped' if stopped else 'was lost'}"
+        if requeue_after_worker_loss(session, job, what, at=at, counts=not stopped):
             result.requeued.append(job.id)
 
 

@@ -299,7 +299,7 @@ def test_a_stale_run_cannot_fail_a_job_another_worker_now_holds(team, train_id, 
     assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "failed"
 
 
-def test_a_stopped_workers_running_job_goes_back_in_line(
+def test_a_stopped_workers_running_job_goes_back_in_line_without_counting_a_loss(
     team, train_id, api_env, sessions, add_worker, gpu_class
 ) -> None:
     worker_id = add_worker(gpu_class)
@@ -312,6 +312,11 @@ def test_a_stopped_workers_running_job_goes_back_in_line(
         session.commit()
     assert job_id in schedule(api_env, sessions).requeued
     assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+    with sessions() as session:  # an operator's stop is not held against the job
+        assert session.scalar(select(Job.worker_losses).where(Job.id == job_id)) == 0
+    assert any(
+        f"Worker {worker_id} stopped" in m and "not a loss" in m for m in job_messages(team, job_id)
+    )
 
 
 def test_a_team_past_its_gpu_hours_gets_nothing_dispatched(
