@@ -21,6 +21,7 @@ import pytest
 import redis
 import uvicorn
 
+from app.lifetime import child_env
 from app.main import create_app
 from tests.conftest import create_team_key, settings_from
 from tests.e2e.conftest import (
@@ -84,7 +85,7 @@ class Worker:
                     "--name",
                     name,
                 ],
-                env={**os.environ, **env},
+                env=child_env({**os.environ, **env}),  # it dies with pytest, even a killed one
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -185,7 +186,7 @@ def serve(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-            env={**os.environ, **env},
+            env=child_env({**os.environ, **env}),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
