@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEVICE ?= cpu
 
-.PHONY: install demo test test-fast bench bench-service lint serve worker clean system-deps python-venv
+.PHONY: install demo test test-fast bench bench-service bench-load lint serve worker clean system-deps python-venv
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ bench: install
 # The service's benchmarks (bench/run.py): demo job, API latency, upload, GPU pool.
 bench-service: install
 	$(BIN)/python -m bench.run --device $(DEVICE)
+
+# Load test (bench/load.py): 500 clients on Postgres with a worker, 100 on the embedded
+# default, 2 minutes each; fails on any 5xx or a /healthz p99 over 1 s. LOAD_ARGS='--only sqlite'.
+bench-load: install
+	$(BIN)/python -m bench.load $(LOAD_ARGS)
 
 lint: install
 	$(BIN)/ruff check app worker tests bench migrations

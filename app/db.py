@@ -32,7 +32,6 @@ API_CONNECTIONS = API_SESSIONS + API_RESERVED_CONNECTIONS
 # Worker threads for the API's blocking work (sync routes and dependencies, response
 # checks): anyio's default, stated, and one per connection.
 API_THREADS = API_CONNECTIONS
-_POOL_KEPT = 10  # connections kept open when idle; the rest of the budget is overflow
 
 
 def make_engine(url: str, *, max_connections: int | None = None) -> Engine:
@@ -42,8 +41,9 @@ def make_engine(url: str, *, max_connections: int | None = None) -> Engine:
     if max_connections is None:
         sizing = {} if url.startswith("sqlite") else {"pool_size": 10, "max_overflow": 20}
     else:
-        kept = min(_POOL_KEPT, max_connections)
-        sizing = {"pool_size": kept, "max_overflow": max_connections - kept}
+        # All kept once opened: an overflow connection is closed on return, and under load
+        # the API would open and close one (a Postgres backend fork) at every request.
+        sizing = {"pool_size": max_connections, "max_overflow": 0}
     if url.startswith("sqlite"):
         engine = create_engine(
             url, connect_args={"timeout": 30, "check_same_thread": False}, **sizing
