@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db import API_SESSIONS
 from app.errors import Forbidden, Unauthorized
 from app.logs import bind
 from app.models import AdminKey, Team
@@ -19,9 +21,24 @@ from app.services.teams import bearer_key, team_for_key
 from app.storage import ObjectStore
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's session, from its first dependency to the end of its handler.
+
+    Made on the event loop (no connection yet, so no thread); authentication ends its own
+    transaction, so the connection goes back to the pool before the handler's turn for a
+    thread. At most API_SESSIONS requests hold one at once (SessionDep): the pool keeps a
+    connection for each, plus a reserve (app/db.py), so no thread waits for a connection
+    held by a request that is itself waiting for a thread."""
+    session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            # A handler that only read leaves its transaction open: the rollback is a round
+            # trip, on a thread of its own (not the request pool, which may be busy).
+            await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+        else:
+            session.close()  # nothing to end: no I/O
 
 
 def get_settings(request: Request) -> Settings:
@@ -32,7 +49,11 @@ def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": closed when the handler returns, before a (streamed) body is sent.
+# max_concurrency: the other requests wait on the event loop, holding no thread.
+SessionDep = Annotated[
+    Session, Depends(get_session, scope="function", max_concurrency=API_SESSIONS)
+]
 # Retries of a POST with the same key return the first result (app.services.idempotency).
 # The pattern is documented here and checked there (400 invalid_idempotency_key).
 IdempotencyKeyDep = Annotated[
@@ -80,6 +101,7 @@ def current_team(request: Request, session: SessionDep, _bearer: TeamBearer) -> 
     bind(team_id=team.id)  # on this request's log lines from here on (app/logs.py)
     if team.disabled:
         raise Forbidden(f"team {team.name} is disabled; ask an administrator", code="team_disabled")
+    session.commit()  # the lookup's transaction ends here: its connection goes back at once
     return team
 
 
@@ -96,6 +118,7 @@ def current_admin(request: Request, session: SessionDep, _bearer: AdminBearer) -
         )
     admin = admin_for_key(session, key)
     if admin is not None:
+        session.commit()  # as in current_team: the connection goes back at once
         return admin
     if team_for_key(session, key) is not None:
         raise Forbidden(
