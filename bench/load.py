@@ -574,6 +574,8 @@ def run(name: str, clients: int, streams: int, duration: float, think: float) ->
                 "duration_s": duration,
                 "think_s": think,
                 "api_cpu_s": round(cpu_seconds(server.pid) - cpu_before, 1),
+                # Other work on the machine competes for its CPUs: the 1-minute load at the end.
+                "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
                 **figures(record, duration),
             }
             return result
