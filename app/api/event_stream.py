@@ -78,7 +78,7 @@ class Poll:
     """What one poll read, for every watched job and key."""
 
     events: dict[int, list[StreamedEvent]]  # job pk -> its events past the cursor
-    ends: dict[int, str | None]  # job pk -> the `end` message's data when it ended, or None
+    ends: dict[int, str]  # job pk -> the `end` message's data (the job), for jobs that ended
     refusals: dict[str, tuple[str, str, str]]  # key digest -> (message, type, code)
 
 
@@ -149,6 +149,13 @@ class EventHub:
         self.watchers.discard(watcher)
 
     async def _run(self) -> None:
+        try:
+            await self._poll_while_watched()
+        finally:  # also if it died: the next stream starts another
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    async def _poll_while_watched(self) -> None:
         limiter = anyio.CapacityLimiter(1)
         delay = self.poll_seconds
         while True:
@@ -183,7 +190,7 @@ class EventHub:
             jobs = {
                 job.pk: job for job in session.scalars(select(Job).where(Job.pk.in_(list(cursors))))
             }
-            ends: dict[int, str | None] = {}
+            ends: dict[int, str] = {}
             for pk in cursors:
                 job = jobs.get(pk)
                 if job is not None and (is_final(job.status) or job.status == JobStatus.PAUSED):
