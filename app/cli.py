@@ -84,6 +84,9 @@ def serve(
         signal.raise_signal(stopped.signum)
 
 
+SHUTDOWN_GRACE_SECONDS = 5
+
+
 def _serve(host: str, port: int) -> None:
     import uvicorn
 
@@ -118,6 +121,9 @@ def _serve(host: str, port: int) -> None:
             port=port,
             log_level="info",
             access_log=False,
+            # Open event streams never end by themselves: past this, a stop closes them
+            # (clients reconnect to another replica and resume after their last event).
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
             **json_logs,
         )
     finally:

@@ -66,6 +66,18 @@ def _json(sse: ServerSentEvent, client: LatheClient) -> Any:
         raise APIError(200, f"{client.base_url} sent a malformed {sse.event} event") from None
 
 
+# What the server's closing `error` event means, as the status a request would have got.
+_ERROR_STATUS = {"authentication_error": 401, "permission_error": 403}
+
+
+def _stream_error(body: Any) -> APIError:
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return APIError(400, f"the event stream ended with an error: {body!r}")
+    status = _ERROR_STATUS.get(error.get("type"), 400)
+    return APIError(status, str(error.get("message")), error.get("code"), error.get("param"))
+
+
 def job_event_stream(
     client: LatheClient,
     job_id: str,
@@ -74,7 +86,8 @@ def job_event_stream(
     reconnect_delay: float = 1.0,
 ) -> Iterator[tuple[str, Any]]:
     """("event", event object) for each of the job's events, oldest first, then ("end",
-    job object) once the job is final. A dropped connection yields ("reconnect",
+    job object) once the job is final or paused. An `error` event (the key revoked, the
+    team disabled) raises APIError with its 401/403. A dropped connection yields ("reconnect",
     Reconnecting) and resumes after the last event received (Last-Event-ID and `after`),
     so nothing repeats; after MAX_FAILED_CONNECTS failed connects in a row it gives up."""
     path = f"/v1/fine_tuning/jobs/{job_id}/events"
@@ -117,6 +130,8 @@ def job_event_stream(
                     if sse.event == "end":
                         yield "end", _json(sse, client)
                         return
+                    if sse.event == "error":  # the key was revoked or the team disabled
+                        raise _stream_error(_json(sse, client))
                     event = _json(sse, client)
                     event_id = event.get("id") or sse.id
                     if event_id:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.client.config import Target
-from app.client.http import LatheClient
+from app.client.http import APIError, LatheClient
 from app.client.sse import job_event_stream, parse_sse
 from tests.conftest import create_team_key
 
@@ -373,3 +373,28 @@ def test_watch_stream_reconnects_after_the_last_event() -> None:
         assert request.headers["Last-Event-ID"] == "ftevent-2"
         assert request.url.params["after"] == "ftevent-2"
         assert request.url.params["stream"] == "true"
+
+
+def test_watch_stream_stops_with_the_servers_error_event_instead_of_reconnecting() -> None:
+    """The server ends a stream with `error` when its key is revoked or the team disabled
+    (app/api/event_stream.py): the client raises it at once, as the request's 401/403."""
+    requests: list[httpx.Request] = []
+    body = {
+        "error": {
+            "message": "invalid or revoked API key",
+            "type": "authentication_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        content = f"event: error\ndata: {json.dumps(body)}\n\n".encode()
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=content)
+
+    client = LatheClient(Target("http://lathe.test", "k"), transport=httpx.MockTransport(handler))
+    with pytest.raises(APIError) as raised:
+        list(job_event_stream(client, "ftjob-1", reconnect_delay=0))
+    assert (raised.value.status, raised.value.code) == (401, "invalid_api_key")
+    assert len(requests) == 1

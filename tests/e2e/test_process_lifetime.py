@@ -4,6 +4,7 @@ process or training process of its home behind (app/lifetime.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.cli import SHUTDOWN_GRACE_SECONDS
 from tests.e2e.conftest import free_port, wait_for
 from tests.e2e.processes import kill_all, wait_for_processes
 
@@ -56,11 +58,14 @@ def test_stopping_the_embedded_server_mid_job_leaves_no_process_of_its_home(
     try:
         # The worker is up once Celery says so (its log goes to the server's stderr).
         wait_for(lambda: b" ready." in log_path.read_bytes(), 120, what="the embedded worker")
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=30,
-        ) as client:
+        with contextlib.ExitStack() as stack:
+            client = stack.enter_context(
+                httpx.Client(
+                    base_url=f"http://127.0.0.1:{port}",
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=30,
+                )
+            )
             with (DATA / "sample_chat.jsonl").open("rb") as fh:
                 upload = client.post(
                     "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", fh)}
@@ -76,16 +81,27 @@ def test_stopping_the_embedded_server_mid_job_leaves_no_process_of_its_home(
                 },
             )
             assert job.status_code == 200, job.text
-        running = wait_for_processes(home, training, 180)
-        assert training(running), f"no training process started: {running}"
-        # serve, the worker, its pool process and the training process: all of this home.
-        assert len(running) >= 4, running
+            running = wait_for_processes(home, training, 180)
+            assert training(running), f"no training process started: {running}"
+            # serve, the worker, its pool process and the training process: all of this home.
+            assert len(running) >= 4, running
+            # An open event stream never ends by itself; it must not hold up the stop.
+            stream = stack.enter_context(
+                client.stream(
+                    "GET",
+                    f"/v1/fine_tuning/jobs/{job.json()['id']}/events",
+                    params={"stream": "true"},
+                )
+            )
+            assert stream.status_code == 200
+            next(stream.iter_lines())
 
-        server.send_signal(stop)
-        # After SIGTERM, its cleanup done, serve ends by the signal, as a supervisor expects.
-        assert server.wait(timeout=GONE_WITHIN_S) == -stop
-        left = wait_for_processes(home, lambda found: not found, GONE_WITHIN_S)
-        assert left == {}, f"still running after {stop.name} to lathe serve: {left}"
+            server.send_signal(stop)
+            # After SIGTERM, its cleanup done (the open stream closed after
+            # SHUTDOWN_GRACE_SECONDS), serve ends by the signal, as a supervisor expects.
+            assert server.wait(timeout=SHUTDOWN_GRACE_SECONDS + GONE_WITHIN_S) == -stop
+            left = wait_for_processes(home, lambda found: not found, GONE_WITHIN_S)
+            assert left == {}, f"still running after {stop.name} to lathe serve: {left}"
     finally:
         if server.poll() is None:
             server.kill()
