@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -266,3 +269,27 @@ def wait_for(check, deadline_s: float, interval: float = 0.25, what: str = "cond
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
+
+
+@contextmanager
+def serve_in_thread(env: dict[str, str], **config) -> Iterator[str]:
+    """The API for `env` under a real uvicorn in a thread, on a free loopback port: its
+    base URL while the block runs. The socket is bound before the server starts, so no
+    other process can take the port in between."""
+    import uvicorn
+
+    from app.main import create_app
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings_from(env)), log_level="warning", **config)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, 0.05, what="uvicorn to start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -5,7 +5,6 @@ the cap (app/services/locks.py)."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -14,18 +13,16 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import func, select
 
 from app.db import make_engine, make_sessionmaker
 from app.domain.ids import new_id
 from app.domain.jobs import WAITING_STATES
-from app.main import create_app
 from app.migrate import upgrade
 from app.models import File, Job, Team, Webhook
 from app.services.webhooks import MAX_WEBHOOKS_PER_TEAM
 from tests.api.datasets import CHAT
-from tests.conftest import create_team_key, settings_from, wait_for
+from tests.conftest import create_team_key, serve_in_thread
 
 CLIENTS = 16
 """Requests in flight at once: enough to race, below the connection pools' limits (the
@@ -60,19 +57,10 @@ def live(request, api_env, postgres_server, tmp_path) -> Iterator[LiveServer]:
         "LATHE_RATE_LIMIT_PER_MINUTE": "0",
         "LATHE_DEFAULT_QUOTAS": '{"max_queued_jobs": 2}',
     }
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings_from(env)), log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        wait_for(lambda: server.started, 30, 0.05, what="uvicorn to start")
-        yield LiveServer(f"http://127.0.0.1:{sock.getsockname()[1]}", env)
+        with serve_in_thread(env, access_log=False) as url:
+            yield LiveServer(url, env)
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
         if request.param == "postgres":
             postgres_server.drop_database(database_url)
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from sqlalchemy import update
@@ -28,7 +26,7 @@ from app.main import create_app
 from app.models import Team
 from tests.api.datasets import CHAT
 from tests.api.test_files import object_count
-from tests.conftest import create_team_key, settings_from
+from tests.conftest import create_team_key, serve_in_thread, settings_from
 
 LIMIT = 1024 * 1024  # LATHE_MAX_FILE_BYTES in these tests
 BOUNDARY = "lathe-test-boundary"
@@ -43,20 +41,9 @@ def limited_env(api_env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def served(limited_env: dict[str, str]) -> Iterator[tuple[str, int]]:
     """(host, port) of the API under uvicorn, in a thread."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(settings_from(limited_env))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield "127.0.0.1", port
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(limited_env) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        yield host, port
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,15 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from app.lifetime import child_env
-from app.main import create_app
-from tests.conftest import settings_from, wait_for  # noqa: F401 (re-exported)
+from tests.conftest import serve_in_thread, settings_from, wait_for  # noqa: F401 (re-exported)
 
 
 def free_port() -> int:
@@ -47,20 +44,8 @@ def e2e_env(stack_env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def live_api(e2e_env: dict[str, str]) -> Iterator[str]:
     """Base URL of the API served by uvicorn in a thread; it runs the scheduler too."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings_from(e2e_env)), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(e2e_env) as url:
+        yield url
 
 
 def start_worker(

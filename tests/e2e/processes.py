@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,3 +48,17 @@ def kill_all(home: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def embedded_home(home: Path, team: str) -> tuple[dict[str, str], str]:
+    """(environment, team key) for an embedded Lathe in `home`: this environment without
+    LATHE_ variables, the schema built and a team created by the `lathe` command."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATHE_")}
+    env["LATHE_HOME"] = str(home)
+
+    def lathe(*args: str) -> str:
+        command = [sys.executable, "-m", "app.cli", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+
+    lathe("migrate")
+    return env, lathe("admin", "create-team", team).strip().splitlines()[-1]

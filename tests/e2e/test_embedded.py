@@ -4,7 +4,6 @@ no process behind when stopped."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,27 +12,14 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import free_port, wait_for
-from tests.e2e.processes import kill_all, wait_for_processes
+from tests.e2e.processes import embedded_home, kill_all, wait_for_processes
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "app" / "data"
 
 
-def lathe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-
-
 def test_embedded_server_trains_a_job(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LATHE_")}
-    env["LATHE_HOME"] = str(tmp_path / "home")
-    lathe("migrate", env=env)
-    key = lathe("admin", "create-team", "embedded", env=env).stdout.strip().splitlines()[-1]
+    env, key = embedded_home(tmp_path / "home", "embedded")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],

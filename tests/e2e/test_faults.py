@@ -19,11 +19,9 @@ import boto3
 import httpx
 import pytest
 import redis
-import uvicorn
 
 from app.lifetime import child_env
-from app.main import create_app
-from tests.conftest import create_team_key, settings_from
+from tests.conftest import create_team_key, serve_in_thread
 from tests.e2e.conftest import (
     free_port,
     stop_worker,
@@ -52,18 +50,9 @@ def fault_env(e2e_env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fault_api(fault_env: dict[str, str]) -> Iterator[httpx.Client]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings_from(fault_env)), port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, interval=0.05, what="uvicorn")
     _, key = create_team_key(fault_env, "faults")
-    with team_client(f"http://127.0.0.1:{port}", key) as client:
+    with serve_in_thread(fault_env) as url, team_client(url, key) as client:
         yield client
-    server.should_exit = True
-    thread.join(timeout=10)
 
 
 class Worker:

@@ -16,21 +16,11 @@ import pytest
 
 from app.cli import SHUTDOWN_GRACE_SECONDS
 from tests.e2e.conftest import free_port, wait_for
-from tests.e2e.processes import kill_all, wait_for_processes
+from tests.e2e.processes import embedded_home, kill_all, wait_for_processes
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "app" / "data"
 GONE_WITHIN_S = 15  # the worker's cold shutdown; a job is not waited for
-
-
-def lathe(*args: str, env: dict[str, str]) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
 
 
 def training(found: dict[int, str]) -> bool:
@@ -42,10 +32,7 @@ def test_stopping_the_embedded_server_mid_job_leaves_no_process_of_its_home(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LATHE_")}
-    env["LATHE_HOME"] = str(home)
-    lathe("migrate", env=env)
-    key = lathe("admin", "create-team", "lifetime", env=env).strip().splitlines()[-1]
+    env, key = embedded_home(home, "lifetime")
     port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:

@@ -30,6 +30,30 @@ def heartbeat(sessions, drains: list) -> Heartbeat:
     return Heartbeat(sessions, settings, "w1@host", HW, lambda resume=False: drains.append(resume))
 
 
+def add_job(sessions, **fields) -> None:
+    """Job ftjob-1 of a new team, with `fields` set."""
+    with sessions() as session:
+        team = Team(id="team-1", name="t")
+        session.add(team)
+        session.flush()
+        session.add(
+            Job(
+                id="ftjob-1",
+                team_pk=team.pk,
+                model="m",
+                training_file="file-1",
+                hyperparameters={},
+                lora={},
+                quantization={},
+                max_seq_length=64,
+                seed=0,
+                result_files=[],
+                **fields,
+            )
+        )
+        session.commit()
+
+
 def row(sessions) -> Worker:
     with sessions() as session:
         return session.scalar(select(Worker).where(Worker.id == "w1@host"))
@@ -74,28 +98,7 @@ def test_register_beat_drain_and_stop(sessions) -> None:
 
 
 def test_a_restarted_worker_puts_its_previous_incarnations_job_back_in_line(sessions) -> None:
-    with sessions() as session:
-        team = Team(id="team-1", name="t")
-        session.add(team)
-        session.flush()
-        session.add(
-            Job(
-                id="ftjob-1",
-                team_pk=team.pk,
-                model="m",
-                training_file="file-1",
-                status="running",
-                hyperparameters={},
-                lora={},
-                quantization={},
-                max_seq_length=64,
-                seed=0,
-                result_files=[],
-                worker="w1@host",
-                attempt=1,
-            )
-        )
-        session.commit()
+    add_job(sessions, status="running", worker="w1@host", attempt=1)
     heartbeat(sessions, []).register()
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == "ftjob-1"))
@@ -107,26 +110,7 @@ def test_a_restarted_worker_puts_its_previous_incarnations_job_back_in_line(sess
 def test_a_job_whose_worker_restarts_three_times_fails_worker_lost(sessions) -> None:
     """A job that takes its worker host down each time (an OOM kill, say) is not re-queued
     forever: each restart counts as a lost worker, and the third fails it."""
-    with sessions() as session:
-        team = Team(id="team-1", name="t")
-        session.add(team)
-        session.flush()
-        session.add(
-            Job(
-                id="ftjob-1",
-                team_pk=team.pk,
-                model="m",
-                training_file="file-1",
-                status="queued",
-                hyperparameters={},
-                lora={},
-                quantization={},
-                max_seq_length=64,
-                seed=0,
-                result_files=[],
-            )
-        )
-        session.commit()
+    add_job(sessions, status="queued")
     outcomes = []
     for attempt in (1, 2, 3):
         with sessions() as session:  # claimed again by the worker, which then dies
