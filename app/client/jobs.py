@@ -219,6 +219,8 @@ def job_panel(job: dict, queue: dict | None) -> Panel:
             rows.append(("estimated start", when(queue["estimated_start"])))
         if queue.get("worker"):
             rows.append(("worker", queue["worker"]))
+        if queue.get("waiting_for"):  # no worker of a fitting class is online
+            rows.append(("waiting for", f"[yellow]{escape(queue['waiting_for'])}[/]"))
     if job.get("error"):
         error = job["error"]
         rows.append(

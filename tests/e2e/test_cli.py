@@ -398,3 +398,17 @@ def test_watch_stream_stops_with_the_servers_error_event_instead_of_reconnecting
         list(job_event_stream(client, "ftjob-1", reconnect_delay=0))
     assert (raised.value.status, raised.value.code) == (401, "invalid_api_key")
     assert len(requests) == 1
+
+
+def test_get_says_when_no_fitting_worker_is_online() -> None:
+    from rich.console import Console
+
+    from app.client.jobs import job_panel
+
+    job = {"id": "ftjob-1", "status": "queued", "model": "m", "created_at": 0}
+    queue = {"position": 1, "waiting_for": "no worker of class a100-80gb is online"}
+    console = Console(width=200, record=True)
+    console.print(job_panel(job, queue))
+    text = console.export_text()
+    assert "waiting for" in text
+    assert "no worker of class a100-80gb is online" in text
