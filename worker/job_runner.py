@@ -31,10 +31,9 @@ from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
 from app.lifetime import child_env
 from app.logs import bind, log_context
-from app.models import Checkpoint, File, Job, JobEvent, Worker, now
+from app.models import Checkpoint, File, Job, JobEvent, now
+from app.services import lifecycle
 from app.services.events import add_event
-from app.services.jobs import transition
-from app.services.usage import record_gpu_seconds
 from app.storage import ObjectStore, checkpoint_key, file_key, open_store
 from worker.model_cache import BaseModelUnavailable, resolve_base_model
 from worker.training.spec import (
@@ -100,23 +99,10 @@ def _run_job(job_id: str, settings: Settings, token: int | None, isolate: bool) 
             if job is None:
                 return "missing"
             bind(team_id=job.team.id)
-            fence = () if token is None else (Job.dispatch_token == token,)
             attempt = job.attempt + 1
-            claimed = transition(
-                session,
-                job,
-                JobStatus.RUNNING,
-                f"Fine-tuning job started on worker {me}",
-                guard=(Job.status == JobStatus.QUEUED.value, *fence),
-                worker=me,
-                attempt=attempt,
-                started_at=now(),
-                dispatched_at=None,  # claimed: no longer a dispatch waiting for a worker
-            )
-            if not claimed:  # cancelled or paused meanwhile, or a stale/duplicate delivery
-                session.rollback()
+            if not lifecycle.claim(session, job, worker=me, token=token):
+                session.rollback()  # cancelled or paused meanwhile, or a stale delivery
                 return f"skipped ({job.status})"
-            set_current_job(session, me, job_id)
             session.commit()
         started = time.monotonic()
         try:
@@ -135,8 +121,13 @@ def release(
 ) -> None:
     """Meter the run's GPU time and free the worker's slot (whatever the outcome)."""
     with sessions() as session:
-        record_gpu_seconds(session, job_id, seconds, settings.fair_share_half_life_hours)
-        set_current_job(session, me, None)
+        lifecycle.release(
+            session,
+            job_id,
+            worker=me,
+            seconds=seconds,
+            half_life_hours=settings.fair_share_half_life_hours,
+        )
         session.commit()
 
 
@@ -183,17 +174,7 @@ def _fail(
 ) -> None:
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id))
-        transition(
-            session,
-            job,
-            JobStatus.FAILED,
-            f"Training failed: {message[:1000]}",
-            level="error",
-            guard=fence,
-            error={"code": code, "param": None, "message": message[:1000]},
-            finished_at=now(),
-            estimated_finish=None,
-        )
+        lifecycle.fail(session, job, code, message[:1000], guard=fence)
         session.commit()
 
 
@@ -233,14 +214,6 @@ def _train_in_subprocess(
         _fail(sessions, job_id, "training_process_died", f"the training process {how}", fence)
         return "failed"
     return status or "missing"
-
-
-def set_current_job(session: Session, worker: str, job_id: str | None) -> None:
-    """Show the job on the worker's registry row (None: the slot is free again)."""
-    values: dict = {"current_job": job_id}
-    if job_id is None:
-        values["jobs_done"] = Worker.jobs_done + 1
-    session.execute(update(Worker).where(Worker.id == worker).values(**values))
 
 
 def _train_and_publish(
@@ -515,17 +488,13 @@ def _publish(
         records.append(record)
     with sessions() as session:
         session.add_all(records)
-        done = transition(
+        done = lifecycle.succeed(
             session,
             session.get_one(Job, job.pk),
-            JobStatus.SUCCEEDED,
-            f"The job has successfully completed: {model_name}",
-            guard=fence,
-            fine_tuned_model=model_name,
+            model_name=model_name,
             trained_tokens=result.trained_tokens,
             result_files=[r.id for r in records],
-            finished_at=now(),
-            estimated_finish=None,
+            guard=fence,
         )
         if not done:  # cancelled while the results were uploading: publish nothing
             session.rollback()

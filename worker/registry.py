@@ -2,7 +2,7 @@
 
 The Celery parent process registers at start, beats every `heartbeat_seconds` from a
 thread, and marks itself stopped at shutdown. The job's child process shows its job on
-the row (worker.job_runner.set_current_job). An operator's drain is seen on the next
+the row (app.services.lifecycle.claim). An operator's drain is seen on the next
 beat: the worker stops consuming its class queue, finishes the job it has, then shows
 `drained`.
 """
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.models import Job, Worker, now
-from app.services.jobs import requeue_after_worker_loss
+from app.services import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Heartbeat:
             select(Job).where(Job.worker == self.worker_id, Job.status == JobStatus.RUNNING.value)
         ).all()
         for job in orphans:  # a restart is a loss like any other: it counts to the limit
-            requeue_after_worker_loss(session, job, f"Worker {self.worker_id} restarted")
+            lifecycle.requeue(session, job, f"Worker {self.worker_id} restarted")
 
     def start(self) -> None:
         self.register()

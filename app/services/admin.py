@@ -19,8 +19,7 @@ from app.domain.jobs import JobStatus, is_final
 from app.domain.quotas import quota_value_problem
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import AdminKey, ApiKey, AuditEntry, Job, Team, Worker, now
-from app.services import teams
-from app.services.jobs import transition
+from app.services import lifecycle, teams
 from app.services.pagination import newest_first_page
 
 ADMIN_KEY_PREFIX = "lathe-admin-"
@@ -318,13 +317,7 @@ def cancel_job(session: Session, admin: AdminKey, job_id: str) -> Job:
             f"no fine-tuning job with id {job_id!r}", code="job_not_found", param="job_id"
         )
     previous = job.status
-    if is_final(JobStatus(previous)) or not transition(
-        session,
-        job,
-        JobStatus.CANCELLED,
-        "Fine-tuning job cancelled by an administrator",
-        finished_at=now(),
-    ):
+    if is_final(JobStatus(previous)) or not lifecycle.cancel(session, job, actor="admin"):
         session.rollback()  # it may have ended between the read and the update
         job = session.scalar(select(Job).where(Job.id == job_id))
         raise Conflict(

@@ -1,20 +1,18 @@
-"""Fine-tuning jobs: creation, the one place transitions happen, reads and cancel.
-
-Transitions are guarded UPDATEs (WHERE status IN the allowed sources), so two processes
-racing on one job (a cancel against a finishing worker, say) cannot both win.
+"""Fine-tuning jobs as the API serves them: creation (its checks and quotas), reads, and
+the team's cancel, pause and resume. The moves themselves are app.services.lifecycle's.
 """
 
 from __future__ import annotations
 
 import secrets
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import BaseModelSpec, Settings
 from app.domain.hyperparameters import resolve
 from app.domain.ids import new_id
-from app.domain.jobs import WAITING_STATES, JobStatus, is_final, sources_of
+from app.domain.jobs import WAITING_STATES, JobStatus, is_final
 from app.domain.memory import (
     ModelShape,
     adapted_matrices,
@@ -26,105 +24,15 @@ from app.domain.memory import (
 from app.domain.quotas import check_new_job
 from app.domain.scheduling import waiting_for_worker
 from app.errors import BadRequest, Conflict, NotFound, QuotaError
-from app.models import Checkpoint, File, Job, JobEvent, Team, Worker, now
+from app.models import Checkpoint, File, Job, JobEvent, Team, Worker
 from app.schemas import JobCreate, QuantizationIn, TrainingIn
+from app.services import lifecycle
 from app.services.events import add_event
+from app.services.lifecycle import transition  # noqa: F401  (tests/api/test_metrics.py)
 from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
 from app.services.pool import online_classes, pool_classes, team_quotas
 from app.services.usage import month_gpu_seconds
-from app.services.webhooks import enqueue_job_outcome
-
-
-def transition(
-    session: Session,
-    job: Job,
-    target: JobStatus,
-    message: str,
-    *,
-    level: str = "info",
-    data: dict | None = None,
-    guard: tuple = (),
-    **fields: object,
-) -> bool:
-    """Move `job` to `target` if its current state allows; write the event. No commit.
-
-    `guard` adds conditions to the UPDATE (a fencing token, say)."""
-    sources = [s.value for s in sources_of(target)]
-    result = session.execute(
-        update(Job)
-        .where(Job.pk == job.pk, Job.status.in_(sources), *guard)
-        .values(status=target.value, **fields)
-        .execution_options(synchronize_session=False)
-    )
-    session.expire(job)  # re-read on next access, whichever way the race went
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
-    add_event(session, job.pk, message, level=level, data=data)
-    enqueue_job_outcome(session, job, target)  # webhooks, in this same transaction
-    return True
-
-
-MAX_WORKER_LOSSES = 3
-"""The loss of a job's worker that fails the job: a job that takes its worker down each
-time (an OOM that kills the host, say) must not be re-queued forever."""
-
-
-def requeue_after_worker_loss(
-    session: Session, job: Job, what: str, *, at: float | None = None, counts: bool = True
-) -> bool:
-    """Put a running `job` whose worker was lost, stopped or restarted back in line,
-    counting the loss in `worker_losses`; the MAX_WORKER_LOSSES-th loss fails it
-    `worker_lost`. `what` says what happened ("Worker w1 was lost"). True when the job
-    went back in line. No commit.
-
-    `counts=False` for a worker an operator stopped on purpose (it marked itself
-    `stopped` at shutdown): that says nothing about the job, so it is not held against it.
-    A host that dies with the job (an OOM kill) never gets to say so: it is lost or
-    restarts, and that counts.
-
-    Every path that takes a running job from its worker calls this, so every loss counts
-    whatever the event says. The count is guarded like the status: two processes
-    handling one loss (the restarted worker and the scheduler) cannot both count it."""
-    worker, losses = job.worker, job.worker_losses + int(counts)
-    guard = (
-        Job.status == JobStatus.RUNNING.value,  # not one paused meanwhile
-        Job.worker == worker,
-        Job.worker_losses == job.worker_losses,
-    )
-    if counts and losses >= MAX_WORKER_LOSSES:
-        transition(
-            session,
-            job,
-            JobStatus.FAILED,
-            f"{what}; the job failed after {losses} lost workers",
-            level="error",
-            guard=guard,
-            error={
-                "code": "worker_lost",
-                "param": None,
-                "message": f"the job's worker was lost, stopped or restarted {losses} times "
-                "while running it",
-            },
-            worker_losses=losses,
-            finished_at=int(at if at is not None else now()),
-            estimated_finish=None,
-        )
-        return False
-    tally = f"{losses} of {MAX_WORKER_LOSSES} losses allowed" if counts else "not a loss"
-    return transition(
-        session,
-        job,
-        JobStatus.QUEUED,
-        f"{what}; the job is back in line ({tally})",
-        level="warn",
-        guard=guard,
-        worker_losses=losses,
-        dispatched_at=None,
-        dispatched_class=None,
-        worker=None,
-        estimated_finish=None,
-    )
 
 
 def _job_file(session: Session, team: Team, file_id: str, param: str) -> File:
@@ -227,23 +135,17 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
     )
     problem = dataset_problem(training, validation)
     if problem:
-        transition(
+        lifecycle.fail(
             session,
             job,
-            JobStatus.FAILED,
-            f"Job failed: {problem['message']}",
-            level="error",
-            error=problem,
-            finished_at=now(),
+            problem["code"],
+            problem["message"],
+            param=problem["param"],
+            event=f"Job failed: {problem['message']}",
         )
     else:
         note_if_no_worker(session, settings, job, classes)
-        transition(
-            session,
-            job,
-            JobStatus.QUEUED,
-            f"Files validated ({training.examples} {training.format} examples); job queued",
-        )
+        lifecycle.queue(session, job, training=training)
     session.commit()
     return job
 
@@ -376,9 +278,7 @@ def cancel_job(session: Session, team: Team, job_id: str) -> Job:
     job = get_job(session, team, job_id)
     if is_final(JobStatus(job.status)):
         raise _not_cancellable(job)
-    if not transition(
-        session, job, JobStatus.CANCELLED, "Fine-tuning job cancelled", finished_at=now()
-    ):
+    if not lifecycle.cancel(session, job, actor="team"):
         session.rollback()  # it ended between the read and the update
         raise _not_cancellable(get_job(session, team, job_id))
     session.commit()
@@ -395,17 +295,7 @@ def pause_job(session: Session, team: Team, job_id: str) -> Job:
             code="job_not_pausable",
             param="fine_tuning_job_id",
         )
-    if not transition(
-        session,
-        job,
-        JobStatus.PAUSED,
-        "Fine-tuning job paused",
-        guard=(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),),
-        dispatched_at=None,
-        dispatched_class=None,
-        dispatch_token=Job.dispatch_token + 1,  # a task still in the broker cannot claim it
-        estimated_finish=None,
-    ):
+    if not lifecycle.pause(session, job):
         session.rollback()
         raise Conflict(f"job {job.id} changed state; try again", code="job_not_pausable")
     session.commit()
@@ -430,14 +320,7 @@ def resume_job(session: Session, settings: Settings, team: Team, job_id: str) ->
         )
     # A paused job already counts as waiting; only the GPU-hours quota can refuse it.
     check_new_job_quota(session, settings, team, already_waiting=True)
-    if not transition(
-        session,
-        job,
-        JobStatus.QUEUED,
-        "Fine-tuning job resumed; back in line",
-        guard=(Job.status == JobStatus.PAUSED.value,),
-        worker=None,
-    ):
+    if not lifecycle.resume(session, job):
         session.rollback()
         raise Conflict(f"job {job.id} changed state; try again", code="job_not_paused")
     note_if_no_worker(session, settings, job)

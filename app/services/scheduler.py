@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from celery import Celery
-from sqlalchemy import case, func, or_, select, text, true, update
+from sqlalchemy import case, func, or_, select, text, true
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -26,8 +26,8 @@ from app.domain.memory import eligible_classes
 from app.domain.scheduling import QueuedJob, plan_dispatch
 from app.models import Job, Team, Worker
 from app.queue import send_training_task, tasks_in_broker
+from app.services import lifecycle
 from app.services.idempotency import purge_expired
-from app.services.jobs import requeue_after_worker_loss
 from app.services.pool import free_slots, pool_classes, team_shares
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _try_lock(session: Session) -> bool:
 def reconcile_workers(session: Session, settings: Settings, at: float, result: PassResult) -> None:
     """Workers silent past their lease are lost; their running jobs go back in line, as
     do jobs still running on a worker that stopped. A loss counts toward the job's
-    allowed losses (app.services.jobs.requeue_after_worker_loss); a stop, which an
+    allowed losses (app.services.lifecycle.requeue); a stop, which an
     operator asked for, does not."""
     lost = session.scalars(
         select(Worker).where(
@@ -74,21 +74,17 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
     for job, worker_status in orphans:
         stopped = worker_status == "stopped"  # on purpose: not held against the job
         what = f"Worker {job.worker} {'stopped' if stopped else 'was lost'}"
-        if requeue_after_worker_loss(session, job, what, at=at, counts=not stopped):
+        if lifecycle.requeue(session, job, what, at=at, counts=not stopped):
             result.requeued.append(job.id)
 
 
 def expire_dispatches(session: Session, settings: Settings, at: float) -> None:
     """A dispatch no worker claimed in time (a lost message) is taken back for re-dispatch."""
-    session.execute(
-        update(Job)
-        .where(
-            Job.status == JobStatus.QUEUED.value,
-            Job.dispatched_at.is_not(None),
-            Job.dispatched_at < at - settings.dispatch_timeout_seconds,
-        )
-        # A new token: the lost message, if it turns up after all, can no longer claim.
-        .values(dispatched_at=None, dispatched_class=None, dispatch_token=Job.dispatch_token + 1)
+    lifecycle.recall_dispatches(
+        session,
+        Job.status == JobStatus.QUEUED.value,
+        Job.dispatched_at.is_not(None),
+        Job.dispatched_at < at - settings.dispatch_timeout_seconds,
     )
 
 
@@ -115,13 +111,7 @@ def reconcile_broker(
         return
     lost = [row.pk for row in waiting if (row.id, row.dispatch_token) not in held]
     if lost:
-        session.execute(
-            update(Job)
-            .where(Job.pk.in_(lost), Job.status == JobStatus.QUEUED.value)
-            .values(
-                dispatched_at=None, dispatched_class=None, dispatch_token=Job.dispatch_token + 1
-            )
-        )
+        lifecycle.recall_dispatches(session, Job.pk.in_(lost), Job.status == JobStatus.QUEUED.value)
         result.redispatched.extend(row.id for row in waiting if row.pk in lost)
 
 
@@ -201,22 +191,9 @@ def schedule_once(
                 for job, gpu_class in plan_dispatch(
                     candidates, shares, free, settings.dispatch_charge_seconds, smallest_first
                 ):
-                    row = session.execute(
-                        update(Job)
-                        .where(
-                            Job.pk == job.key,
-                            Job.status == JobStatus.QUEUED.value,
-                            Job.dispatched_at.is_(None),
-                        )
-                        .values(
-                            dispatched_at=int(at),
-                            dispatched_class=gpu_class,
-                            dispatch_token=Job.dispatch_token + 1,
-                        )
-                        .returning(Job.id, Job.dispatch_token)
-                    ).first()
-                    if row is not None:
-                        sent.append((row.id, row.dispatch_token, gpu_class))
+                    sending = lifecycle.dispatch(session, job.key, gpu_class=gpu_class, at=at)
+                    if sending is not None:
+                        sent.append((*sending, gpu_class))
         session.commit()
     # Sent after the commit, so the worker's claim sees the token. A crash in between
     # leaves a dispatch nobody claims, which expire_dispatches takes back.
@@ -227,10 +204,8 @@ def schedule_once(
         except Exception:
             log.exception("could not send %s to the broker; it will be dispatched again", job_id)
             with sessions() as session:
-                session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.dispatch_token == token)
-                    .values(dispatched_at=None, dispatched_class=None)
+                lifecycle.recall_dispatches(
+                    session, Job.id == job_id, Job.dispatch_token == token, new_token=False
                 )
                 session.commit()
     if result.dispatched or result.requeued or result.lost_workers or result.redispatched:

@@ -1,0 +1,287 @@
+"""A job's life, as named verbs: queue, dispatch, claim, requeue, pause, resume, succeed,
+fail, cancel, and the end of a run (release).
+
+Each verb is one guarded move with everything that goes with it: the fields it resets,
+the job's event, the webhook outbox row (in the same transaction) and the metering. No
+verb commits: the caller owns the transaction, so a move and the caller's other writes
+(an audit entry, the result files) land together or not at all.
+
+Moves are guarded UPDATEs (WHERE status IN the allowed sources, plus any fence the
+caller adds), so two processes racing on one job (a cancel against a finishing worker,
+say) cannot both win; a verb returns False to the loser.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.domain.jobs import JobStatus, sources_of
+from app.models import File, Job, Worker, now
+from app.services.events import add_event
+from app.services.usage import record_gpu_seconds
+from app.services.webhooks import enqueue_job_outcome
+
+MAX_WORKER_LOSSES = 3
+"""The loss of a job's worker that fails the job: a job that takes its worker down each
+time (an OOM that kills the host, say) must not be re-queued forever."""
+
+# The fields a job sheds when it leaves a dispatch, and when it leaves a worker.
+UNDISPATCHED = {"dispatched_at": None, "dispatched_class": None}
+OFF_WORKER = {"worker": None, "estimated_finish": None}
+
+
+def transition(
+    session: Session,
+    job: Job,
+    target: JobStatus,
+    message: str,
+    *,
+    level: str = "info",
+    data: dict | None = None,
+    guard: tuple = (),
+    **fields: object,
+) -> bool:
+    """Move `job` to `target` if its current state allows; write the event and the
+    webhook outbox rows. The primitive under every verb below. No commit.
+
+    `guard` adds conditions to the UPDATE (a fencing token, say)."""
+    sources = [s.value for s in sources_of(target)]
+    result = session.execute(
+        update(Job)
+        .where(Job.pk == job.pk, Job.status.in_(sources), *guard)
+        .values(status=target.value, **fields)
+        .execution_options(synchronize_session=False)
+    )
+    session.expire(job)  # re-read on next access, whichever way the race went
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job.pk, message, level=level, data=data)
+    enqueue_job_outcome(session, job, target)  # webhooks, in this same transaction
+    return True
+
+
+# --- in line ------------------------------------------------------------------------------
+
+
+def queue(session: Session, job: Job, *, training: File) -> bool:
+    """validating_files -> queued: its files passed."""
+    return transition(
+        session,
+        job,
+        JobStatus.QUEUED,
+        f"Files validated ({training.examples} {training.format} examples); job queued",
+    )
+
+
+def dispatch(session: Session, job_pk: int, *, gpu_class: str, at: float) -> tuple[str, int] | None:
+    """Send a waiting job to `gpu_class`'s queue: it stays `queued`, marked dispatched,
+    with a new fencing token that the task carries and the claim requires. Returns the
+    job's id and token, or None if it is no longer waiting."""
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.pk == job_pk,
+            Job.status == JobStatus.QUEUED.value,
+            Job.dispatched_at.is_(None),
+        )
+        .values(
+            dispatched_at=int(at),
+            dispatched_class=gpu_class,
+            dispatch_token=Job.dispatch_token + 1,
+        )
+        .returning(Job.id, Job.dispatch_token)
+    ).first()
+    return None if row is None else (row.id, row.dispatch_token)
+
+
+def recall_dispatches(session: Session, *where: object, new_token: bool = True) -> None:
+    """Take dispatches matching `where` back for re-dispatch (lost by the broker, never
+    claimed, never sent). A new token means the lost message, should it turn up after
+    all, can no longer claim its job."""
+    values: dict = dict(UNDISPATCHED)
+    if new_token:
+        values["dispatch_token"] = Job.dispatch_token + 1
+    session.execute(update(Job).where(*where).values(**values))
+
+
+def claim(session: Session, job: Job, *, worker: str, token: int | None) -> bool:
+    """queued -> running on `worker`, in a new attempt, if the task's dispatch `token` is
+    still the job's (None: any); the worker's registry row shows the job. False when the
+    job was cancelled or paused meanwhile, or the task is a stale or duplicate delivery."""
+    fence = () if token is None else (Job.dispatch_token == token,)
+    claimed = transition(
+        session,
+        job,
+        JobStatus.RUNNING,
+        f"Fine-tuning job started on worker {worker}",
+        guard=(Job.status == JobStatus.QUEUED.value, *fence),
+        worker=worker,
+        attempt=job.attempt + 1,
+        started_at=now(),
+        dispatched_at=None,  # claimed: no longer a dispatch waiting for a worker
+    )
+    if claimed:
+        _show_on_worker(session, worker, job.id)
+    return claimed
+
+
+def requeue(
+    session: Session, job: Job, reason: str, *, at: float | None = None, counts: bool = True
+) -> bool:
+    """Put a running `job` whose worker was lost, stopped or restarted back in line,
+    counting the loss in `worker_losses`; the MAX_WORKER_LOSSES-th loss fails it
+    `worker_lost`. `reason` says what happened ("Worker w1 was lost"). True when the job
+    went back in line.
+
+    `counts=False` for a worker an operator stopped on purpose (it marked itself
+    `stopped` at shutdown): that says nothing about the job, so it is not held against it.
+    A host that dies with the job (an OOM kill) never gets to say so: it is lost or
+    restarts, and that counts.
+
+    Every path that takes a running job from its worker calls this, so every loss counts
+    whatever the event says. The count is guarded like the status: two processes
+    handling one loss (the restarted worker and the scheduler) cannot both count it."""
+    worker, losses = job.worker, job.worker_losses + int(counts)
+    guard = (
+        Job.status == JobStatus.RUNNING.value,  # not one paused meanwhile
+        Job.worker == worker,
+        Job.worker_losses == job.worker_losses,
+    )
+    if counts and losses >= MAX_WORKER_LOSSES:
+        fail(
+            session,
+            job,
+            "worker_lost",
+            f"the job's worker was lost, stopped or restarted {losses} times while running it",
+            event=f"{reason}; the job failed after {losses} lost workers",
+            guard=guard,
+            at=at,
+            worker_losses=losses,
+        )
+        return False
+    tally = f"{losses} of {MAX_WORKER_LOSSES} losses allowed" if counts else "not a loss"
+    return transition(
+        session,
+        job,
+        JobStatus.QUEUED,
+        f"{reason}; the job is back in line ({tally})",
+        level="warn",
+        guard=guard,
+        worker_losses=losses,
+        **UNDISPATCHED,
+        **OFF_WORKER,
+    )
+
+
+# --- on hold ------------------------------------------------------------------------------
+
+
+def pause(session: Session, job: Job) -> bool:
+    """queued or running -> paused. A running job's worker sees it within a few steps,
+    checkpoints and stops; the job keeps its worker until then (resume waits for it)."""
+    return transition(
+        session,
+        job,
+        JobStatus.PAUSED,
+        "Fine-tuning job paused",
+        guard=(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),),
+        **UNDISPATCHED,
+        dispatch_token=Job.dispatch_token + 1,  # a task still in the broker cannot claim it
+        estimated_finish=None,
+    )
+
+
+def resume(session: Session, job: Job) -> bool:
+    """paused -> queued: back in line, to continue from its last checkpoint."""
+    return transition(
+        session,
+        job,
+        JobStatus.QUEUED,
+        "Fine-tuning job resumed; back in line",
+        guard=(Job.status == JobStatus.PAUSED.value,),
+        worker=None,
+    )
+
+
+# --- ends ---------------------------------------------------------------------------------
+
+
+def succeed(
+    session: Session,
+    job: Job,
+    *,
+    model_name: str,
+    trained_tokens: int,
+    result_files: list[str],
+    guard: tuple = (),
+) -> bool:
+    """running -> succeeded, with the fine-tuned model's name and its result files."""
+    return transition(
+        session,
+        job,
+        JobStatus.SUCCEEDED,
+        f"The job has successfully completed: {model_name}",
+        guard=guard,
+        fine_tuned_model=model_name,
+        trained_tokens=trained_tokens,
+        result_files=result_files,
+        finished_at=now(),
+        estimated_finish=None,
+    )
+
+
+def fail(
+    session: Session,
+    job: Job,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    event: str | None = None,
+    guard: tuple = (),
+    at: float | None = None,
+    **fields: object,
+) -> bool:
+    """-> failed, with an OpenAI-style error (`code`, `param`, `message`). The event says
+    `event`, by default "Training failed: <message>"."""
+    return transition(
+        session,
+        job,
+        JobStatus.FAILED,
+        event if event is not None else f"Training failed: {message}",
+        level="error",
+        guard=guard,
+        error={"code": code, "param": param, "message": message},
+        finished_at=int(at if at is not None else now()),
+        estimated_finish=None,
+        **fields,
+    )
+
+
+def cancel(session: Session, job: Job, *, actor: Literal["team", "admin"]) -> bool:
+    """-> cancelled, by the job's team or by an administrator (the event says which). A
+    running job's worker sees it within a few steps and stops, saving nothing."""
+    by = " by an administrator" if actor == "admin" else ""
+    return transition(
+        session, job, JobStatus.CANCELLED, f"Fine-tuning job cancelled{by}", finished_at=now()
+    )
+
+
+def release(
+    session: Session, job_id: str, *, worker: str, seconds: float, half_life_hours: float
+) -> None:
+    """The end of a run, whatever its outcome: meter its GPU time (on the job and, for
+    fair share, on its team) and free the worker's slot."""
+    record_gpu_seconds(session, job_id, seconds, half_life_hours)
+    _show_on_worker(session, worker, None)
+
+
+def _show_on_worker(session: Session, worker: str, job_id: str | None) -> None:
+    """Show the job on the worker's registry row (None: the slot is free again)."""
+    values: dict = {"current_job": job_id}
+    if job_id is None:
+        values["jobs_done"] = Worker.jobs_done + 1
+    session.execute(update(Worker).where(Worker.id == worker).values(**values))
