@@ -22,13 +22,13 @@ from sqlalchemy import select
 
 from app.config import TINY_RANDOM_LLAMA, get_settings
 from app.db import make_engine, make_sessionmaker
+from app.domain.jobs import FINAL_STATES, JobStatus
 from app.lifetime import child_env, stop_child
 from app.migrate import upgrade
 from app.models import Team
 from app.services.teams import create_team, issue_key
 
 DATA = Path(__file__).parent / "data"
-FINAL = {"succeeded", "failed", "cancelled"}
 SPARK = "▁▂▃▄▅▆▇█"
 console = Console()
 
@@ -76,7 +76,7 @@ def follow_job(client: httpx.Client, job_id: str) -> dict:
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("queued", total=None, loss="")
+        task = progress.add_task(JobStatus.QUEUED, total=None, loss="")
         while True:
             job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
             events = client.get(
@@ -92,7 +92,7 @@ def follow_job(client: httpx.Client, job_id: str) -> dict:
                     loss=f"loss {data['train_loss']:.3f}",
                 )
             progress.update(task, description=job["status"])
-            if job["status"] in FINAL:
+            if job["status"] in FINAL_STATES:
                 return job
             time.sleep(0.5)
 
@@ -170,7 +170,7 @@ def run_demo(port: int) -> None:
             resp.raise_for_status()
             job = follow_job(client, resp.json()["id"])
             console.print(f"job {job['id']} {job['status']} in {time.monotonic() - started:.1f} s")
-            if job["status"] != "succeeded":
+            if job["status"] != JobStatus.SUCCEEDED:
                 raise SystemExit(f"the job did not succeed: {job['error']}")
             console.print(
                 f"fine-tuned model: {job['fine_tuned_model']}, "

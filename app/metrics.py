@@ -40,10 +40,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.config import Settings
 from app.domain.jobs import FINAL_STATES, JobStatus
 from app.domain.memory import eligible_classes
+from app.domain.workers import LIVE_STATES, WorkerState
 from app.errors import Unauthorized
 from app.logs import route_template
 from app.models import Job, Team, Worker
-from app.services.pool import LIVE_STATUSES, pending_dispatches, pool_classes, shown_state
+from app.services.pool import pending_dispatches, pool_classes, shown_state
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 DURATION_BUCKETS = (10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
 STATEMENT_TIMEOUT_MS = 2000  # a scrape never waits on a slow or locked database for long
-WORKER_STATES = ("active", "draining", "drained", "lost", "stopped")
 NO_CLASS = "none"  # queue depth of waiting jobs that fit no class the pool has now
 
 
@@ -258,18 +258,18 @@ class DatabaseCollector:
         busy: dict[str, int] = {}
         live = session.execute(
             select(Worker.status, Worker.gpu_class, Worker.last_seen, Worker.current_job).where(
-                Worker.status.in_(LIVE_STATUSES)
+                Worker.status.in_(LIVE_STATES)
             )
         ).all()  # one row per live worker: as many as GPUs
         for status, gpu_class, last_seen, current_job in live:
             state = shown_state(status, last_seen, at, self.settings)
             counts[(state, gpu_class)] = counts.get((state, gpu_class), 0) + 1
             busy.setdefault(gpu_class, 0)
-            if state != "lost" and current_job is not None:
+            if state != WorkerState.LOST and current_job is not None:
                 busy[gpu_class] += 1
         gone = session.execute(
             select(Worker.status, Worker.gpu_class, func.count())
-            .where(Worker.status.not_in(LIVE_STATUSES))
+            .where(Worker.status.not_in(LIVE_STATES))
             .group_by(Worker.status, Worker.gpu_class)
         ).all()
         for status, gpu_class, count in gone:

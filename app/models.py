@@ -19,6 +19,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from app.domain.workers import WorkerState
+
 # Integer primary keys on SQLite must be INTEGER to autoincrement; BIGINT elsewhere.
 PK = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -193,8 +195,7 @@ class Worker(Base):
     gpu_name: Mapped[str] = mapped_column(String(200))
     gpu_class: Mapped[str] = mapped_column(String(64), index=True)
     memory_gb: Mapped[float] = mapped_column(Float)
-    # active | draining | drained | lost | stopped
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    status: Mapped[str] = mapped_column(String(16), default=WorkerState.ACTIVE)
     current_job: Mapped[str | None] = mapped_column(String(40))
     jobs_done: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[int] = mapped_column(BigInteger, default=now)

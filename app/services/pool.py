@@ -16,18 +16,48 @@ from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.quotas import Quotas, merge
 from app.domain.scheduling import TeamShare, decayed_usage
+from app.domain.workers import LIVE_STATES, WorkerState
 from app.models import Job, Team, Worker
 from app.services.usage import month_gpu_seconds
-
-LIVE_STATUSES = ("active", "draining", "drained")
 
 
 def shown_state(status: str, last_seen: float, at: float, settings: Settings) -> str:
     """A worker's state as the pool shows it: one in a live status but silent past its
     lease is `lost` already, before the scheduler's reconciler marks it so."""
-    if status in LIVE_STATUSES and last_seen < at - settings.worker_lease_seconds:
-        return "lost"
+    if status in LIVE_STATES and last_seen < at - settings.worker_lease_seconds:
+        return WorkerState.LOST
     return status
+
+
+def workers_seen_by(
+    session: Session, settings: Settings, team: Team, at: float | None = None
+) -> list[dict]:
+    """Every registered worker as a team sees it (GET /v1/workers, the dashboard's pool
+    page): its state as shown_state gives it, and the job it runs only when that job is
+    the team's own; another team's job shows as `busy` alone."""
+    at = time.time() if at is None else at
+    own = set(
+        session.scalars(
+            select(Job.id).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
+        )
+    )
+    return [
+        {
+            "id": w.id,
+            "object": "worker",
+            "host": w.host,
+            "gpu_name": w.gpu_name,
+            "gpu_class": w.gpu_class,
+            "memory_gb": w.memory_gb,
+            "status": shown_state(w.status, w.last_seen, at, settings),
+            "busy": w.current_job is not None,
+            "current_job": w.current_job if w.current_job in own else None,
+            "jobs_done": w.jobs_done,
+            "started_at": w.started_at,
+            "last_seen": int(w.last_seen),
+        }
+        for w in session.scalars(select(Worker).order_by(Worker.gpu_class, Worker.id))
+    ]
 
 
 def quota_defaults(settings: Settings) -> Quotas:
@@ -50,7 +80,7 @@ def live_workers(session: Session, settings: Settings, at: float | None = None) 
         session.scalars(
             select(Worker)
             .where(
-                Worker.status.in_(LIVE_STATUSES),
+                Worker.status.in_(LIVE_STATES),
                 Worker.last_seen >= at - settings.worker_lease_seconds,
             )
             .order_by(Worker.gpu_class, Worker.id)
@@ -76,7 +106,9 @@ def pool_classes(session: Session, settings: Settings, at: float | None = None) 
 
 def online_classes(session: Session, settings: Settings, at: float | None = None) -> set[str]:
     """Classes with at least one live, active (undrained) worker: those that will take a job."""
-    return {w.gpu_class for w in live_workers(session, settings, at) if w.status == "active"}
+    return {
+        w.gpu_class for w in live_workers(session, settings, at) if w.status == WorkerState.ACTIVE
+    }
 
 
 def pending_dispatches(session: Session) -> dict[str, int]:
@@ -93,7 +125,7 @@ def free_slots(session: Session, settings: Settings, at: float) -> dict[str, int
     """Per class: idle, undrained live workers minus dispatches still waiting for one."""
     idle: dict[str, int] = {}
     for worker in live_workers(session, settings, at):
-        if worker.status == "active" and worker.current_job is None:
+        if worker.status == WorkerState.ACTIVE and worker.current_job is None:
             idle[worker.gpu_class] = idle.get(worker.gpu_class, 0) + 1
     pending = pending_dispatches(session)
     return {cls: n - pending.get(cls, 0) for cls, n in idle.items() if n > pending.get(cls, 0)}
@@ -113,7 +145,7 @@ def slot_free_times(session: Session, settings: Settings, at: float) -> dict[str
     }
     slots: dict[str, ClassSlots] = {}
     for worker in live_workers(session, settings, at):
-        if worker.status != "active" and worker.current_job is None:
+        if worker.status != WorkerState.ACTIVE and worker.current_job is None:
             continue  # drained: frees nothing
         entry = slots.setdefault(worker.gpu_class, ClassSlots(0, []))
         job = running.get(worker.current_job or "")
@@ -123,7 +155,7 @@ def slot_free_times(session: Session, settings: Settings, at: float) -> dict[str
             free_in = max(0.0, job.estimated_finish - at)
         else:
             free_in = settings.typical_job_seconds
-        if worker.status != "active":
+        if worker.status != WorkerState.ACTIVE:
             continue  # draining: finishes its job, then takes nothing
         slots[worker.gpu_class] = ClassSlots(entry.workers + 1, [*entry.free_in, free_in])
     return slots

@@ -19,6 +19,7 @@ from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
 from app.domain.scheduling import QueuedJob, estimate_starts, queue_order, waiting_for_worker
+from app.domain.workers import WorkerState
 from app.models import Job, Team
 from app.services.pool import (
     live_workers,
@@ -148,7 +149,7 @@ def queue_summary(session: Session, settings: Settings) -> dict:
         entry = per_class[worker.gpu_class]
         entry["workers"] += 1
         entry["busy"] += worker.current_job is not None
-        entry["draining"] += worker.status != "active"
+        entry["draining"] += worker.status != WorkerState.ACTIVE
     queued = session.execute(
         select(Job.pk, Job.team_pk).where(Job.status == JobStatus.QUEUED.value)
     ).all()
