@@ -19,6 +19,7 @@ from app.queue import make_celery
 from app.ratelimit import RateLimitMiddleware
 from app.scheduler_loop import SchedulerThread
 from app.storage import open_store
+from app.web import install_page_handlers
 from app.web import router as dashboard
 
 
@@ -59,4 +60,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, files, jobs, models, pool, admin, webhooks):
         app.include_router(module.router)
     app.include_router(dashboard)  # the web dashboard at / (app/web, docs/dashboard.md)
+    install_page_handlers(app)
     return app

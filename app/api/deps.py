@@ -1,67 +1,27 @@
-"""Typed FastAPI dependencies: the database session, the caller's team, the object store."""
+"""Typed FastAPI dependencies of the API: the caller's team or admin key from its Bearer
+header, the Idempotency-Key header; the session, settings and store come from app.http_deps."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
 
-from app.config import Settings
-from app.db import API_SESSIONS
 from app.errors import Forbidden, Unauthorized
+from app.http_deps import SessionDep, SettingsDep, StoreDep  # noqa: F401 (the routes' import)
 from app.logs import bind
 from app.models import AdminKey, Team
 from app.services.admin import admin_for_key
 from app.services.idempotency import KEY_PATTERN
 from app.services.teams import bearer_key, team_for_key
-from app.storage import ObjectStore
 
-
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """The request's session, from its first dependency to the end of its handler.
-
-    Made on the event loop (no connection yet, so no thread); authentication ends its own
-    transaction, so the connection goes back to the pool before the handler's turn for a
-    thread. At most API_SESSIONS requests hold one at once (SessionDep): the pool keeps a
-    connection for each, plus a reserve (app/db.py), so no thread waits for a connection
-    held by a request that is itself waiting for a thread."""
-    session = request.app.state.sessionmaker()
-    try:
-        yield session
-    finally:
-        if session.in_transaction():
-            # A handler that only read leaves its transaction open: the rollback is a round
-            # trip, on a thread of its own (not the request pool, which may be busy).
-            await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
-        else:
-            session.close()  # nothing to end: no I/O
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def get_store(request: Request) -> ObjectStore:
-    return request.app.state.store
-
-
-# scope="function": closed when the handler returns, before a (streamed) body is sent.
-# max_concurrency: the other requests wait on the event loop, holding no thread.
-SessionDep = Annotated[
-    Session, Depends(get_session, scope="function", max_concurrency=API_SESSIONS)
-]
 # Retries of a POST with the same key return the first result (app.services.idempotency).
 # The pattern is documented here and checked there (400 invalid_idempotency_key).
 IdempotencyKeyDep = Annotated[
     str | None,
     Header(alias="Idempotency-Key", json_schema_extra={"pattern": KEY_PATTERN.pattern}),
 ]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 
 # The schemes put the keys in the OpenAPI document (and the docs' Authorize button); they

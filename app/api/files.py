@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Annotated
-from urllib.parse import quote
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
@@ -24,8 +23,9 @@ from app.api.deps import (
 )
 from app.api.error_handlers import COMMON_ERRORS, ErrorEnvelope, error_responses
 from app.api.multipart import FormError, MultipartStream, boundary_of
+from app.downloads import file_response
 from app.errors import APIError, BadRequest
-from app.models import File, Team
+from app.models import Team
 from app.schemas import FileCursor, PurposeFilter, file_object, list_envelope
 from app.services import files
 from app.services.idempotency import KEY_PATTERN, fingerprint, idempotent
@@ -282,29 +282,6 @@ def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> dict:
 )
 def file_content(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep):
     return file_response(files.get_file(session, team, file_id), store)
-
-
-def file_response(
-    record: File, store: ObjectStore, *, other_media: str = "application/octet-stream", **headers
-) -> StreamingResponse:
-    """A stored file's bytes, streamed from object storage as an attachment (gzip for a .gz
-    name, `other_media` otherwise)."""
-    media = "application/gzip" if record.filename.endswith(".gz") else other_media
-    return StreamingResponse(
-        store.iter_chunks(record.storage_key),
-        media_type=media,
-        headers={
-            "Content-Length": str(record.bytes),
-            "Content-Disposition": content_disposition(record.filename),
-            **headers,
-        },
-    )
-
-
-def content_disposition(filename: str) -> str:
-    """RFC 6266: an ASCII fallback plus the UTF-8 name, safe in a latin-1 header."""
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @router.delete("/{file_id}")

@@ -3,17 +3,13 @@ place in line (/v1/fine_tuning/jobs/{id}/queue). Any team key may read them."""
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter
-from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
-from app.models import Job, Worker
 from app.schemas import Period, list_envelope
 from app.services import jobs
-from app.services.pool import shown_state, team_quotas
+from app.services.pool import team_quotas, workers_seen_by
 from app.services.queue_view import job_position, queue_summary
 from app.services.usage import usage_for
 
@@ -22,31 +18,7 @@ router = APIRouter(prefix="/v1", tags=["pool"], responses=error_responses(*COMMO
 
 @router.get("/workers")
 def list_workers(team: TeamDep, session: SessionDep, settings: SettingsDep) -> dict:
-    at = time.time()
-    own = set(
-        session.scalars(select(Job.id).where(Job.team_pk == team.pk, Job.status == "running"))
-    )
-    rows = session.scalars(select(Worker).order_by(Worker.gpu_class, Worker.id)).all()
-    data = []
-    for w in rows:
-        data.append(
-            {
-                "id": w.id,
-                "object": "worker",
-                "host": w.host,
-                "gpu_name": w.gpu_name,
-                "gpu_class": w.gpu_class,
-                "memory_gb": w.memory_gb,
-                "status": shown_state(w.status, w.last_seen, at, settings),
-                "busy": w.current_job is not None,
-                # Another team's job id is not shown, only that the worker is busy.
-                "current_job": w.current_job if w.current_job in own else None,
-                "jobs_done": w.jobs_done,
-                "started_at": w.started_at,
-                "last_seen": int(w.last_seen),
-            }
-        )
-    return list_envelope(data, False)
+    return list_envelope(workers_seen_by(session, settings, team), False)
 
 
 @router.get("/queue")

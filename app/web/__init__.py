@@ -2,9 +2,11 @@
 chart, events, checkpoints, queue place), cancel one, download its adapter; the pool and
 the team's usage. Server-rendered Jinja2 templates, one stylesheet, no JavaScript.
 
-`app.web.router` is included by app.main.create_app; see docs/dashboard.md.
+`app.web.router` is included by app.main.create_app, with `install_page_handlers` (the
+sign-in redirect and the 404 page its dependencies raise); see docs/dashboard.md.
 """
 
+from app.web.pages import install_page_handlers
 from app.web.views import router
 
-__all__ = ["router"]
+__all__ = ["install_page_handlers", "router"]

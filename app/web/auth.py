@@ -5,6 +5,7 @@ header (app.services.teams.team_for_key: the SHA-256 digest looked up, compared 
 constant time, revoked keys refused; a disabled team is refused too). So there is no
 server-side session to store or expire, a revoked key or a disabled team ends the session
 on the next page, and API replicas need no shared secret. See docs/dashboard.md.
+The pages get the team itself through app.web.deps.
 """
 
 from __future__ import annotations
@@ -14,11 +15,6 @@ import hmac
 import re
 
 from fastapi import Request, Response
-from sqlalchemy.orm import Session
-
-from app.logs import bind
-from app.models import Team
-from app.services.teams import team_for_key
 
 COOKIE = "lathe_dashboard"
 COOKIE_MAX_AGE = 12 * 3600  # the browser forgets the key after 12 h (or on logout)
@@ -29,19 +25,6 @@ _NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9_\-./?=&%]*$")
 def cookie_key(request: Request) -> str | None:
     key = (request.cookies.get(COOKIE) or "").strip()
     return key if 0 < len(key) <= MAX_KEY_CHARS else None
-
-
-def signed_in_team(request: Request, session: Session) -> Team | None:
-    """The team whose key the cookie holds, or None (no cookie, unknown or revoked key,
-    disabled team)."""
-    key = cookie_key(request)
-    if key is None:
-        return None
-    team = team_for_key(session, key)
-    if team is None or team.disabled:
-        return None
-    bind(team_id=team.id)  # on this request's log lines, as for the API (app/logs.py)
-    return team
 
 
 def set_session_cookie(request: Request, response: Response, key: str) -> None:

@@ -1,0 +1,83 @@
+"""The dashboard's FastAPI dependencies: the signed-in team and the team's job, each
+loaded and checked once per request.
+
+A page that needs a team declares `team: SignedInTeam`; without a valid session cookie the
+dependency raises SignInRequired, which app.web.pages turns into a redirect to the sign-in
+page (and back after). `job: TeamJob` adds the job of the path's {job_id}, or a 404 page
+when the team has no such job, just as the API scopes a Bearer key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.errors import APIError
+from app.http_deps import SessionDep
+from app.logs import bind
+from app.models import Job, Team
+from app.services import jobs as jobs_service
+from app.services.teams import team_for_key
+from app.web.auth import cookie_key
+
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SignInRequired(Exception):
+    """No team is signed in: the page redirects to the sign-in page."""
+
+
+class PageNotFound(Exception):
+    """A 404 page for the signed-in team, saying what was not found."""
+
+    def __init__(self, team: Team, message: str) -> None:
+        super().__init__(message)
+        self.team = team
+        self.message = message
+
+
+def cookie_team(request: Request, session: SessionDep) -> Team | None:
+    """The team whose key the cookie holds, or None (no cookie, unknown or revoked key,
+    disabled team)."""
+    key = cookie_key(request)
+    if key is None:
+        return None
+    team = team_for_key(session, key)
+    if team is None or team.disabled:
+        return None
+    bind(team_id=team.id)  # on this request's log lines, as for the API (app/logs.py)
+    return team
+
+
+MaybeTeam = Annotated[Team | None, Depends(cookie_team)]
+
+
+def signed_in_team(team: MaybeTeam) -> Team:
+    if team is None:
+        raise SignInRequired
+    return team
+
+
+SignedInTeam = Annotated[Team, Depends(signed_in_team)]
+
+
+def checked_job_id(job_id: str, team: SignedInTeam) -> str:
+    """The path's job id, when it could be one (so no odd text reaches a query or a URL)."""
+    if not JOB_ID.match(job_id):
+        raise PageNotFound(team, "No such fine-tuning job.")
+    return job_id
+
+
+JobId = Annotated[str, Depends(checked_job_id)]
+
+
+def team_job(job_id: JobId, team: SignedInTeam, session: SessionDep) -> Job:
+    try:
+        return jobs_service.get_job(session, team, job_id)
+    except APIError:
+        raise PageNotFound(team, f"No fine-tuning job {job_id} in team {team.name}.") from None
+
+
+TeamJob = Annotated[Job, Depends(team_job)]
