@@ -14,7 +14,8 @@ from app.client.files import files_app
 from app.client.http import APIError, LatheClient, handles_errors
 from app.client.jobs import jobs_app
 from app.client.options import ApiKey, ApiUrl, Json
-from app.client.render import duration, make_console, print_json, when
+from app.client.render import make_console, print_json
+from app.formatting import duration, when
 
 __all__ = ["files_app", "jobs_app", "login", "usage", "workers"]
 

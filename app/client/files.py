@@ -20,7 +20,8 @@ from rich.table import Table
 
 from app.client.http import ClientError, LatheClient, handles_errors
 from app.client.options import ApiKey, ApiUrl, Json
-from app.client.render import make_console, print_json, size, when
+from app.client.render import make_console, print_json
+from app.formatting import size, when
 
 files_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
 

@@ -1,4 +1,5 @@
-"""`lathe jobs`: create, list, get, watch, cancel, pause, resume and download."""
+"""`lathe jobs`: create, list, get, watch, cancel, pause, resume and download. The commands
+only; what they draw is in app/client/render.py."""
 
 from __future__ import annotations
 
@@ -11,25 +12,14 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.panel import Panel
-from rich.table import Table
 
 from app.client.files import describe_upload, transfer_progress, upload_file
 from app.client.http import ClientError, LatheClient, Unreachable, handles_errors
 from app.client.options import ApiKey, ApiUrl, Json
-from app.client.render import (
-    count,
-    duration,
-    make_console,
-    number,
-    print_json,
-    size,
-    status_text,
-    when,
-)
+from app.client.render import job_panel, jobs_table, make_console, print_json, status_text
 from app.client.watch import watch_job
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
+from app.formatting import size
 
 jobs_app = typer.Typer(help="Create, follow and manage fine-tuning jobs.", no_args_is_help=True)
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]+$")
@@ -170,113 +160,10 @@ def list_jobs(
     if json_:
         print_json(page)
         return
-    table = Table("id", "model", "status", "created", "finished", "fine-tuned model")
-    for job in page["data"]:
-        table.add_row(
-            job["id"],
-            job["model"],
-            status_text(job["status"]),
-            when(job["created_at"]),
-            when(job.get("finished_at")),
-            job.get("fine_tuned_model") or "-",
-        )
     console = make_console()
-    console.print(table if page["data"] else "no jobs")
+    console.print(jobs_table(page["data"]) if page["data"] else "no jobs")
     if page.get("has_more"):
         console.print(f"[dim]more: --after {page['last_id']}[/]")
-
-
-def _kv(rows: list[tuple[str, Any]]) -> Table:
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows:
-        if value not in (None, "", [], {}):
-            table.add_row(key, value if isinstance(value, str) else str(value))
-    return table
-
-
-def job_panel(job: dict, queue: dict | None) -> Panel:
-    hp = job.get("hyperparameters") or {}
-    stats = job.get("stats") or {}
-    rows: list[tuple[str, Any]] = [
-        ("status", status_text(job["status"])),
-        ("model", escape(job["model"])),
-        ("fine-tuned model", escape(job.get("fine_tuned_model") or "")),
-        ("created", when(job["created_at"])),
-        ("finished", when(job["finished_at"]) if job.get("finished_at") else None),
-    ]
-    if job.get("finished_at"):
-        rows.append(("took", duration(job["finished_at"] - job["created_at"])))
-    if job.get("estimated_finish") and job["status"] == "running":
-        rows.append(("estimated finish", when(job["estimated_finish"])))
-    if queue and job["status"] in ("queued", "running"):
-        if queue.get("position") is not None:
-            rows.append(("queue position", str(queue["position"])))
-        if queue.get("eligible_gpu_classes"):
-            rows.append(("GPU classes", ", ".join(queue["eligible_gpu_classes"])))
-        if queue.get("estimated_start"):
-            rows.append(("estimated start", when(queue["estimated_start"])))
-        if queue.get("worker"):
-            rows.append(("worker", queue["worker"]))
-        if queue.get("waiting_for"):  # no worker of a fitting class is online
-            rows.append(("waiting for", f"[yellow]{escape(queue['waiting_for'])}[/]"))
-    if job.get("error"):
-        error = job["error"]
-        rows.append(
-            (
-                "error",
-                f"[red]{escape(str(error.get('code')))}: {escape(str(error.get('message')))}[/]",
-            )
-        )
-    rows += [
-        ("training file", job.get("training_file")),
-        ("validation file", job.get("validation_file")),
-        (
-            "hyperparameters",
-            f"epochs {hp.get('n_epochs')}, batch size {hp.get('batch_size')}, "
-            f"lr multiplier {hp.get('learning_rate_multiplier')}",
-        ),
-        (
-            "training",
-            ", ".join(f"{k}={v}" for k, v in (job.get("training") or {}).items() if v is not None),
-        ),
-        ("seed", job.get("seed")),
-        ("trained tokens", count(job["trained_tokens"]) if job.get("trained_tokens") else None),
-    ]
-    tokens = stats.get("tokens") or {}
-    for name in ("train", "valid"):
-        if name in tokens:
-            t = tokens[name]
-            text = f"{count(t.get('tokens'))} tokens per epoch, {count(t.get('examples'))} examples"
-            if t.get("truncated"):
-                text += f", {count(t['truncated'])} truncated"
-            if t.get("dropped"):
-                text += f", {count(t['dropped'])} dropped"
-            rows.append((f"{name} data", text))
-    model = stats.get("model") or {}
-    if model.get("trainable_parameters"):
-        share = ""
-        if model.get("total_parameters"):
-            share = f" ({100 * model['trainable_parameters'] / model['total_parameters']:.2f}%)"
-        rows.append(("trainable params", f"{count(model['trainable_parameters'])}{share}"))
-    throughput = stats.get("throughput") or {}
-    if throughput:
-        rows.append(("tokens/s", number(throughput.get("tokens_per_second"), ",.1f")))
-        if throughput.get("peak_memory_gb") is not None:
-            source = throughput.get("peak_memory_source")
-            rows.append(
-                (
-                    "peak memory",
-                    f"{number(throughput['peak_memory_gb'], '.2f')} GB"
-                    + (f" ({source})" if source else ""),
-                )
-            )
-        rows.append(("device", throughput.get("device")))
-    sample = stats.get("sample") or {}
-    if sample.get("completion") is not None:
-        rows.append(("sample answer", escape(str(sample["completion"]))[:300]))
-    return Panel(_kv(rows), title=f"[bold]{job['id']}[/]", expand=False)
 
 
 @jobs_app.command("get")

@@ -1,14 +1,20 @@
-"""Formatting for people (Rich) and for scripts (--json)."""
+"""What the `lathe` command shows: Rich markup, tables and panels for people, raw JSON for
+scripts (--json). The commands (app/client/jobs.py, files.py, ...) fetch; this module
+draws. Times and numbers as text come from app.formatting, shared with the dashboard."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from app.formatting import duration, number, when
 
 STATUS_STYLE = {
     "validating_files": "cyan",
@@ -44,48 +50,126 @@ def status_text(status: str | None) -> str:
     return f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]"
 
 
-def when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+def jobs_table(jobs: list[dict]) -> Table:
+    """`lathe jobs list`: one row a job, newest first as the API lists them."""
+    table = Table("id", "model", "status", "created", "finished", "fine-tuned model")
+    for job in jobs:
+        table.add_row(
+            job["id"],
+            job["model"],
+            status_text(job["status"]),
+            when(job["created_at"]),
+            when(job.get("finished_at")),
+            job.get("fine_tuned_model") or "-",
+        )
+    return table
 
 
-def clock(ts: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "--:--:--"
+def _kv(rows: list[tuple[str, Any]]) -> Table:
+    """Label and value rows; an empty value leaves its row out."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        if value not in (None, "", [], {}):
+            table.add_row(key, value if isinstance(value, str) else str(value))
+    return table
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
+def job_panel(job: dict, queue: dict | None) -> Panel:
+    """`lathe jobs get`: the job object, with its place in line (`queue`, the job's
+    /queue view) while it waits or runs."""
+    rows: list[tuple[str, Any]] = [
+        ("status", status_text(job["status"])),
+        ("model", escape(job["model"])),
+        ("fine-tuned model", escape(job.get("fine_tuned_model") or "")),
+        ("created", when(job["created_at"])),
+        ("finished", when(job["finished_at"]) if job.get("finished_at") else None),
+    ]
+    if job.get("finished_at"):
+        rows.append(("took", duration(job["finished_at"] - job["created_at"])))
+    if job.get("estimated_finish") and job["status"] == "running":
+        rows.append(("estimated finish", when(job["estimated_finish"])))
+    if queue and job["status"] in ("queued", "running"):
+        rows += _queue_rows(queue)
+    if job.get("error"):
+        error = job["error"]
+        rows.append(
+            (
+                "error",
+                f"[red]{escape(str(error.get('code')))}: {escape(str(error.get('message')))}[/]",
+            )
+        )
+    hp = job.get("hyperparameters") or {}
+    rows += [
+        ("training file", job.get("training_file")),
+        ("validation file", job.get("validation_file")),
+        (
+            "hyperparameters",
+            f"epochs {hp.get('n_epochs')}, batch size {hp.get('batch_size')}, "
+            f"lr multiplier {hp.get('learning_rate_multiplier')}",
+        ),
+        (
+            "training",
+            ", ".join(f"{k}={v}" for k, v in (job.get("training") or {}).items() if v is not None),
+        ),
+        ("seed", job.get("seed")),
+        ("trained tokens", number(job["trained_tokens"]) if job.get("trained_tokens") else None),
+    ]
+    rows += _stats_rows(job.get("stats") or {})
+    return Panel(_kv(rows), title=f"[bold]{job['id']}[/]", expand=False)
 
 
-def size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
+def _queue_rows(queue: dict) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    if queue.get("position") is not None:
+        rows.append(("queue position", str(queue["position"])))
+    if queue.get("eligible_gpu_classes"):
+        rows.append(("GPU classes", ", ".join(queue["eligible_gpu_classes"])))
+    if queue.get("estimated_start"):
+        rows.append(("estimated start", when(queue["estimated_start"])))
+    if queue.get("worker"):
+        rows.append(("worker", queue["worker"]))
+    if queue.get("waiting_for"):  # no worker of a fitting class is online
+        rows.append(("waiting for", f"[yellow]{escape(queue['waiting_for'])}[/]"))
+    return rows
 
 
-def count(n: float | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n:,.0f}" if float(n).is_integer() else f"{n:,.1f}"
-
-
-def number(value: Any, spec: str = ".4f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return format(value, spec)
-    return str(value)
+def _stats_rows(stats: dict) -> list[tuple[str, Any]]:
+    """What the worker measured: the datasets' tokens, the adapter's size, throughput."""
+    rows: list[tuple[str, Any]] = []
+    tokens = stats.get("tokens") or {}
+    for name in ("train", "valid"):
+        if name in tokens:
+            t = tokens[name]
+            text = (
+                f"{number(t.get('tokens'))} tokens per epoch, {number(t.get('examples'))} examples"
+            )
+            if t.get("truncated"):
+                text += f", {number(t['truncated'])} truncated"
+            if t.get("dropped"):
+                text += f", {number(t['dropped'])} dropped"
+            rows.append((f"{name} data", text))
+    model = stats.get("model") or {}
+    if model.get("trainable_parameters"):
+        share = ""
+        if model.get("total_parameters"):
+            share = f" ({100 * model['trainable_parameters'] / model['total_parameters']:.2f}%)"
+        rows.append(("trainable params", f"{number(model['trainable_parameters'])}{share}"))
+    throughput = stats.get("throughput") or {}
+    if throughput:
+        rows.append(("tokens/s", number(throughput.get("tokens_per_second"), 5)))
+        if throughput.get("peak_memory_gb") is not None:
+            source = throughput.get("peak_memory_source")
+            rows.append(
+                (
+                    "peak memory",
+                    f"{number(throughput['peak_memory_gb'], 3)} GB"
+                    + (f" ({source})" if source else ""),
+                )
+            )
+        rows.append(("device", throughput.get("device")))
+    sample = stats.get("sample") or {}
+    if sample.get("completion") is not None:
+        rows.append(("sample answer", escape(str(sample["completion"]))[:300]))
+    return rows

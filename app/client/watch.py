@@ -17,8 +17,9 @@ from app.client.http import (
     EXIT_PAUSED,
     LatheClient,
 )
-from app.client.render import LEVEL_STYLE, clock, count, duration, number, status_text
+from app.client.render import LEVEL_STYLE, status_text
 from app.client.sse import Reconnecting, job_event_stream
+from app.formatting import clock, duration, number
 
 EXIT_CODES = {
     "succeeded": EXIT_OK,
@@ -92,9 +93,9 @@ def watch_job(
                 for name in ("train_loss", "valid_loss"):
                     if data.get(name) is not None:
                         losses[name] = data[name]
-                loss = f"loss {number(losses.get('train_loss'))}"
+                loss = f"loss {number(losses.get('train_loss'), 5)}"
                 if "valid_loss" in losses:
-                    loss += f" · valid {number(losses['valid_loss'])}"
+                    loss += f" · valid {number(losses['valid_loss'], 5)}"
                 eta = rate.eta(total)
                 progress.update(
                     task,
@@ -143,11 +144,11 @@ def _outcome(console: Console, job: dict, losses: dict[str, float]) -> None:
         else None
     )
     if status == "succeeded":
-        parts = [f"trained tokens {count(job.get('trained_tokens'))}"]
+        parts = [f"trained tokens {number(job.get('trained_tokens'))}"]
         if "train_loss" in losses:
-            parts.append(f"final loss {number(losses['train_loss'])}")
+            parts.append(f"final loss {number(losses['train_loss'], 5)}")
         if "valid_loss" in losses:
-            parts.append(f"valid loss {number(losses['valid_loss'])}")
+            parts.append(f"valid loss {number(losses['valid_loss'], 5)}")
         if took:
             parts.append(f"in {took}")
         console.print(

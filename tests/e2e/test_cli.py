@@ -403,7 +403,7 @@ def test_watch_stream_stops_with_the_servers_error_event_instead_of_reconnecting
 def test_get_says_when_no_fitting_worker_is_online() -> None:
     from rich.console import Console
 
-    from app.client.jobs import job_panel
+    from app.client.render import job_panel
 
     job = {"id": "ftjob-1", "status": "queued", "model": "m", "created_at": 0}
     queue = {"position": 1, "waiting_for": "no worker of class a100-80gb is online"}
