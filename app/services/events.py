@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.domain.ids import new_id
 from app.models import JobEvent, now
+from app.services.training_metrics import METRICS_EVENT
 
 
 def add_event(
@@ -25,6 +26,17 @@ def add_event(
     )
     session.add(event)
     return event
+
+
+def timeline(session: Session, job_pk: int, limit: int) -> tuple[list[JobEvent], int]:
+    """The job's latest `limit` events, newest first, without the per-step metrics events
+    (the loss chart and metrics.csv show those; a long run has thousands), and how many
+    such events there are in all."""
+    shown = (JobEvent.job_pk == job_pk) & (JobEvent.type != METRICS_EVENT)
+    events = session.scalars(
+        select(JobEvent).where(shown).order_by(JobEvent.pk.desc()).limit(limit)
+    ).all()
+    return list(events), session.scalar(select(func.count()).where(shown)) or 0
 
 
 # Events are numbered by a sequence when inserted but become visible when committed, so

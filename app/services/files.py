@@ -257,6 +257,15 @@ def get_file(session: Session, team: Team, file_id: str) -> File:
     return record
 
 
+def result_files(session: Session, team: Team, job: Job) -> dict[str, File]:
+    """A job's result files (adapter.tar.gz, metrics.csv) by file name."""
+    ids = [i for i in job.result_files or [] if isinstance(i, str)]
+    if not ids:
+        return {}
+    rows = session.scalars(select(File).where(File.team_pk == team.pk, File.id.in_(ids)))
+    return {f.filename: f for f in rows}
+
+
 def list_files(session: Session, team: Team, purpose: str | None, limit: int, after: str | None):
     scope = File.team_pk == team.pk
     if purpose:

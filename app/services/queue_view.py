@@ -125,6 +125,22 @@ def job_position(session: Session, settings: Settings, job: Job) -> Position | N
     return positions(session, settings).get(job.pk)
 
 
+def team_queue(
+    session: Session, settings: Settings, team: Team
+) -> list[tuple[Job, Position | None]]:
+    """The team's queued jobs with their places in line, the first to start first."""
+    waiting = positions(session, settings)
+    queued = session.scalars(
+        select(Job)
+        .where(Job.team_pk == team.pk, Job.status == JobStatus.QUEUED.value)
+        .order_by(Job.created_at)
+    )
+    return sorted(
+        ((job, waiting.get(job.pk)) for job in queued),
+        key=lambda pair: pair[1].position if pair[1] else math.inf,
+    )
+
+
 def queue_summary(session: Session, settings: Settings) -> dict:
     """GET /v1/queue: per class (workers, busy, waiting by team) and per team."""
     at = time.time()

@@ -34,14 +34,33 @@ def period_bounds(period: str | None, at: float | None = None) -> tuple[str, int
     return period, int(start.timestamp()), int(start.timestamp()) + days * 86400
 
 
+def _metered_between(start: int, end: int) -> tuple:
+    """Jobs whose GPU time counts in [start, end): metered, and ended in it (or, not yet
+    ended, started in it)."""
+    ended = func.coalesce(Job.finished_at, Job.started_at)
+    return Job.gpu_seconds > 0, ended >= start, ended < end
+
+
+def metered_jobs(session: Session, team: Team, period: str, limit: int) -> list[Job]:
+    """The team's jobs that count in `period` (YYYY-MM), newest first."""
+    _, start, end = period_bounds(period)
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.team_pk == team.pk, *_metered_between(start, end))
+            .order_by(Job.pk.desc())
+            .limit(limit)
+        )
+    )
+
+
 def usage_for(session: Session, teams: list[Team], period: str | None) -> list[dict]:
     name, start, end = period_bounds(period)
     at = time.time()
     pks = [t.pk for t in teams]
-    ended = func.coalesce(Job.finished_at, Job.started_at)
     rows = session.execute(
         select(Job.team_pk, Job.dispatched_class, func.count(), func.sum(Job.gpu_seconds))
-        .where(Job.team_pk.in_(pks), Job.gpu_seconds > 0, ended >= start, ended < end)
+        .where(Job.team_pk.in_(pks), *_metered_between(start, end))
         .group_by(Job.team_pk, Job.dispatched_class)
     ).all()
     running = session.execute(

@@ -7,28 +7,26 @@ job is a 404. Nothing here is in the OpenAPI document (include_in_schema=False).
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import func, select
 
 from app.domain.jobs import FINAL_STATES, JobStatus
 from app.downloads import file_response
 from app.errors import APIError, Conflict
 from app.http_deps import SessionDep, SettingsDep, StoreDep
-from app.models import File, Job, JobEvent, Team
 from app.services import files as files_service
 from app.services import jobs as jobs_service
 from app.services.admin import admin_for_key
+from app.services.events import timeline
 from app.services.pool import team_quotas, workers_seen_by
-from app.services.queue_view import job_position, positions, queue_summary
+from app.services.queue_view import job_position, queue_summary, team_queue
 from app.services.teams import team_for_key
-from app.services.training_metrics import METRICS_EVENT, metrics_rows
-from app.services.usage import period_bounds, usage_for
+from app.services.training_metrics import metrics_rows
+from app.services.usage import metered_jobs, usage_for
 from app.web import auth
 from app.web.chart import loss_chart
 from app.web.deps import JobId, MaybeTeam, PageNotFound, SignedInTeam, TeamJob
@@ -123,25 +121,11 @@ def jobs_page(
     )
 
 
-def _result_files(session: SessionDep, team: Team, job: Job) -> dict[str, File]:
-    ids = [i for i in job.result_files or [] if isinstance(i, str)]
-    if not ids:
-        return {}
-    rows = session.scalars(select(File).where(File.team_pk == team.pk, File.id.in_(ids)))
-    return {f.filename: f for f in rows}
-
-
 @router.get("/jobs/{job_id}")
 def job_page(
     request: Request, team: SignedInTeam, job: TeamJob, session: SessionDep, settings: SettingsDep
 ) -> Response:
-    # The timeline without the per-step metrics events: those are the chart (and
-    # metrics.csv); a long run has thousands.
-    timeline = (JobEvent.job_pk == job.pk) & (JobEvent.type != METRICS_EVENT)
-    events = session.scalars(
-        select(JobEvent).where(timeline).order_by(JobEvent.pk.desc()).limit(EVENTS_SHOWN)
-    ).all()
-    event_count = session.scalar(select(func.count()).where(timeline)) or 0
+    events, event_count = timeline(session, job.pk, EVENTS_SHOWN)
     checkpoints, _ = jobs_service.list_checkpoints(session, team, job.id, 100, None)
     place = job_position(session, settings, job) if job.status == JobStatus.QUEUED else None
     rows = metrics_rows(session, job.pk)
@@ -158,7 +142,7 @@ def job_page(
         event_count=event_count,
         checkpoints=checkpoints,
         place=place,
-        results=_result_files(session, team, job),
+        results=files_service.result_files(session, team, job),
         cancellable=job.status not in FINAL,
         refresh=REFRESH_SECONDS if job.status in ACTIVE else None,
         refresh_url=f"{base_path(request)}/jobs/{job.id}",  # drops a ?notice= on reload
@@ -192,7 +176,7 @@ def result_file(
     """One of the job's result files (adapter.tar.gz, metrics.csv), streamed from object
     storage as GET /v1/files/{id}/content streams it."""
     try:
-        record = _result_files(session, team, job).get(filename)
+        record = files_service.result_files(session, team, job).get(filename)
         if record is None:
             raise PageNotFound(team, f"Job {job.id} has no result file {filename}.")
         record = files_service.get_file(session, team, record.id)  # the team-prefix check
@@ -214,16 +198,6 @@ def pool_page(
     request: Request, team: SignedInTeam, session: SessionDep, settings: SettingsDep
 ) -> Response:
     summary = queue_summary(session, settings)
-    waiting = positions(session, settings)
-    own_queued = session.scalars(
-        select(Job)
-        .where(Job.team_pk == team.pk, Job.status == JobStatus.QUEUED.value)
-        .order_by(Job.created_at)
-    ).all()
-    mine = sorted(
-        ((job, waiting.get(job.pk)) for job in own_queued),
-        key=lambda pair: pair[1].position if pair[1] else math.inf,
-    )
     names = {t["team_id"]: t["name"] for t in summary["teams"]}
     return render(
         request,
@@ -233,7 +207,7 @@ def pool_page(
         classes=summary["classes"],
         teams=summary["teams"],
         team_names=names,
-        mine=mine,
+        mine=team_queue(session, settings, team),
         refresh=REFRESH_SECONDS * 2,
     )
 
@@ -260,18 +234,10 @@ def usage_page(
     except APIError as exc:
         error = exc.message
         report = usage_for(session, [team], None)[0]
-    _, start, end = period_bounds(report["period"])
-    ended = func.coalesce(Job.finished_at, Job.started_at)
-    metered = session.scalars(
-        select(Job)
-        .where(Job.team_pk == team.pk, Job.gpu_seconds > 0, ended >= start, ended < end)
-        .order_by(Job.pk.desc())
-        .limit(JOBS_PER_PAGE)
-    ).all()
     return render(
         request,
         "usage.html",
-        jobs=metered,
+        jobs=metered_jobs(session, team, report["period"], JOBS_PER_PAGE),
         team=team,
         usage=report,
         quota=team_quotas(team, settings).gpu_hours_per_month,
