@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from app.models import File, Job, Team, Worker
 from app.services.events import add_event
 from app.services.teams import create_team
+from app.services.training_metrics import metrics_rows, metrics_rows_up_to
 from app.storage import file_key
 from app.web.auth import COOKIE
 from app.web.chart import loss_chart, nice_ticks
@@ -73,6 +74,17 @@ def test_pages_need_the_cookie(api, path) -> None:
     resp = browser_for(api).get(path)
     assert resp.status_code == 303
     assert resp.headers["location"].startswith("/login")
+
+
+def test_a_signed_out_cancel_goes_to_sign_in_before_any_check(api, team) -> None:
+    job = create_job(team)
+    resp = browser_for(api).post(f"/jobs/{job['id']}/cancel", data={"csrf": "nope"})
+    assert (resp.status_code, resp.headers["location"]) == (
+        303,
+        f"/login?next=/jobs/{job['id']}/cancel",
+    )
+    assert resp.headers["cache-control"] == "no-store"
+    assert team.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
 
 
 def test_a_page_sends_you_back_to_it_after_login(api, team) -> None:
@@ -212,6 +224,9 @@ def test_another_teams_job_is_404(browser, team, other_team, api) -> None:
     assert other_team.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"] == "queued"
     assert job["id"] not in browser.get("/jobs").text
     assert browser.get("/jobs/no%00such").status_code == 404
+    page = browser.get(f"/jobs/{job['id']}")  # the 404 page is the signed-in team's
+    assert f"No fine-tuning job {job['id']} in team" in page.text and "Log out" in page.text
+    assert page.headers["x-frame-options"] == "DENY"
 
 
 def test_html_is_escaped(api, team, sessions) -> None:
@@ -261,6 +276,21 @@ def test_the_loss_chart_draws_train_and_validation(browser, team, sessions) -> N
     assert ">train loss<" in page and ">validation loss<" in page  # the legend
     assert ">step<" in page and ">loss<" in page  # axis labels
     assert "validation token accuracy 50.0%" in page
+
+
+def test_metrics_rows_up_to_a_step_keep_each_steps_latest_row(team, sessions) -> None:
+    """What a resumed attempt's metrics.csv starts with: the earlier attempts' rows up to
+    its checkpoint, a step logged twice (an attempt ran past its checkpoint) once."""
+    job = create_job(team)
+    with sessions() as session:
+        pk = session.scalar(select(Job.pk).where(Job.id == job["id"]))
+        for step, loss in [(1, 3.0), (2, 2.5), (3, 2.0), (2, 2.4), (3, 1.9), (4, 1.5)]:
+            add_event(session, pk, "Step", type="metrics", data={"step": step, "train_loss": loss})
+        add_event(session, pk, "not a metric")
+        session.commit()
+        assert len(metrics_rows(session, pk)) == 6
+        rows = metrics_rows_up_to(session, pk, 3)
+    assert [(r["step"], r["train_loss"]) for r in rows] == [(1, 3.0), (2, 2.4), (3, 1.9)]
 
 
 def test_cancel_needs_the_csrf_token(browser, team) -> None:
