@@ -17,7 +17,21 @@ from app import models
 from app.api.deps import AdminDep, SessionDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.domain.quotas import QUOTA_MAXIMA
-from app.schemas import AuditCursor, Period, Strict, TeamCursor, job_object, list_envelope
+from app.schemas.admin import (
+    ApiKey,
+    ApiKeyCreated,
+    AuditEntry,
+    Team,
+    TeamCreated,
+    audit_object,
+    created_key_object,
+    created_team_object,
+    key_object,
+    team_object,
+)
+from app.schemas.common import AuditCursor, ListPage, Period, Strict, TeamCursor, list_page
+from app.schemas.jobs import FineTuningJob, job_object
+from app.schemas.pool import UsageList, Worker, worker_object
 from app.services import admin
 from app.services.usage import usage_for
 
@@ -80,130 +94,77 @@ class TeamUpdate(Strict):
         return fields
 
 
-def team_object(team: models.Team) -> dict:
-    return {
-        "id": team.id,
-        "object": "team",
-        "name": team.name,
-        "weight": team.weight,
-        "disabled": team.disabled,
-        "created_at": team.created_at,
-        "quotas": {name: getattr(team, name) for name in admin.QUOTA_FIELDS},
-    }
-
-
-def key_object(key: models.ApiKey, clear: str | None = None) -> dict:
-    body = {
-        "id": key.id,
-        "object": "api_key",
-        "prefix": key.prefix,
-        "created_at": key.created_at,
-        "revoked_at": key.revoked_at,
-    }
-    if clear is not None:
-        body["key"] = clear  # shown once, at creation or rotation
-    return body
-
-
-def worker_object(worker: models.Worker) -> dict:
-    return {
-        "id": worker.id,
-        "object": "worker",
-        "host": worker.host,
-        "gpu_name": worker.gpu_name,
-        "gpu_class": worker.gpu_class,
-        "memory_gb": worker.memory_gb,
-        "status": worker.status,
-        "current_job": worker.current_job,
-        "jobs_done": worker.jobs_done,
-        "started_at": worker.started_at,
-        "last_seen": worker.last_seen,
-    }
-
-
-def audit_object(entry: models.AuditEntry) -> dict:
-    return {
-        "id": entry.id,
-        "object": "audit_entry",
-        "created_at": entry.created_at,
-        "actor": entry.actor,
-        "action": entry.action,
-        "target": entry.target,
-        "details": entry.details,
-    }
-
-
-@router.post("/teams", responses=CONFLICT)
-def create_team(body: TeamCreate, caller: AdminDep, session: SessionDep) -> dict:
+@router.post("/teams", response_model=TeamCreated, responses=CONFLICT)
+def create_team(body: TeamCreate, caller: AdminDep, session: SessionDep) -> TeamCreated:
     quotas = body.quotas.model_dump(include=body.quotas.model_fields_set) if body.quotas else {}
     team, key = admin.create_team(session, caller, body.name, body.weight, quotas)
-    return {**team_object(team), "key": key}
+    return created_team_object(team, key)
 
 
-@router.get("/teams")
+@router.get("/teams", response_model=ListPage[Team])
 def list_teams(
     caller: AdminDep, session: SessionDep, limit: Limit = 20, after: TeamCursor = None
-) -> dict:
+) -> ListPage[Team]:
     rows, has_more = admin.list_teams(session, limit, after)
-    return list_envelope([team_object(t) for t in rows], has_more)
+    return list_page([team_object(t) for t in rows], has_more)
 
 
-@router.get("/teams/{team_id}")
-def retrieve_team(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
+@router.get("/teams/{team_id}", response_model=Team)
+def retrieve_team(team_id: str, caller: AdminDep, session: SessionDep) -> Team:
     return team_object(admin.get_team(session, team_id))
 
 
-@router.patch("/teams/{team_id}")
-def update_team(team_id: str, body: TeamUpdate, caller: AdminDep, session: SessionDep) -> dict:
+@router.patch("/teams/{team_id}", response_model=Team)
+def update_team(team_id: str, body: TeamUpdate, caller: AdminDep, session: SessionDep) -> Team:
     return team_object(admin.update_team(session, caller, team_id, body.changes()))
 
 
-@router.get("/teams/{team_id}/keys")
-def list_keys(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
-    return list_envelope([key_object(k) for k in admin.list_keys(session, team_id)], False)
+@router.get("/teams/{team_id}/keys", response_model=ListPage[ApiKey])
+def list_keys(team_id: str, caller: AdminDep, session: SessionDep) -> ListPage[ApiKey]:
+    return list_page([key_object(k) for k in admin.list_keys(session, team_id)], False)
 
 
-@router.post("/teams/{team_id}/keys")
-def issue_key(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
-    return key_object(*admin.issue_key(session, caller, team_id))
+@router.post("/teams/{team_id}/keys", response_model=ApiKeyCreated)
+def issue_key(team_id: str, caller: AdminDep, session: SessionDep) -> ApiKeyCreated:
+    return created_key_object(*admin.issue_key(session, caller, team_id))
 
 
-@router.post("/teams/{team_id}/keys/rotate")
-def rotate_keys(team_id: str, caller: AdminDep, session: SessionDep) -> dict:
-    return key_object(*admin.rotate_keys(session, caller, team_id))
+@router.post("/teams/{team_id}/keys/rotate", response_model=ApiKeyCreated)
+def rotate_keys(team_id: str, caller: AdminDep, session: SessionDep) -> ApiKeyCreated:
+    return created_key_object(*admin.rotate_keys(session, caller, team_id))
 
 
-@router.delete("/keys/{key_id}", responses=CONFLICT)
-def revoke_key(key_id: str, caller: AdminDep, session: SessionDep) -> dict:
+@router.delete("/keys/{key_id}", response_model=ApiKey, responses=CONFLICT)
+def revoke_key(key_id: str, caller: AdminDep, session: SessionDep) -> ApiKey:
     return key_object(admin.revoke_key(session, caller, key_id))
 
 
-@router.post("/workers/{worker_id}/drain", responses=CONFLICT)
-def drain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> dict:
+@router.post("/workers/{worker_id}/drain", response_model=Worker, responses=CONFLICT)
+def drain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> Worker:
     return worker_object(admin.drain_worker(session, caller, worker_id))
 
 
-@router.post("/workers/{worker_id}/undrain", responses=CONFLICT)
-def undrain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> dict:
+@router.post("/workers/{worker_id}/undrain", response_model=Worker, responses=CONFLICT)
+def undrain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> Worker:
     return worker_object(admin.undrain_worker(session, caller, worker_id))
 
 
-@router.post("/jobs/{job_id}/cancel", responses=CONFLICT)
-def cancel_job(job_id: str, caller: AdminDep, session: SessionDep) -> dict:
+@router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob, responses=CONFLICT)
+def cancel_job(job_id: str, caller: AdminDep, session: SessionDep) -> FineTuningJob:
     job = admin.cancel_job(session, caller, job_id)
     return job_object(job, job.team.id)
 
 
-@router.get("/audit")
+@router.get("/audit", response_model=ListPage[AuditEntry])
 def list_audit(
     caller: AdminDep, session: SessionDep, limit: Limit = 20, after: AuditCursor = None
-) -> dict:
+) -> ListPage[AuditEntry]:
     rows, has_more = admin.list_audit(session, limit, after)
-    return list_envelope([audit_object(e) for e in rows], has_more)
+    return list_page([audit_object(e) for e in rows], has_more)
 
 
-@router.get("/usage")
-def usage_all_teams(caller: AdminDep, session: SessionDep, period: Period = None) -> dict:
+@router.get("/usage", response_model=UsageList)
+def usage_all_teams(caller: AdminDep, session: SessionDep, period: Period = None) -> UsageList:
     """GPU seconds per team for one month (YYYY-MM, default this month): chargeback."""
     teams = list(session.scalars(select(models.Team).order_by(models.Team.pk)))
-    return {"object": "list", "data": usage_for(session, teams, period), "has_more": False}
+    return UsageList(data=usage_for(session, teams, period), has_more=False)

@@ -33,13 +33,14 @@ import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.domain.jobs import JobStatus, is_final
 from app.errors import BadRequest
 from app.models import ApiKey, Job, JobEvent, Team, now
-from app.schemas import event_object, job_object
+from app.schemas.jobs import event_object, job_object
 from app.services.events import LATE_COMMIT_SECONDS, events_since_each
 from app.services.teams import bearer_key, hash_key
 
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 EVENT = "fine_tuning.job.event"
 KEEPALIVE_SECONDS = 15.0
 MAX_BACKOFF_SECONDS = 5.0  # between polls while the database is unreachable
+
+
+def _compact(obj: BaseModel) -> str:
+    """An object as one message's data: compact JSON, non-ASCII escaped (one line)."""
+    return json.dumps(obj.model_dump(mode="json"), separators=(",", ":"))
 
 
 def event_cursor(session: Session, job: Job, event_id: str | None) -> int:
@@ -194,13 +200,10 @@ class EventHub:
             for pk in cursors:
                 job = jobs.get(pk)
                 if job is not None and (is_final(job.status) or job.status == JobStatus.PAUSED):
-                    ends[pk] = json.dumps(job_object(job, team_of[pk]), separators=(",", ":"))
+                    ends[pk] = _compact(job_object(job, team_of[pk]))
             events = {
                 pk: [
-                    StreamedEvent(
-                        e.pk, e.created_at, e.id, json.dumps(event_object(e), separators=(",", ":"))
-                    )
-                    for e in rows
+                    StreamedEvent(e.pk, e.created_at, e.id, _compact(event_object(e))) for e in rows
                 ]
                 for pk, rows in events_since_each(session, cursors).items()
             }

@@ -26,7 +26,8 @@ from app.api.multipart import FormError, MultipartStream, boundary_of
 from app.downloads import file_response
 from app.errors import APIError, BadRequest
 from app.models import Team
-from app.schemas import FileCursor, PurposeFilter, file_object, list_envelope
+from app.schemas.common import Deleted, FileCursor, ListPage, PurposeFilter, list_page
+from app.schemas.files import FileObject, file_object
 from app.services import files
 from app.services.idempotency import KEY_PATTERN, fingerprint, idempotent
 from app.services.pool import team_quotas
@@ -85,6 +86,7 @@ class RequestTimeout(APIError):
 
 @router.post(
     "",
+    response_model=FileObject,
     responses={
         **error_responses(409, 413, 422),
         408: {"model": ErrorEnvelope, "description": "The upload stalled"},
@@ -183,9 +185,8 @@ def _record_once(
 
     def record() -> dict:
         nonlocal recorded
-        response = file_object(
-            files.record_upload(session, objects, team, filename, purpose, stored)
-        )
+        upload = files.record_upload(session, objects, team, filename, purpose, stored)
+        response = file_object(upload).model_dump(mode="json")  # stored for a replay
         recorded = True
         return response
 
@@ -253,20 +254,20 @@ def _upload_threads(app: FastAPI) -> anyio.CapacityLimiter:
     return limiter
 
 
-@router.get("")
+@router.get("", response_model=ListPage[FileObject])
 def list_files(
     team: TeamDep,
     session: SessionDep,
     purpose: PurposeFilter = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     after: FileCursor = None,
-) -> dict:
+) -> ListPage[FileObject]:
     rows, has_more = files.list_files(session, team, purpose, limit, after)
-    return list_envelope([file_object(f) for f in rows], has_more)
+    return list_page([file_object(f) for f in rows], has_more)
 
 
-@router.get("/{file_id}")
-def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> dict:
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> FileObject:
     return file_object(files.get_file(session, team, file_id))
 
 
@@ -284,7 +285,7 @@ def file_content(file_id: str, team: TeamDep, session: SessionDep, store: StoreD
     return file_response(files.get_file(session, team, file_id), store)
 
 
-@router.delete("/{file_id}")
-def delete_file(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep) -> dict:
+@router.delete("/{file_id}", response_model=Deleted)
+def delete_file(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep) -> Deleted:
     files.delete_file(session, store, team, file_id)
-    return {"id": file_id, "object": "file", "deleted": True}
+    return Deleted(id=file_id, object="file", deleted=True)

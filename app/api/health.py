@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -10,12 +12,16 @@ from sqlalchemy import text
 router = APIRouter(tags=["health"])
 
 
+class Liveness(BaseModel):
+    status: Literal["ok"]
+
+
 class Readiness(BaseModel):
     status: str
     checks: dict[str, str]  # "database", "broker", "storage": "ok" or "error: ..."
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Liveness)
 async def healthz() -> dict:
     # On the event loop: liveness answers at once even when every worker thread is busy.
     return {"status": "ok"}

@@ -10,16 +10,22 @@ from fastapi import APIRouter, Query, Request, Response
 from app.api.deps import IdempotencyKeyDep, SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
 from app.api.event_stream import event_cursor, stream_events
-from app.schemas import (
+from app.schemas.common import (
     CheckpointCursor,
     EventCursor,
-    JobCreate,
     JobCursor,
     LastEventId,
+    ListPage,
+    list_page,
+)
+from app.schemas.jobs import (
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobEvent,
+    JobCreate,
     checkpoint_object,
     event_object,
     job_object,
-    list_envelope,
 )
 from app.services import jobs
 from app.services.idempotency import fingerprint, idempotent
@@ -44,7 +50,7 @@ SSE_MESSAGE = {
 }
 
 
-@router.post("", responses=error_responses(409, 422))
+@router.post("", response_model=FineTuningJob, responses=error_responses(409, 422))
 def create_job(
     body: JobCreate,
     team: TeamDep,
@@ -59,45 +65,50 @@ def create_job(
         "POST /v1/fine_tuning/jobs",
         idempotency_key,
         fingerprint(body.model_dump_json()),
-        lambda: job_object(jobs.create_job(session, settings, team, body), team.id),
+        # Stored as JSON for a replay (app.services.idempotency).
+        lambda: job_object(jobs.create_job(session, settings, team, body), team.id).model_dump(
+            mode="json"
+        ),
     )
 
 
-@router.get("")
+@router.get("", response_model=ListPage[FineTuningJob])
 def list_jobs(
     team: TeamDep, session: SessionDep, limit: Limit = 20, after: JobCursor = None
-) -> dict:
+) -> ListPage[FineTuningJob]:
     rows, has_more = jobs.list_jobs(session, team, limit, after)
-    return list_envelope([job_object(j, team.id) for j in rows], has_more)
+    return list_page([job_object(j, team.id) for j in rows], has_more)
 
 
-@router.get("/{job_id}")
-def retrieve_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
+@router.get("/{job_id}", response_model=FineTuningJob)
+def retrieve_job(job_id: str, team: TeamDep, session: SessionDep) -> FineTuningJob:
     return job_object(jobs.get_job(session, team, job_id), team.id)
 
 
-@router.post("/{job_id}/cancel", responses=error_responses(409))
-def cancel_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
+@router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=error_responses(409))
+def cancel_job(job_id: str, team: TeamDep, session: SessionDep) -> FineTuningJob:
     return job_object(jobs.cancel_job(session, team, job_id), team.id)
 
 
-@router.post("/{job_id}/pause", responses=error_responses(409))
-def pause_job(job_id: str, team: TeamDep, session: SessionDep) -> dict:
+@router.post("/{job_id}/pause", response_model=FineTuningJob, responses=error_responses(409))
+def pause_job(job_id: str, team: TeamDep, session: SessionDep) -> FineTuningJob:
     return job_object(jobs.pause_job(session, team, job_id), team.id)
 
 
-@router.post("/{job_id}/resume", responses=error_responses(409))
-def resume_job(job_id: str, team: TeamDep, session: SessionDep, settings: SettingsDep) -> dict:
+@router.post("/{job_id}/resume", response_model=FineTuningJob, responses=error_responses(409))
+def resume_job(
+    job_id: str, team: TeamDep, session: SessionDep, settings: SettingsDep
+) -> FineTuningJob:
     return job_object(jobs.resume_job(session, settings, team, job_id), team.id)
 
 
 @router.get(
     "/{job_id}/events",
-    response_model=None,
+    # The JSON page; a stream's response goes out as it is (docs/api.md).
+    response_model=ListPage[FineTuningJobEvent],
     responses={
         200: {
             "content": {
-                "application/json": {},
                 # With stream=true: one message per event, then `end` (docs/api.md).
                 "text/event-stream": {"schema": SSE_MESSAGE},
             }
@@ -113,7 +124,7 @@ def list_events(
     after: EventCursor = None,
     stream: bool = False,
     last_event_id: LastEventId = None,
-) -> Response | dict:
+) -> Response | ListPage[FineTuningJobEvent]:
     if stream:
         # Oldest first from `after` (or the Last-Event-ID a reconnecting client sends),
         # then live until the job ends.
@@ -125,16 +136,16 @@ def list_events(
         session.close()
         return stream_events(request, request.app.state.sessionmaker, team_id, job_pk, cursor)
     rows, has_more = jobs.list_events(session, team, job_id, limit, after)
-    return list_envelope([event_object(e) for e in rows], has_more)
+    return list_page([event_object(e) for e in rows], has_more)
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", response_model=ListPage[FineTuningJobCheckpoint])
 def list_checkpoints(
     job_id: str,
     team: TeamDep,
     session: SessionDep,
     limit: Limit = 10,
     after: CheckpointCursor = None,
-) -> dict:
+) -> ListPage[FineTuningJobCheckpoint]:
     rows, has_more = jobs.list_checkpoints(session, team, job_id, limit, after)
-    return list_envelope([checkpoint_object(c, job_id) for c in rows], has_more)
+    return list_page([checkpoint_object(c, job_id) for c in rows], has_more)

@@ -18,6 +18,8 @@ from app.domain.quotas import Quotas, merge
 from app.domain.scheduling import TeamShare, decayed_usage
 from app.domain.workers import LIVE_STATES, WorkerState
 from app.models import Job, Team, Worker
+from app.schemas.pool import Worker as WorkerObject
+from app.schemas.pool import worker_object
 from app.services.usage import month_gpu_seconds
 
 
@@ -31,7 +33,7 @@ def shown_state(status: str, last_seen: float, at: float, settings: Settings) ->
 
 def workers_seen_by(
     session: Session, settings: Settings, team: Team, at: float | None = None
-) -> list[dict]:
+) -> list[WorkerObject]:
     """Every registered worker as a team sees it (GET /v1/workers, the dashboard's pool
     page): its state as shown_state gives it, and the job it runs only when that job is
     the team's own; another team's job shows as `busy` alone."""
@@ -42,20 +44,7 @@ def workers_seen_by(
         )
     )
     return [
-        {
-            "id": w.id,
-            "object": "worker",
-            "host": w.host,
-            "gpu_name": w.gpu_name,
-            "gpu_class": w.gpu_class,
-            "memory_gb": w.memory_gb,
-            "status": shown_state(w.status, w.last_seen, at, settings),
-            "busy": w.current_job is not None,
-            "current_job": w.current_job if w.current_job in own else None,
-            "jobs_done": w.jobs_done,
-            "started_at": w.started_at,
-            "last_seen": int(w.last_seen),
-        }
+        worker_object(w, status=shown_state(w.status, w.last_seen, at, settings), shown_jobs=own)
         for w in session.scalars(select(Worker).order_by(Worker.gpu_class, Worker.id))
     ]
 

@@ -7,6 +7,7 @@ import csv
 import io
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -14,6 +15,7 @@ from openai import OpenAI
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from tests.conftest import create_team_key
 from tests.e2e.conftest import wait_for
+from tests.openapi import schema_errors
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parents[2] / "app" / "data"
@@ -32,7 +34,9 @@ def finished(sdk: OpenAI, job_id: str):
     return job if job.status in FINAL else None
 
 
-def test_qlora_job_end_to_end(sdk: OpenAI, stack_env: dict[str, str], tmp_path: Path) -> None:
+def test_qlora_job_end_to_end(
+    sdk: OpenAI, stack_env: dict[str, str], live_api: str, tmp_path: Path
+) -> None:
     train = sdk.files.create(file=(DATA / "sample_chat.jsonl").open("rb"), purpose="fine-tune")
     valid = sdk.files.create(
         file=(DATA / "sample_chat_valid.jsonl").open("rb"), purpose="fine-tune"
@@ -65,6 +69,18 @@ def test_qlora_job_end_to_end(sdk: OpenAI, stack_env: dict[str, str], tmp_path: 
     assert stats["model"]["trainable_parameters"] > 0
     assert stats["sample"]["source"] == "validation"
     assert job.to_dict()["training"]["packing"] is True
+    # The finished job as sent, its events and checkpoints, match the served document.
+    document = httpx.get(f"{live_api}/openapi.json").json()
+    raw = sdk.fine_tuning.jobs.with_raw_response
+    for name, body in (
+        ("FineTuningJob", raw.retrieve(job.id).http_response.json()),
+        ("ListPage_FineTuningJobEvent_", raw.list_events(job.id, limit=100).http_response.json()),
+        (
+            "ListPage_FineTuningJobCheckpoint_",
+            sdk.fine_tuning.jobs.checkpoints.with_raw_response.list(job.id).http_response.json(),
+        ),
+    ):
+        assert not schema_errors(document, name, body), (name, schema_errors(document, name, body))
 
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=100))
     metrics = [e.data for e in events if e.type == "metrics"]
