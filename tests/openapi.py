@@ -1,10 +1,27 @@
-"""Checking a response body against the OpenAPI document the API serves."""
+"""The OpenAPI document the API serves, and checking a body against its schemas."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from jsonschema import Draft202012Validator
+
+
+def served_document() -> dict[str, Any]:
+    """The document of the app as create_app builds it, from settings that reach nothing
+    (building the app connects to no server)."""
+    from app.config import Settings
+    from app.main import create_app
+
+    app = create_app(
+        Settings(
+            database_url="postgresql+psycopg://spec@127.0.0.1:9/spec",
+            broker_url="redis://127.0.0.1:9/0",
+            storage_url="s3://spec/lathe",
+            scheduler_in_api=False,
+        )
+    )
+    return app.openapi()
 
 
 def component_validator(document: dict[str, Any], name: str) -> Draft202012Validator:

@@ -39,12 +39,7 @@ def team_object(team: models.Team) -> Team:
         weight=team.weight,
         disabled=team.disabled,
         created_at=team.created_at,
-        quotas=TeamQuotas(
-            max_running_jobs=team.max_running_jobs,
-            max_queued_jobs=team.max_queued_jobs,
-            max_file_bytes=team.max_file_bytes,
-            gpu_hours_per_month=team.gpu_hours_per_month,
-        ),
+        quotas=TeamQuotas.model_validate(team),  # the team's own columns
     )
 
 
@@ -65,9 +60,7 @@ class ApiKeyCreated(ApiKey):
 
 
 def key_object(key: models.ApiKey) -> ApiKey:
-    return ApiKey(
-        id=key.id, prefix=key.prefix, created_at=key.created_at, revoked_at=key.revoked_at
-    )
+    return ApiKey.model_validate(key)
 
 
 def created_key_object(key: models.ApiKey, clear: str) -> ApiKeyCreated:
@@ -85,11 +78,4 @@ class AuditEntry(ApiObject):
 
 
 def audit_object(entry: models.AuditEntry) -> AuditEntry:
-    return AuditEntry(
-        id=entry.id,
-        created_at=entry.created_at,
-        actor=entry.actor,
-        action=entry.action,
-        target=entry.target,
-        details=entry.details,
-    )
+    return AuditEntry.model_validate(entry)

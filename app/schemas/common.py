@@ -22,9 +22,12 @@ class ApiObject(BaseModel):
     """An object the API returns. Every field is always sent (a null is sent as null, never
     left out), so the document marks every field required; no field beyond the declared
     ones, so a serializer that drifts from its model fails (a 500 in tests) instead of
-    sending what the document does not say."""
+    sending what the document does not say. Fields named as a row's columns are read from
+    the row (`model_validate(row)`)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+    model_config = ConfigDict(
+        extra="forbid", from_attributes=True, json_schema_serialization_defaults_required=True
+    )
 
 
 class StoredJson(BaseModel):

@@ -17,17 +17,8 @@ class FileObject(ApiObject):
     purpose: str  # "fine-tune" (uploaded), "fine-tune-results" (a job's adapter, metrics)
     status: str
     status_details: str | None
-    expires_at: int | None  # always null: files are kept until deleted
+    expires_at: int | None = None  # always null: files are kept until deleted
 
 
 def file_object(f: models.File) -> FileObject:
-    return FileObject(
-        id=f.id,
-        bytes=f.bytes,
-        created_at=f.created_at,
-        filename=f.filename,
-        purpose=f.purpose,
-        status=f.status,
-        status_details=f.status_details,
-        expires_at=None,
-    )
+    return FileObject.model_validate(f)

@@ -197,14 +197,7 @@ class FineTuningJobEvent(ApiObject):
 
 
 def event_object(event: models.JobEvent) -> FineTuningJobEvent:
-    return FineTuningJobEvent(
-        id=event.id,
-        created_at=event.created_at,
-        level=event.level,
-        message=event.message,
-        type=event.type,
-        data=event.data,
-    )
+    return FineTuningJobEvent.model_validate(event)
 
 
 class FineTuningJobCheckpoint(ApiObject):

@@ -84,16 +84,11 @@ class WebhookCreated(Webhook):
 
 
 def webhook_object(webhook: models.Webhook) -> Webhook:
-    return Webhook(
-        id=webhook.id,
-        url=webhook.url,
-        event_types=webhook.event_types,
-        created_at=webhook.created_at,
-    )
+    return Webhook.model_validate(webhook)
 
 
 def created_webhook_object(webhook: models.Webhook) -> WebhookCreated:
-    return WebhookCreated(**webhook_object(webhook).model_dump(), secret=webhook.secret)
+    return WebhookCreated.model_validate(webhook)
 
 
 class WebhookDelivery(ApiObject):
@@ -110,19 +105,11 @@ class WebhookDelivery(ApiObject):
 
 
 def delivery_object(delivery: models.WebhookDelivery) -> WebhookDelivery:
-    return WebhookDelivery(
-        id=delivery.id,
-        event_type=delivery.event_type,
-        status=delivery.status,
-        attempts=delivery.attempts,
-        # Coarse, also for rows written before they were stored so (app.services.webhooks).
-        last_status_code=(
-            None
-            if delivery.last_status_code is None
-            else webhooks.status_class(delivery.last_status_code)
-        ),
-        last_error=webhooks.coarse_error(delivery.last_error),
-        created_at=delivery.created_at,
-        delivered_at=delivery.delivered_at,
-        payload=delivery.payload,
+    # Coarse, also for rows written before they were stored so (app.services.webhooks).
+    code, error = delivery.last_status_code, delivery.last_error
+    return WebhookDelivery.model_validate(delivery).model_copy(
+        update={
+            "last_status_code": None if code is None else webhooks.status_class(code),
+            "last_error": webhooks.coarse_error(error),
+        }
     )

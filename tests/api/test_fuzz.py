@@ -42,13 +42,14 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.config import TINY_RANDOM_LLAMA, Settings
+from app.config import TINY_RANDOM_LLAMA
 from app.db import make_engine, make_sessionmaker
 from app.main import create_app
 from app.models import Worker
 from app.services.admin import create_admin_key
 from tests.api.datasets import CHAT
 from tests.conftest import create_team_key, settings_from
+from tests.openapi import served_document
 
 MAX_EXAMPLES = int(os.environ.get("LATHE_FUZZ_EXAMPLES", "25"))
 
@@ -123,21 +124,8 @@ CHECKS = [
 ]
 
 
-def _spec() -> dict:
-    """The OpenAPI document of the app as create_app builds it, read at collection (pytest
-    makes one test per operation from it) from settings that reach nothing."""
-    app = create_app(
-        Settings(
-            database_url="postgresql+psycopg://spec@127.0.0.1:9/spec",
-            broker_url="redis://127.0.0.1:9/0",
-            storage_url="s3://spec/lathe",
-            scheduler_in_api=False,
-        )
-    )
-    return app.openapi()
-
-
-SPEC = _spec()
+# Read at collection: pytest makes one test per operation from it.
+SPEC = served_document()
 # Loaded eagerly rather than with schemathesis.pytest.from_fixture: that loader reads
 # pytest's private Node._nodeid, which pytest 9.2 no longer has (AttributeError).
 schema = schemathesis.openapi.from_dict(SPEC)

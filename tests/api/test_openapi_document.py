@@ -8,23 +8,13 @@ from typing import Any
 
 import pytest
 
-from app.config import Settings
-from app.main import create_app
 from tests.api.datasets import CHAT
-from tests.openapi import component_validator, schema_errors
+from tests.openapi import component_validator, schema_errors, served_document
 
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
-    app = create_app(
-        Settings(
-            database_url="postgresql+psycopg://spec@127.0.0.1:9/spec",
-            broker_url="redis://127.0.0.1:9/0",
-            storage_url="s3://spec/lathe",
-            scheduler_in_api=False,
-        )
-    )
-    return app.openapi()
+    return served_document()
 
 
 def _operations(document: dict[str, Any]):
