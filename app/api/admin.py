@@ -6,30 +6,29 @@ audited (app.services.admin).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import Field, StringConstraints
-from pydantic.json_schema import SkipJsonSchema
 from sqlalchemy import select
 
 from app import models
 from app.api.deps import AdminDep, SessionDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
-from app.domain.quotas import QUOTA_MAXIMA
 from app.schemas.admin import (
     ApiKey,
     ApiKeyCreated,
     AuditEntry,
     Team,
+    TeamCreate,
     TeamCreated,
+    TeamUpdate,
     audit_object,
     created_key_object,
     created_team_object,
     key_object,
     team_object,
 )
-from app.schemas.common import AuditCursor, ListPage, Period, Strict, TeamCursor, list_page
+from app.schemas.common import AuditCursor, ListPage, Period, TeamCursor, list_page
 from app.schemas.jobs import FineTuningJob, job_object
 from app.schemas.pool import UsageList, Worker, worker_object
 from app.services import admin
@@ -38,60 +37,6 @@ from app.services.usage import usage_for
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(*COMMON_ERRORS))
 CONFLICT = error_responses(409)
 Limit = Annotated[int, Query(ge=1, le=100)]
-TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-Weight = Annotated[float, Field(gt=0, le=admin.MAX_WEIGHT, allow_inf_nan=False)]
-
-
-def _at_most(name: str) -> Any:
-    """0 to the quota's maximum (app.domain.quotas.QUOTA_MAXIMA), finite: in the document
-    too, so a client learns the bounds before it sends Infinity or 1e26."""
-    return Field(ge=0, le=QUOTA_MAXIMA[name])
-
-
-class QuotasIn(Strict):
-    """A team's own limits; null (or absent on creation) takes the deployment default."""
-
-    max_running_jobs: Annotated[int, _at_most("max_running_jobs")] | None = None
-    max_queued_jobs: Annotated[int, _at_most("max_queued_jobs")] | None = None
-    max_file_bytes: Annotated[int, _at_most("max_file_bytes")] | None = None
-    gpu_hours_per_month: (
-        Annotated[float, _at_most("gpu_hours_per_month"), Field(allow_inf_nan=False)] | None
-    ) = None
-
-
-class TeamCreate(Strict):
-    name: TeamName
-    weight: Weight = 1.0
-    quotas: QuotasIn | None = None
-
-
-def _no_default(schema: dict) -> None:
-    schema.pop("default", None)
-
-
-def not_null():
-    """May be absent, but not null, says the document. A null still parses, and the service
-    refuses it (400) in the same words as a bad value."""
-    return Field(None, json_schema_extra=_no_default)
-
-
-class TeamUpdate(Strict):
-    """Fields sent are set, absent ones kept; a quota sent as null clears it."""
-
-    weight: Weight | SkipJsonSchema[None] = not_null()
-    disabled: bool | SkipJsonSchema[None] = not_null()
-    quotas: QuotasIn | None = None
-
-    def changes(self) -> dict:
-        # weight or disabled sent as null is passed on, for the service to refuse.
-        fields = {
-            name: getattr(self, name) for name in {"weight", "disabled"} & self.model_fields_set
-        }
-        if self.quotas is not None:
-            fields.update(
-                {name: getattr(self.quotas, name) for name in self.quotas.model_fields_set}
-            )
-        return fields
 
 
 @router.post("/teams", response_model=TeamCreated, responses=CONFLICT)

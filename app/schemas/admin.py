@@ -1,12 +1,72 @@
-"""The admin API's objects as it returns them: teams with their quotas, API keys, audit
-entries (the bodies it takes are beside its routes, app/api/admin.py)."""
+"""The admin API's bodies (a team created or changed, its quotas) and its objects as it
+returns them: teams with their quotas, API keys, audit entries."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 
 from app import models
-from app.schemas.common import ApiObject
+from app.domain.quotas import QUOTA_MAXIMA
+from app.schemas.common import ApiObject, Strict
+from app.services.admin import MAX_WEIGHT
+
+TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Weight = Annotated[float, Field(gt=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
+def _at_most(name: str) -> Any:
+    """0 to the quota's maximum (app.domain.quotas.QUOTA_MAXIMA), finite: in the document
+    too, so a client learns the bounds before it sends Infinity or 1e26."""
+    return Field(ge=0, le=QUOTA_MAXIMA[name])
+
+
+class QuotasIn(Strict):
+    """A team's own limits; null (or absent on creation) takes the deployment default."""
+
+    max_running_jobs: Annotated[int, _at_most("max_running_jobs")] | None = None
+    max_queued_jobs: Annotated[int, _at_most("max_queued_jobs")] | None = None
+    max_file_bytes: Annotated[int, _at_most("max_file_bytes")] | None = None
+    gpu_hours_per_month: (
+        Annotated[float, _at_most("gpu_hours_per_month"), Field(allow_inf_nan=False)] | None
+    ) = None
+
+
+class TeamCreate(Strict):
+    name: TeamName
+    weight: Weight = 1.0
+    quotas: QuotasIn | None = None
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
+def not_null():
+    """May be absent, but not null, says the document. A null still parses, and the service
+    refuses it (400) in the same words as a bad value."""
+    return Field(None, json_schema_extra=_no_default)
+
+
+class TeamUpdate(Strict):
+    """Fields sent are set, absent ones kept; a quota sent as null clears it."""
+
+    weight: Weight | SkipJsonSchema[None] = not_null()
+    disabled: bool | SkipJsonSchema[None] = not_null()
+    quotas: QuotasIn | None = None
+
+    def changes(self) -> dict:
+        # weight or disabled sent as null is passed on, for the service to refuse.
+        fields = {
+            name: getattr(self, name) for name in {"weight", "disabled"} & self.model_fields_set
+        }
+        if self.quotas is not None:
+            fields.update(
+                {name: getattr(self.quotas, name) for name in self.quotas.model_fields_set}
+            )
+        return fields
 
 
 class TeamQuotas(ApiObject):
