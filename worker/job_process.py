@@ -1,6 +1,7 @@
-"""`python -m worker.job_process JOB_ID [ATTEMPT]`: train and publish one already-claimed job in a
-process of its own (see worker.job_runner.run_job's `isolate`). Settings come from the
-LATHE_* environment the worker passed down."""
+"""`python -m worker.job_process JOB_ID [ATTEMPT]`: the job process's entry point. Trains and
+publishes one job the worker already claimed (worker.job_training), in a process of its
+own that its supervisor (worker.job_runner.supervise) watches and may kill. Settings come
+from the LATHE_* environment the worker passed down."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from app.db import make_engine, make_sessionmaker
 from app.lifetime import PARENT_PID_ENV, die_with_parent
 from app.logs import configure_logging, set_process_fields
 from app.models import Job, Team
-from worker.job_runner import train_or_fail, worker_id
+from worker.job_training import train_or_fail
+from worker.registry import worker_id
 
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/job] %(message)s"  # LATHE_LOG_FORMAT=text
 

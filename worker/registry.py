@@ -1,8 +1,8 @@
 """The worker's row in the pool registry: what it is, a heartbeat, and drain handling.
 
 The Celery parent process registers at start, beats every `heartbeat_seconds` from a
-thread, and marks itself stopped at shutdown. The job's child process shows its job on
-the row (app.services.lifecycle.claim). An operator's drain is seen on the next
+thread, and marks itself stopped at shutdown. The task's claim shows its job on the row
+(app.services.lifecycle.claim). An operator's drain is seen on the next
 beat: the worker stops consuming its class queue, finishes the job it has, then shows
 `drained`.
 """
@@ -84,6 +84,11 @@ def resolve_hardware(settings: Settings) -> Hardware:
         settings.worker_gpu_class or found.gpu_class,
         settings.worker_memory_gb or found.memory_gb,
     )
+
+
+def worker_id() -> str:
+    """The registry id of the worker this process serves (set by the worker's parent)."""
+    return os.environ.get("LATHE_WORKER_ID") or socket.gethostname()
 
 
 def default_worker_id(gpu_class: str) -> str:

@@ -1,4 +1,4 @@
-"""Celery tasks: thin shells over worker.job_runner."""
+"""Celery tasks: thin shells over worker.job_runner (claim -> supervise -> release)."""
 
 from __future__ import annotations
 

@@ -128,6 +128,17 @@ def claim(session: Session, job: Job, *, worker: str, token: int | None) -> bool
     return claimed
 
 
+def lease(worker: str, attempt: int) -> tuple:
+    """Conditions every write about a claimed job carries: it is still running, on this
+    worker, in this attempt. A run that lost its job (its worker was declared lost and the
+    job re-claimed elsewhere) can no longer fail, publish or annotate it."""
+    return (
+        Job.status == JobStatus.RUNNING.value,
+        Job.worker == worker,
+        Job.attempt == attempt,
+    )
+
+
 def requeue(
     session: Session, job: Job, reason: str, *, at: float | None = None, counts: bool = True
 ) -> bool:

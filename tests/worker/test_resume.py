@@ -26,7 +26,8 @@ from app.services.files import store_upload
 from app.services.jobs import create_job, pause_job, resume_job
 from app.services.teams import create_team
 from app.storage import ObjectStore, open_store
-from worker import job_runner
+from worker import job_training
+from worker.job_hooks import JobHooks
 from worker.job_runner import run_job
 from worker.training.data import load_examples, load_tokenizer
 
@@ -70,22 +71,15 @@ def store(settings: Settings) -> ObjectStore:
 
 def pause_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Pause the job through the API's service once the worker reports `step`'s metrics."""
-    real_hooks = job_runner._hooks
 
-    def hooks(job, settings, sessions, *rest):
-        hooks = real_hooks(job, settings, sessions, *rest)
-        report = hooks.on_metrics
-
-        def on_metrics(row: dict) -> None:
-            report(row)
+    class PausingHooks(JobHooks):
+        def on_metrics(self, row: dict) -> None:
+            super().on_metrics(row)
             if row["step"] == step:
-                with sessions() as session:
-                    pause_job(session, session.get_one(Team, job.team_pk), job.id)
+                with self.sessions() as session:
+                    pause_job(session, session.get_one(Team, self.job.team_pk), self.job.id)
 
-        hooks.on_metrics = on_metrics
-        return hooks
-
-    monkeypatch.setattr(job_runner, "_hooks", hooks)
+    monkeypatch.setattr(job_training, "JobHooks", PausingHooks)
 
 
 def events(session: Session, job: Job) -> list[JobEvent]:

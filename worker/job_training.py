@@ -1,0 +1,197 @@
+"""A claimed job's training, in its own process (worker.job_process): fetch its data,
+resume from its last checkpoint, train (worker.training.run), publish the adapter.
+
+Any error fails the job with its cause. Every write carries the job's lease (the worker
+and attempt that claimed it), so a run that lost its job can no longer touch it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.compat import tarfile  # filter="data" on Python 3.11.2 too
+from app.config import Settings
+from app.db import retry_db
+from app.domain.jobs import JobStatus
+from app.models import Checkpoint, File, Job, JobEvent
+from app.services import lifecycle
+from app.services.events import add_event
+from app.storage import ObjectStore, open_store
+from worker.job_hooks import JobHooks
+from worker.model_cache import BaseModelUnavailable, resolve_base_model
+from worker.publish import publish
+from worker.training.spec import Levers, LoraSpec, QuantSpec, TrainingDataError, TrainingSpec
+
+log = logging.getLogger(__name__)
+
+
+def train_or_fail(
+    job_id: str, settings: Settings, sessions: sessionmaker[Session], attempt: int | None = None
+) -> str:
+    """Train and publish a claimed job; any error fails it with the cause."""
+    with sessions() as session:
+        worker, current = session.execute(
+            select(Job.worker, Job.attempt).where(Job.id == job_id)
+        ).one()
+    if attempt is not None and attempt != current:
+        return "stale"  # re-claimed by another attempt before this process started
+    fence = lifecycle.lease(worker, current)
+    store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    try:
+        return _train_and_publish(job_id, settings, sessions, store, fence)
+    except TrainingDataError as exc:  # the data, not the worker: say what to change
+        fail_run(sessions, job_id, exc.code, str(exc), fence)
+        return "failed"
+    except BaseModelUnavailable as exc:
+        fail_run(sessions, job_id, "base_model_unavailable", str(exc), fence)
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        fail_run(sessions, job_id, "training_failed", f"{type(exc).__name__}: {exc}", fence)
+        return "failed"
+
+
+@retry_db
+def fail_run(
+    sessions: sessionmaker[Session], job_id: str, code: str, message: str, fence: tuple
+) -> None:
+    """Fail the run's job with `code` and `message`, unless it no longer holds the job."""
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        lifecycle.fail(session, job, code, message[:1000], guard=fence)
+        session.commit()
+
+
+def _train_and_publish(
+    job_id: str,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    fence: tuple,
+) -> str:
+    from worker.training.run import run_training  # torch is imported from here on
+
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id))
+        files = {
+            f.id: f
+            for f in session.scalars(
+                select(File).where(File.id.in_([job.training_file, job.validation_file or ""]))
+            )
+        }
+        team_name = job.team.name
+        # An earlier attempt's last checkpoint (a pause, later a crash): continue from it.
+        latest = session.execute(
+            select(Checkpoint.step_number, Checkpoint.storage_key)
+            .where(Checkpoint.job_pk == job.pk)
+            .order_by(Checkpoint.step_number.desc(), Checkpoint.pk.desc())
+            .limit(1)
+        ).first()
+    with tempfile.TemporaryDirectory(prefix=f"lathe-{job_id}-") as tmp:
+        workdir = Path(tmp)
+        train_path = workdir / "train.jsonl"
+        store.get_file(files[job.training_file].storage_key, train_path)
+        valid_path = None
+        if job.validation_file:
+            valid_path = workdir / "valid.jsonl"
+            store.get_file(files[job.validation_file].storage_key, valid_path)
+        spec = _training_spec(job, settings, train_path, valid_path, workdir / "run")
+        resumed_at = 0
+        if latest is not None:
+            checkpoint_dir = _fetch_checkpoint(store, latest.storage_key, workdir / "resume")
+            if (checkpoint_dir / "trainer_state.json").is_file():
+                resumed_at = latest.step_number
+                spec = dataclasses.replace(spec, resume_from=checkpoint_dir)
+                message = f"Resuming from checkpoint at step {resumed_at}"
+            else:  # an adapter-only checkpoint, from before checkpoints were resumable
+                message = f"Checkpoint at step {latest.step_number} is not resumable; starting over"
+            with sessions() as session:
+                add_event(session, job.pk, message)
+                session.commit()
+        model_name = f"ft:{job.model}:{team_name}:{job.suffix or ''}:{job.id.split('-')[1][:8]}"
+        hooks = JobHooks(job, settings, sessions, store, model_name, fence)
+        result = run_training(spec, hooks.training_hooks())
+        if result.stopped:  # cancelled or paused: nothing is published
+            with sessions() as session:
+                status = session.scalar(select(Job.status).where(Job.id == job_id))
+                if status == JobStatus.PAUSED:
+                    add_event(session, job.pk, f"Paused at step {result.step}; checkpoint kept")
+                    session.commit()
+                return status or "missing"
+        if resumed_at:  # the metrics file covers the whole run, not only this attempt
+            earlier = _metrics_up_to(sessions, job.pk, resumed_at)
+            result = dataclasses.replace(result, metrics=earlier + result.metrics)
+        return publish(job, sessions, store, result, workdir, model_name, fence)
+
+
+def _fetch_checkpoint(store: ObjectStore, key: str, target: Path) -> Path:
+    """Download and unpack a checkpoint tarball (flat: a Trainer checkpoint directory)."""
+    target.mkdir(parents=True)
+    archive = target.parent / f"{target.name}.tar.gz"
+    store.get_file(key, archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(target, filter="data")  # no absolute paths, links out or devices
+    archive.unlink()
+    return target
+
+
+def _metrics_up_to(sessions: sessionmaker[Session], job_pk: int, step: int) -> list[dict]:
+    """The job's metrics rows up to `step`, from earlier attempts' events (the latest row
+    of each step wins, should an attempt have run past its last checkpoint)."""
+    with sessions() as session:
+        rows = session.scalars(
+            select(JobEvent.data)
+            .where(JobEvent.job_pk == job_pk, JobEvent.type == "metrics")
+            .order_by(JobEvent.pk)
+        )
+        by_step = {row["step"]: row for row in rows if row and row["step"] <= step}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _training_spec(
+    job: Job, settings: Settings, train: Path, valid: Path | None, output: Path
+) -> TrainingSpec:
+    base = settings.base_model(job.model)
+    if base is None:
+        raise ValueError(f"base model {job.model!r} is no longer configured")
+    base_path = resolve_base_model(base, settings)
+    hp = job.hyperparameters
+    return TrainingSpec(
+        base_model_path=base_path,
+        chat_template=base.chat_template,
+        data_format=job.data_format or "chat",
+        train_file=train,
+        valid_file=valid,
+        output_dir=output,
+        n_epochs=hp["n_epochs"],
+        batch_size=hp["batch_size"],
+        learning_rate=base.learning_rate * hp["learning_rate_multiplier"],
+        max_seq_length=job.max_seq_length,
+        seed=job.seed,
+        lora=LoraSpec(
+            r=job.lora["r"],
+            alpha=job.lora["alpha"],
+            dropout=job.lora["dropout"],
+            target_modules=tuple(job.lora["target_modules"]),
+        ),
+        quant=QuantSpec(**job.quantization),
+        levers=_levers(job.training or {}),
+        device=settings.device,
+        checkpoint_steps=settings.checkpoint_every_steps,
+        checkpoint_seconds=settings.checkpoint_every_seconds,
+    )
+
+
+def _levers(training: dict) -> Levers:
+    """The job's TrainingIn (stored as JSON) as the trainer's Levers; absent keys default."""
+    known = {f.name for f in dataclasses.fields(Levers)}
+    values = {k: v for k, v in training.items() if k in known}
+    if values.get("gradient_checkpointing") == "auto":
+        values["gradient_checkpointing"] = None
+    return Levers(**values)
