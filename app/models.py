@@ -118,9 +118,10 @@ class Job(Base):
     error: Mapped[dict | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(200))
     # Claims by a worker (pause/resume and re-queues included); the fencing of a run's
-    # writes (worker.job_runner.lease).
+    # writes (app.services.lifecycle.lease).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    # Workers lost, stopped or restarted while running the job; the third fails it.
+    # Workers lost or restarted while running the job (a stop on purpose is not counted);
+    # the third fails it.
     worker_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Scheduling: priority within the team, the class asked for (NULL: any that fits),
     # the memory estimate, and the dispatch (late: only when a slot of the class is free).

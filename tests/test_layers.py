@@ -103,6 +103,7 @@ WORKER_MAY_IMPORT = frozenset(
         "app.services.lifecycle",
         "app.services.events",  # progress events of a running job; no state change
         "app.services.usage",  # GPU-seconds metering
+        "app.services.training_metrics",  # earlier attempts' metrics rows, read only
         "app.models",
         "app.storage",
         "app.db",

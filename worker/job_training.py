@@ -19,9 +19,10 @@ from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import Settings
 from app.db import retry_db
 from app.domain.jobs import JobStatus
-from app.models import Checkpoint, File, Job, JobEvent
+from app.models import Checkpoint, File, Job
 from app.services import lifecycle
 from app.services.events import add_event
+from app.services.training_metrics import metrics_rows_up_to
 from app.storage import ObjectStore, open_store
 from worker.job_hooks import JobHooks
 from worker.model_cache import BaseModelUnavailable, resolve_base_model
@@ -125,7 +126,8 @@ def _train_and_publish(
                     session.commit()
                 return status or "missing"
         if resumed_at:  # the metrics file covers the whole run, not only this attempt
-            earlier = _metrics_up_to(sessions, job.pk, resumed_at)
+            with sessions() as session:
+                earlier = metrics_rows_up_to(session, job.pk, resumed_at)
             result = dataclasses.replace(result, metrics=earlier + result.metrics)
         return publish(job, sessions, store, result, workdir, model_name, fence)
 
@@ -139,19 +141,6 @@ def _fetch_checkpoint(store: ObjectStore, key: str, target: Path) -> Path:
         tar.extractall(target, filter="data")  # no absolute paths, links out or devices
     archive.unlink()
     return target
-
-
-def _metrics_up_to(sessions: sessionmaker[Session], job_pk: int, step: int) -> list[dict]:
-    """The job's metrics rows up to `step`, from earlier attempts' events (the latest row
-    of each step wins, should an attempt have run past its last checkpoint)."""
-    with sessions() as session:
-        rows = session.scalars(
-            select(JobEvent.data)
-            .where(JobEvent.job_pk == job_pk, JobEvent.type == "metrics")
-            .order_by(JobEvent.pk)
-        )
-        by_step = {row["step"]: row for row in rows if row and row["step"] <= step}
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _training_spec(

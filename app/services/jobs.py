@@ -28,7 +28,6 @@ from app.models import Checkpoint, File, Job, JobEvent, Team, Worker
 from app.schemas import JobCreate, QuantizationIn, TrainingIn
 from app.services import lifecycle
 from app.services.events import add_event
-from app.services.lifecycle import transition  # noqa: F401  (tests/api/test_metrics.py)
 from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
 from app.services.pool import online_classes, pool_classes, team_quotas

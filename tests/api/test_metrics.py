@@ -24,7 +24,7 @@ from app.domain.jobs import JobStatus
 from app.logs import bind, log_context, make_handler
 from app.main import create_app
 from app.models import Job, Worker
-from app.services.jobs import transition
+from app.services.lifecycle import transition
 from app.services.usage import record_gpu_seconds
 from tests.api.datasets import CHAT
 from tests.conftest import create_team_key, settings_from
