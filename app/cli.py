@@ -238,7 +238,7 @@ def create_admin_key(name: str) -> None:
     """Create an admin key for /v1/admin and print it (shown once) as the last line."""
     from app.db import make_engine, make_sessionmaker
     from app.errors import APIError
-    from app.services.admin import create_admin_key as create
+    from app.services.admin_keys import create_admin_key as create
 
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)

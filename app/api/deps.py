@@ -12,7 +12,7 @@ from app.errors import Forbidden, Unauthorized
 from app.http_deps import SessionDep, SettingsDep, StoreDep  # noqa: F401 (the routes' import)
 from app.logs import bind
 from app.models import AdminKey, Team
-from app.services.admin import admin_for_key
+from app.services.admin_keys import admin_for_key
 from app.services.idempotency import KEY_PATTERN
 from app.services.teams import bearer_key, team_for_key
 

@@ -11,7 +11,7 @@ from pydantic.json_schema import SkipJsonSchema
 from app import models
 from app.domain.quotas import QUOTA_MAXIMA
 from app.schemas.common import ApiObject, Strict
-from app.services.admin import MAX_WEIGHT
+from app.services.team_admin import MAX_WEIGHT
 
 TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Weight = Annotated[float, Field(gt=0, le=MAX_WEIGHT, allow_inf_nan=False)]

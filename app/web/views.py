@@ -20,7 +20,7 @@ from app.errors import APIError, Conflict
 from app.http_deps import SessionDep, SettingsDep, StoreDep
 from app.services import files as files_service
 from app.services import jobs as jobs_service
-from app.services.admin import admin_for_key
+from app.services.admin_keys import admin_for_key
 from app.services.events import timeline
 from app.services.pool import team_quotas, workers_seen_by
 from app.services.queue_view import job_position, queue_summary, team_queue

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from app.cli import app as cli
 from app.config import get_settings
 from app.models import Worker
-from app.services.admin import create_admin_key
+from app.services.admin_keys import create_admin_key
 from tests.api.conftest import TeamClient
 from tests.api.datasets import CHAT
 
@@ -238,9 +238,9 @@ def test_quota_and_weight_bounds_are_in_the_document(api) -> None:
 
 
 def test_the_service_refuses_the_same_bounds(sessions, team) -> None:
-    """The check behind the schema (app.services.admin), for callers that skip it."""
+    """The check behind the schema (app.services.team_admin), for callers that skip it."""
     from app.errors import BadRequest
-    from app.services import admin as service
+    from app.services import team_admin as service
 
     with sessions() as session:
         caller, _ = create_admin_key(session, f"bounds-{uuid.uuid4().hex[:6]}")

@@ -148,7 +148,7 @@ def test_a_bad_key_shows_an_error_and_sets_no_cookie(api, key, status, message) 
 
 
 def test_an_admin_key_is_refused_with_a_hint(api, sessions) -> None:
-    from app.services.admin import create_admin_key
+    from app.services.admin_keys import create_admin_key
 
     with sessions() as session:
         _, key = create_admin_key(session, f"ops-{uuid.uuid4().hex[:6]}")

@@ -46,7 +46,7 @@ from app.config import TINY_RANDOM_LLAMA
 from app.db import make_engine, make_sessionmaker
 from app.main import create_app
 from app.models import Worker
-from app.services.admin import create_admin_key
+from app.services.admin_keys import create_admin_key
 from tests.api.datasets import CHAT
 from tests.conftest import create_team_key, settings_from
 from tests.openapi import served_document

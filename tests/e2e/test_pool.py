@@ -13,7 +13,7 @@ import pytest
 
 from app.db import make_engine, make_sessionmaker
 from app.migrate import upgrade
-from app.services.admin import create_admin_key
+from app.services.admin_keys import create_admin_key
 from tests.conftest import create_team_key, serve_in_thread
 from tests.e2e.conftest import (
     LARGE,
