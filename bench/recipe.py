@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from worker.training.data import IGNORE_INDEX, load_examples, load_tokenizer
-from worker.training.model import add_lora
+from worker.training.qlora_model import add_lora
 from worker.training.spec import LoraSpec
 
 MAX_LENGTH = 512

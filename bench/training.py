@@ -98,7 +98,7 @@ def eval_loss(config: dict, adapter_dir: Path | None) -> float:
     from peft import PeftModel
 
     from worker.training.data import IGNORE_INDEX, load_examples, load_tokenizer
-    from worker.training.model import load_quantized_base
+    from worker.training.qlora_model import load_quantized_base
     from worker.training.spec import QuantSpec
 
     device = config["device"]

@@ -10,7 +10,7 @@ from transformers import ByT5Tokenizer
 
 from app.config import DEFAULT_CHAT_TEMPLATE
 from worker.training.data import IGNORE_INDEX, make_collator, micro_batch_size, tokenize_chat
-from worker.training.model import add_lora, load_quantized_base
+from worker.training.qlora_model import add_lora, load_quantized_base
 from worker.training.spec import LoraSpec, QuantSpec
 from worker.training.tiny_model import ensure_tiny_random_llama
 

@@ -41,7 +41,7 @@ from worker.training.figures import (
     throughput_summary,
     token_summary,
 )
-from worker.training.model import (
+from worker.training.qlora_model import (
     add_lora,
     load_quantized_base,
     parameter_counts,

@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
+from app.domain.jobs import JobStatus
 from app.errors import NotFound
 from app.models import Job
 from app.schemas.jobs import Model, ModelList
@@ -18,7 +19,7 @@ def _all_models(session: SessionDep, settings: SettingsDep, team: TeamDep) -> li
     base = [Model(id=m.name, created=0, owned_by="lathe") for m in settings.base_models]
     tuned = session.execute(
         select(Job.fine_tuned_model, Job.finished_at)
-        .where(Job.team_pk == team.pk, Job.status == "succeeded")
+        .where(Job.team_pk == team.pk, Job.status == JobStatus.SUCCEEDED.value)
         .order_by(Job.pk.desc())
     )
     return base + [
