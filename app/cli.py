@@ -156,7 +156,7 @@ def worker(
     get_settings.cache_clear()
     settings = get_settings()
 
-    from app.queue import class_queue
+    from app.broker import class_queue
     from worker.registry import default_worker_id, resolve_hardware
 
     hardware = resolve_hardware(settings)

@@ -9,9 +9,9 @@ import logging
 import threading
 import time
 
+from app.broker import make_celery
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
-from app.queue import make_celery
 from app.services.files import sweep_orphans
 from app.services.scheduler import schedule_once
 from app.services.webhooks import deliver_due, sender_client

@@ -112,7 +112,7 @@ WORKER_MAY_IMPORT = frozenset(
         "app.compat",
         "app.lifetime",
         "app.logs",
-        "app.queue",  # the Celery task name and queue names the worker consumes
+        "app.broker",  # the Celery task name and queue names the worker consumes
     }
 )
 

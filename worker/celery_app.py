@@ -1,4 +1,4 @@
-"""The worker's Celery app: the shared configuration from app.queue, the tasks, and the
+"""The worker's Celery app: the shared configuration from app.broker, the tasks, and the
 registry heartbeat wired to the worker's start and shutdown signals."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 
 from celery.signals import worker_ready, worker_shutdown
 
+from app.broker import class_queue, make_celery
 from app.config import get_settings
-from app.queue import class_queue, make_celery
 
 celery = make_celery(get_settings())
 celery.conf.update(include=["worker.tasks"])

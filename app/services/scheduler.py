@@ -20,12 +20,12 @@ from celery import Celery
 from sqlalchemy import case, func, or_, select, text, true
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import send_training_task, tasks_in_broker
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
 from app.domain.scheduling import QueuedJob, plan_dispatch
 from app.models import Job, Team, Worker
-from app.queue import send_training_task, tasks_in_broker
 from app.services import lifecycle
 from app.services.idempotency import purge_expired
 from app.services.pool import free_slots, pool_classes, team_shares

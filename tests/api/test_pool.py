@@ -13,9 +13,9 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
+from app.broker import class_queue, make_celery
 from app.db import make_engine, make_sessionmaker
 from app.models import Job, JobEvent, Team, Worker
-from app.queue import class_queue, make_celery
 from app.services.admin_keys import create_admin_key
 from app.services.scheduler import schedule_once
 from app.services.usage import record_gpu_seconds
