@@ -198,8 +198,8 @@ def worker(
 @app.command()
 def scheduler() -> None:
     """Run the scheduler: dispatch queued jobs to free GPU slots, fairly; mark lost workers."""
+    from app.background import run_forever
     from app.logs import configure_logging
-    from app.scheduler_loop import run_forever
 
     configure_logging(get_settings().log_format)
     run_forever(get_settings())

@@ -11,13 +11,13 @@ from fastapi import FastAPI
 from app.api import admin, base_models, files, health, jobs, pool, webhooks
 from app.api.error_handlers import install_error_handlers
 from app.api.event_stream import EventHub
+from app.background import SchedulerThread
 from app.broker import make_celery
 from app.config import Settings, get_settings
 from app.db import API_CONNECTIONS, API_THREADS, make_engine, make_sessionmaker
 from app.logs import RequestContextMiddleware
 from app.metrics import install_metrics
 from app.ratelimit import RateLimitMiddleware
-from app.scheduler_loop import SchedulerThread
 from app.storage import open_store
 from app.web import install_page_handlers
 from app.web import router as dashboard

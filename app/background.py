@@ -1,6 +1,7 @@
-"""The scheduler as a long-running loop: a thread in the API process, or `lathe scheduler`.
+"""The background loops of the API process (or of `lathe scheduler`): a scheduler pass
+(app.services.scheduler.schedule_once) every interval, and the sweep of orphaned uploads.
 
-Beside it, a second thread sends webhook deliveries, so a slow receiver never holds up
+Beside them, a second thread sends webhook deliveries, so a slow receiver never holds up
 scheduling."""
 
 from __future__ import annotations
