@@ -3,7 +3,7 @@
 The database is the truth. The claim is a guarded move (queued -> running,
 app.services.lifecycle.claim) fenced by the dispatch token the scheduler put in the task,
 so a second or stale delivery of a task is a no-op. Training runs in a process of its own
-(worker.job_process, then worker.job_training); this side watches the job's lease while
+(worker.job_process, then worker.job_training); this side watches the run's fence while
 it runs, kills a process that does not stop after a cancel or pause, fails the job if the
 process dies, and at the end meters the job's GPU seconds and frees the worker's slot.
 """
@@ -26,6 +26,7 @@ from app.logs import bind, log_context
 from app.models import Job
 from app.services import lifecycle
 from worker.registry import worker_id
+from worker.run_outcome import MISSING, skipped
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,12 @@ def _run_job(job_id: str, settings: Settings, token: int | None, isolate: bool) 
         with sessions() as session:  # claim
             job = session.scalar(select(Job).where(Job.id == job_id))
             if job is None:
-                return "missing"
+                return MISSING
             bind(team_id=job.team.id)
             attempt = job.attempt + 1
             if not lifecycle.claim(session, job, worker=me, token=token):
                 session.rollback()  # cancelled or paused meanwhile, or a stale delivery
-                return f"skipped ({job.status})"
+                return skipped(job.status)
             session.commit()
         started = time.monotonic()
         try:
@@ -83,7 +84,7 @@ def supervise(
     """Train in `python -m worker.job_process`; if the job is cancelled or paused and the
     process has not stopped on its own within the grace period (it polls every step), it
     is killed so the GPU is freed whatever state training is in."""
-    fence = lifecycle.lease(me, attempt)
+    fence = lifecycle.run_fence(me, attempt)
     proc = subprocess.Popen(  # it dies with this process (app/lifetime.py)
         [sys.executable, "-m", "worker.job_process", job_id, str(attempt)], env=child_env()
     )
@@ -111,8 +112,8 @@ def supervise(
             else f"exited with status {proc.returncode}"
         )
         fail_died(sessions, job_id, f"the training process {how}", fence)
-        return "failed"
-    return status or "missing"
+        return JobStatus.FAILED
+    return status or MISSING
 
 
 @retry_db
@@ -120,7 +121,7 @@ def fail_died(sessions: sessionmaker[Session], job_id: str, message: str, fence:
     """The training process died without ending the job: fail it with how it died."""
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id))
-        lifecycle.fail(session, job, "training_process_died", message, guard=fence)
+        lifecycle.fail(session, job, "training_process_died", message, fence=fence)
         session.commit()
 
 

@@ -1,7 +1,7 @@
 """A claimed job's training, in its own process (worker.job_process): fetch its data,
 resume from its last checkpoint, train (worker.training.run), publish the adapter.
 
-Any error fails the job with its cause. Every write carries the job's lease (the worker
+Any error fails the job with its cause. Every write carries the run's fence (the worker
 and attempt that claimed it), so a run that lost its job can no longer touch it.
 """
 
@@ -27,6 +27,7 @@ from app.storage import ObjectStore, open_store
 from worker.job_hooks import JobHooks
 from worker.model_cache import BaseModelUnavailable, resolve_base_model
 from worker.publish import publish
+from worker.run_outcome import MISSING, STALE
 from worker.training.spec import Levers, LoraSpec, QuantSpec, TrainingDataError, TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -41,21 +42,21 @@ def train_or_fail(
             select(Job.worker, Job.attempt).where(Job.id == job_id)
         ).one()
     if attempt is not None and attempt != current:
-        return "stale"  # re-claimed by another attempt before this process started
-    fence = lifecycle.lease(worker, current)
+        return STALE  # re-claimed by another attempt before this process started
+    fence = lifecycle.run_fence(worker, current)
     store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
     try:
         return _train_and_publish(job_id, settings, sessions, store, fence)
     except TrainingDataError as exc:  # the data, not the worker: say what to change
         fail_run(sessions, job_id, exc.code, str(exc), fence)
-        return "failed"
+        return JobStatus.FAILED
     except BaseModelUnavailable as exc:
         fail_run(sessions, job_id, "base_model_unavailable", str(exc), fence)
-        return "failed"
+        return JobStatus.FAILED
     except Exception as exc:
         log.exception("job %s failed", job_id)
         fail_run(sessions, job_id, "training_failed", f"{type(exc).__name__}: {exc}", fence)
-        return "failed"
+        return JobStatus.FAILED
 
 
 @retry_db
@@ -65,7 +66,7 @@ def fail_run(
     """Fail the run's job with `code` and `message`, unless it no longer holds the job."""
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id))
-        lifecycle.fail(session, job, code, message[:1000], guard=fence)
+        lifecycle.fail(session, job, code, message[:1000], fence=fence)
         session.commit()
 
 
@@ -124,7 +125,7 @@ def _train_and_publish(
                 if status == JobStatus.PAUSED:
                     add_event(session, job.pk, f"Paused at step {result.step}; checkpoint kept")
                     session.commit()
-                return status or "missing"
+                return status or MISSING
         if resumed_at:  # the metrics file covers the whole run, not only this attempt
             with sessions() as session:
                 earlier = metrics_rows_up_to(session, job.pk, resumed_at)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.db import retry_db
 from app.domain.ids import new_id
+from app.domain.jobs import JobStatus
 from app.models import File, Job
 from app.services import lifecycle
 from app.storage import ObjectStore, file_key
@@ -59,15 +60,15 @@ def publish(
             model_name=model_name,
             trained_tokens=result.trained_tokens,
             result_files=[r.id for r in records],
-            guard=fence,
+            fence=fence,
         )
         if not done:  # cancelled while the results were uploading: publish nothing
             session.rollback()
             for record in records:
                 store.delete(record.storage_key)
-            return "cancelled"
+            return JobStatus.CANCELLED
         session.commit()
-    return "succeeded"
+    return JobStatus.SUCCEEDED
 
 
 def tar_directory(directory: Path, archive: Path) -> None:

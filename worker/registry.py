@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.domain.jobs import JobStatus
+from app.domain.workers import WorkerState
 from app.models import Job, Worker, now
 from app.services import lifecycle
 
@@ -125,7 +126,7 @@ class Heartbeat:
             row.gpu_name = self.hardware.gpu_name
             row.gpu_class = self.hardware.gpu_class
             row.memory_gb = self.hardware.memory_gb
-            row.status = "active"
+            row.status = WorkerState.ACTIVE
             row.current_job = None
             row.started_at = now()
             row.last_seen = time.time()
@@ -155,14 +156,16 @@ class Heartbeat:
                 self.register()
                 return
             row.last_seen = time.time()
-            if row.status == "lost":  # we were silent too long but are alive: back in
-                row.status = "active"
-            if row.status in ("draining", "drained"):
+            if row.status == WorkerState.LOST:  # we were silent too long but are alive: back in
+                row.status = WorkerState.ACTIVE
+            if row.status in (WorkerState.DRAINING, WorkerState.DRAINED):
                 if not self.draining:
                     self.draining = True
                     self.on_drain()
-                row.status = "drained" if row.current_job is None else "draining"
-            elif self.draining and row.status == "active":  # an operator undrained us
+                row.status = (
+                    WorkerState.DRAINED if row.current_job is None else WorkerState.DRAINING
+                )
+            elif self.draining and row.status == WorkerState.ACTIVE:  # an operator undrained us
                 self.draining = False
                 self.on_drain(resume=True)
             session.commit()
@@ -180,6 +183,6 @@ class Heartbeat:
             session.execute(
                 update(Worker)
                 .where(Worker.id == self.worker_id)
-                .values(status="stopped", last_seen=time.time())
+                .values(status=WorkerState.STOPPED, last_seen=time.time())
             )
             session.commit()

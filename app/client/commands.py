@@ -14,7 +14,7 @@ from app.client.files import files_app
 from app.client.http import APIError, LatheClient, handles_errors
 from app.client.jobs import jobs_app
 from app.client.options import ApiKey, ApiUrl, Json
-from app.client.render import make_console, print_json
+from app.client.render import WORKER_STYLE, make_console, print_json
 from app.formatting import duration, when
 
 __all__ = ["files_app", "jobs_app", "login", "usage", "workers"]
@@ -68,9 +68,7 @@ def workers(json_: Json = False, api_url: ApiUrl = None, api_key: ApiKey = None)
     table = Table("worker", "GPU class", "GPU", "memory", "status", "job", "jobs done", "last seen")
     for w in page["data"]:
         job = w.get("current_job") or ("busy" if w.get("busy") else "-")
-        status = {"active": "green", "lost": "red", "draining": "yellow", "drained": "yellow"}.get(
-            w["status"], "white"
-        )
+        status = WORKER_STYLE.get(w["status"], "white")
         table.add_row(
             w["id"],
             w["gpu_class"],

@@ -19,6 +19,7 @@ from app.client.options import ApiKey, ApiUrl, Json
 from app.client.render import job_panel, jobs_table, make_console, print_json, status_text
 from app.client.watch import watch_job
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
+from app.domain.jobs import JobStatus
 from app.formatting import size
 
 jobs_app = typer.Typer(help="Create, follow and manage fine-tuning jobs.", no_args_is_help=True)
@@ -181,7 +182,7 @@ def get(
             print_json(job)
             return
         queue = None
-        if job["status"] in ("queued", "running"):
+        if job["status"] in (JobStatus.QUEUED, JobStatus.RUNNING):
             queue = client.get(f"/v1/fine_tuning/jobs/{job_id}/queue")
     make_console().print(job_panel(job, queue))
 
@@ -286,7 +287,7 @@ def download(
     console = make_console(stderr=True)
     with LatheClient.from_options(api_url, api_key) as client:
         job = client.get(f"/v1/fine_tuning/jobs/{job_id}")
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             raise ClientError(f"{job_id} is {job['status']}; only a succeeded job has an adapter")
         records = [client.get(f"/v1/files/{fid}") for fid in job.get("result_files") or []]
         adapter = next((r for r in records if r["filename"] == ADAPTER), None)

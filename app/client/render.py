@@ -14,16 +14,24 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from app.domain.jobs import JobStatus
+from app.domain.workers import WorkerState
 from app.formatting import duration, number, when
 
 STATUS_STYLE = {
-    "validating_files": "cyan",
-    "queued": "cyan",
-    "running": "blue",
-    "paused": "yellow",
-    "succeeded": "green",
-    "failed": "red",
-    "cancelled": "magenta",
+    JobStatus.VALIDATING_FILES: "cyan",
+    JobStatus.QUEUED: "cyan",
+    JobStatus.RUNNING: "blue",
+    JobStatus.PAUSED: "yellow",
+    JobStatus.SUCCEEDED: "green",
+    JobStatus.FAILED: "red",
+    JobStatus.CANCELLED: "magenta",
+}
+WORKER_STYLE = {
+    WorkerState.ACTIVE: "green",
+    WorkerState.LOST: "red",
+    WorkerState.DRAINING: "yellow",
+    WorkerState.DRAINED: "yellow",
 }
 LEVEL_STYLE = {"warn": "yellow", "warning": "yellow", "error": "red"}
 
@@ -88,9 +96,9 @@ def job_panel(job: dict, queue: dict | None) -> Panel:
     ]
     if job.get("finished_at"):
         rows.append(("took", duration(job["finished_at"] - job["created_at"])))
-    if job.get("estimated_finish") and job["status"] == "running":
+    if job.get("estimated_finish") and job["status"] == JobStatus.RUNNING:
         rows.append(("estimated finish", when(job["estimated_finish"])))
-    if queue and job["status"] in ("queued", "running"):
+    if queue and job["status"] in (JobStatus.QUEUED, JobStatus.RUNNING):
         rows += _queue_rows(queue)
     if job.get("error"):
         error = job["error"]

@@ -19,13 +19,14 @@ from app.client.http import (
 )
 from app.client.render import LEVEL_STYLE, status_text
 from app.client.sse import Reconnecting, job_event_stream
+from app.domain.jobs import JobStatus
 from app.formatting import clock, duration, number
 
 EXIT_CODES = {
-    "succeeded": EXIT_OK,
-    "failed": EXIT_FAILED,
-    "cancelled": EXIT_CANCELLED,
-    "paused": EXIT_PAUSED,
+    JobStatus.SUCCEEDED: EXIT_OK,
+    JobStatus.FAILED: EXIT_FAILED,
+    JobStatus.CANCELLED: EXIT_CANCELLED,
+    JobStatus.PAUSED: EXIT_PAUSED,
 }
 PAUSED_MESSAGE = "Fine-tuning job paused"
 
@@ -99,7 +100,7 @@ def watch_job(
                 eta = rate.eta(total)
                 progress.update(
                     task,
-                    description=status_text("running"),
+                    description=status_text(JobStatus.RUNNING),
                     completed=data["step"],
                     total=total,
                     loss=loss,
@@ -112,16 +113,16 @@ def watch_job(
             message = event.get("message", "")
             if message.startswith("Fine-tuning job started"):
                 rate.first = None  # a new attempt: time paused or queued is not step time
-                progress.update(task, description=status_text("running"))
+                progress.update(task, description=status_text(JobStatus.RUNNING))
             elif message.startswith("Fine-tuning job resumed"):
-                progress.update(task, description=status_text("queued"))
+                progress.update(task, description=status_text(JobStatus.QUEUED))
             elif message.startswith(PAUSED_MESSAGE):
                 # A pause is not an end (the job may be resumed): stop watching only if the
                 # job is still paused now, not when replaying an old pause.
                 current = client.get(f"/v1/fine_tuning/jobs/{job_id}")
-                if current["status"] == "paused":
+                if current["status"] == JobStatus.PAUSED:
                     job = current
-                    progress.update(task, description=status_text("paused"))
+                    progress.update(task, description=status_text(JobStatus.PAUSED))
                     break
         progress.update(task, description=status_text(job["status"]), eta="")
     _outcome(console, job, losses)
@@ -143,7 +144,7 @@ def _outcome(console: Console, job: dict, losses: dict[str, float]) -> None:
         if job.get("finished_at") and job.get("created_at")
         else None
     )
-    if status == "succeeded":
+    if status == JobStatus.SUCCEEDED:
         parts = [f"trained tokens {number(job.get('trained_tokens'))}"]
         if "train_loss" in losses:
             parts.append(f"final loss {number(losses['train_loss'], 5)}")
@@ -156,13 +157,13 @@ def _outcome(console: Console, job: dict, losses: dict[str, float]) -> None:
         )
         console.print("  " + ", ".join(parts))
         console.print(f"  adapter: [cyan]lathe jobs download {job['id']}[/]")
-    elif status == "failed":
+    elif status == JobStatus.FAILED:
         error = job.get("error") or {}
         code = error.get("code") or "error"
         console.print(f"[bold red]✘ failed[/] ({escape(code)}): {escape(error.get('message', ''))}")
-    elif status == "cancelled":
+    elif status == JobStatus.CANCELLED:
         console.print("[bold magenta]■ cancelled[/]" + (f" after {took}" if took else ""))
-    elif status == "paused":
+    elif status == JobStatus.PAUSED:
         console.print(
             f"[bold yellow]⏸ paused[/]: its checkpoint is kept; "
             f"[cyan]lathe jobs resume {job['id']}[/] puts it back in line"

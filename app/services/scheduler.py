@@ -25,6 +25,7 @@ from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
 from app.domain.scheduling import QueuedJob, plan_dispatch
+from app.domain.workers import LIVE_STATES, WorkerState
 from app.models import Job, Team, Worker
 from app.services import lifecycle
 from app.services.idempotency import purge_expired
@@ -58,21 +59,24 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
     operator asked for, does not."""
     lost = session.scalars(
         select(Worker).where(
-            Worker.status.in_(("active", "draining", "drained")),
+            Worker.status.in_(LIVE_STATES),
             Worker.last_seen < at - settings.worker_lease_seconds,
         )
     ).all()
     for worker in lost:
-        worker.status = "lost"
+        worker.status = WorkerState.LOST
         worker.current_job = None
         result.lost_workers.append(worker.id)
     orphans = session.execute(
         select(Job, Worker.status)
         .join(Worker, Worker.id == Job.worker)
-        .where(Job.status == JobStatus.RUNNING.value, Worker.status.in_(("lost", "stopped")))
+        .where(
+            Job.status == JobStatus.RUNNING.value,
+            Worker.status.in_((WorkerState.LOST, WorkerState.STOPPED)),
+        )
     ).all()
     for job, worker_status in orphans:
-        stopped = worker_status == "stopped"  # on purpose: not held against the job
+        stopped = worker_status == WorkerState.STOPPED  # on purpose: not held against the job
         what = f"Worker {job.worker} {'stopped' if stopped else 'was lost'}"
         if lifecycle.requeue(session, job, what, at=at, counts=not stopped):
             result.requeued.append(job.id)
