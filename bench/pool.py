@@ -28,6 +28,8 @@ from sqlalchemy import create_engine, insert, select, text, update
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
+from app.domain.jobs import JobStatus
+from app.domain.workers import WorkerState
 from app.migrate import upgrade
 from app.models import Job, Team, Worker
 from bench.run import DATA, Server, ensure_database, upload
@@ -89,7 +91,7 @@ def _seed_queue(url: str, teams: int, queued: int, history: int) -> None:
                     **common,
                     "id": f"ftjob-q{i}",
                     "team_pk": rng.choice(pks),
-                    "status": "queued",
+                    "status": JobStatus.QUEUED.value,
                     "priority": rng.choice(["low", "normal", "normal", "high"]),
                     "gpu_class": rng.choice([None, None, "a100-80gb", "l4-24gb"]),
                     "memory_gb": rng.uniform(4, 30),
@@ -104,7 +106,7 @@ def _seed_queue(url: str, teams: int, queued: int, history: int) -> None:
                     **common,
                     "id": f"ftjob-h{i}",
                     "team_pk": rng.choice(pks),
-                    "status": "succeeded",
+                    "status": JobStatus.SUCCEEDED.value,
                     "priority": "normal",
                     "gpu_class": None,
                     "memory_gb": 8.0,
@@ -124,7 +126,7 @@ def _seed_queue(url: str, teams: int, queued: int, history: int) -> None:
                     "gpu_name": "bench",
                     "gpu_class": cls,
                     "memory_gb": mem,
-                    "status": "active",
+                    "status": WorkerState.ACTIVE.value,
                     "jobs_done": 0,
                     "started_at": now,
                     "last_seen": time.time() + 86400,
@@ -166,7 +168,7 @@ def bench_schedule(database_url: str, rounds: int = 40) -> dict:
             with sessions() as session:
                 session.execute(
                     update(Job)
-                    .where(Job.dispatched_at.is_not(None), Job.status == "queued")
+                    .where(Job.dispatched_at.is_not(None), Job.status == JobStatus.QUEUED.value)
                     .values(dispatched_at=None, dispatched_class=None)
                 )
                 session.commit()

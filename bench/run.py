@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from app.domain.jobs import FINAL_STATES, JobStatus
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "app" / "data"
 
@@ -123,10 +125,10 @@ def bench_demo_job(device: str) -> dict:
                         "hyperparameters": {"n_epochs": 3, "batch_size": 8},
                     },
                 ).json()
-                while job["status"] not in ("succeeded", "failed", "cancelled"):
+                while job["status"] not in FINAL_STATES:
                     time.sleep(0.1)
                     job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-                assert job["status"] == "succeeded", job["error"]
+                assert job["status"] == JobStatus.SUCCEEDED, job["error"]
                 timings.append(time.perf_counter() - started)
     return {
         "job_seconds": [round(t, 2) for t in timings],
