@@ -118,7 +118,7 @@ class Job(Base):
     error: Mapped[dict | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(200))
     # Claims by a worker (pause/resume and re-queues included); the fencing of a run's
-    # writes (app.services.lifecycle.lease).
+    # writes (app.services.lifecycle.run_fence).
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     # Workers lost or restarted while running the job (a stop on purpose is not counted);
     # the third fails it.

@@ -40,7 +40,7 @@ CHECKPOINT_METRICS = (
 
 
 class JobHooks:
-    """One attempt's callbacks. Every write carries `fence` (app.services.lifecycle.lease):
+    """One attempt's callbacks. Every write carries `fence` (app.services.lifecycle.run_fence):
     a run that lost its job can no longer annotate it."""
 
     def __init__(

@@ -44,7 +44,7 @@ def main(job_id: str, attempt: int | None = None) -> int:
 
 if __name__ == "__main__":
     # Never outlive the Celery pool process waiting on this one (its parent, whose pid it
-    # passes down): killed with it, the GPU is freed and the job's lease lapses.
+    # passes down): killed with it, the GPU is freed and no orphaned run writes to the job.
     parent = os.environ.get(PARENT_PID_ENV)
     die_with_parent(signal.SIGKILL, parent_pid=int(parent) if parent else os.getppid())
     sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))

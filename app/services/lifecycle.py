@@ -41,17 +41,17 @@ def transition(
     *,
     level: str = "info",
     data: dict | None = None,
-    guard: tuple = (),
+    fence: tuple = (),
     **fields: object,
 ) -> bool:
     """Move `job` to `target` if its current state allows; write the event and the
     webhook outbox rows. The primitive under every verb below. No commit.
 
-    `guard` adds conditions to the UPDATE (a fencing token, say)."""
+    `fence` adds conditions to the UPDATE: a run's (run_fence), a dispatch token."""
     sources = [s.value for s in sources_of(target)]
     result = session.execute(
         update(Job)
-        .where(Job.pk == job.pk, Job.status.in_(sources), *guard)
+        .where(Job.pk == job.pk, Job.status.in_(sources), *fence)
         .values(status=target.value, **fields)
         .execution_options(synchronize_session=False)
     )
@@ -111,13 +111,13 @@ def claim(session: Session, job: Job, *, worker: str, token: int | None) -> bool
     """queued -> running on `worker`, in a new attempt, if the task's dispatch `token` is
     still the job's (None: any); the worker's registry row shows the job. False when the
     job was cancelled or paused meanwhile, or the task is a stale or duplicate delivery."""
-    fence = () if token is None else (Job.dispatch_token == token,)
+    token_fence = () if token is None else (Job.dispatch_token == token,)
     claimed = transition(
         session,
         job,
         JobStatus.RUNNING,
         f"Fine-tuning job started on worker {worker}",
-        guard=(Job.status == JobStatus.QUEUED.value, *fence),
+        fence=(Job.status == JobStatus.QUEUED.value, *token_fence),
         worker=worker,
         attempt=job.attempt + 1,
         started_at=now(),
@@ -128,7 +128,7 @@ def claim(session: Session, job: Job, *, worker: str, token: int | None) -> bool
     return claimed
 
 
-def lease(worker: str, attempt: int) -> tuple:
+def run_fence(worker: str, attempt: int) -> tuple:
     """Conditions every write about a claimed job carries: it is still running, on this
     worker, in this attempt. A run that lost its job (its worker was declared lost and the
     job re-claimed elsewhere) can no longer fail, publish or annotate it."""
@@ -153,10 +153,10 @@ def requeue(
     restarts, and that counts.
 
     Every path that takes a running job from its worker calls this, so every loss counts
-    whatever the event says. The count is guarded like the status: two processes
+    whatever the event says. The count is in the fence, like the status: two processes
     handling one loss (the restarted worker and the scheduler) cannot both count it."""
     worker, losses = job.worker, job.worker_losses + int(counts)
-    guard = (
+    fence = (
         Job.status == JobStatus.RUNNING.value,  # not one paused meanwhile
         Job.worker == worker,
         Job.worker_losses == job.worker_losses,
@@ -168,7 +168,7 @@ def requeue(
             "worker_lost",
             f"the job's worker was lost, stopped or restarted {losses} times while running it",
             event=f"{reason}; the job failed after {losses} lost workers",
-            guard=guard,
+            fence=fence,
             at=at,
             worker_losses=losses,
         )
@@ -180,7 +180,7 @@ def requeue(
         JobStatus.QUEUED,
         f"{reason}; the job is back in line ({tally})",
         level="warn",
-        guard=guard,
+        fence=fence,
         worker_losses=losses,
         **UNDISPATCHED,
         **OFF_WORKER,
@@ -198,7 +198,7 @@ def pause(session: Session, job: Job) -> bool:
         job,
         JobStatus.PAUSED,
         "Fine-tuning job paused",
-        guard=(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),),
+        fence=(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),),
         **UNDISPATCHED,
         dispatch_token=Job.dispatch_token + 1,  # a task still in the broker cannot claim it
         estimated_finish=None,
@@ -212,7 +212,7 @@ def resume(session: Session, job: Job) -> bool:
         job,
         JobStatus.QUEUED,
         "Fine-tuning job resumed; back in line",
-        guard=(Job.status == JobStatus.PAUSED.value,),
+        fence=(Job.status == JobStatus.PAUSED.value,),
         worker=None,
     )
 
@@ -227,7 +227,7 @@ def succeed(
     model_name: str,
     trained_tokens: int,
     result_files: list[str],
-    guard: tuple = (),
+    fence: tuple = (),
 ) -> bool:
     """running -> succeeded, with the fine-tuned model's name and its result files."""
     return transition(
@@ -235,7 +235,7 @@ def succeed(
         job,
         JobStatus.SUCCEEDED,
         f"The job has successfully completed: {model_name}",
-        guard=guard,
+        fence=fence,
         fine_tuned_model=model_name,
         trained_tokens=trained_tokens,
         result_files=result_files,
@@ -252,7 +252,7 @@ def fail(
     *,
     param: str | None = None,
     event: str | None = None,
-    guard: tuple = (),
+    fence: tuple = (),
     at: float | None = None,
     **fields: object,
 ) -> bool:
@@ -264,7 +264,7 @@ def fail(
         JobStatus.FAILED,
         event if event is not None else f"Training failed: {message}",
         level="error",
-        guard=guard,
+        fence=fence,
         error={"code": code, "param": param, "message": message},
         finished_at=int(at if at is not None else now()),
         estimated_finish=None,

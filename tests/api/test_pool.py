@@ -285,7 +285,7 @@ def test_concurrent_creations_cannot_pass_the_queued_jobs_quota(team, train_id, 
 
 
 def test_a_stale_run_cannot_fail_a_job_another_worker_now_holds(team, train_id, sessions) -> None:
-    from app.services.lifecycle import lease
+    from app.services.lifecycle import run_fence
     from worker.job_training import fail_run
 
     job_id = create(team, train_id).json()["id"]
@@ -294,9 +294,9 @@ def test_a_stale_run_cannot_fail_a_job_another_worker_now_holds(team, train_id, 
             update(Job).where(Job.id == job_id).values(status="running", worker="w2@h", attempt=2)
         )
         session.commit()
-    fail_run(sessions, job_id, "training_failed", "database went away", lease("w1@h", 1))
+    fail_run(sessions, job_id, "training_failed", "database went away", run_fence("w1@h", 1))
     assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "running"
-    fail_run(sessions, job_id, "training_failed", "real failure", lease("w2@h", 2))
+    fail_run(sessions, job_id, "training_failed", "real failure", run_fence("w2@h", 2))
     assert team.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "failed"
 
 
