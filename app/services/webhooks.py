@@ -239,11 +239,11 @@ class Due:
     secret: str
     payload: dict
     attempts: int
-    lease: float  # the next_attempt_at this sender set when it claimed the row
+    claimed_until: float  # the next_attempt_at this sender set when it claimed the row
 
 
-def claim_next(session: Session, lease_seconds: float) -> Due | None:
-    """The oldest due delivery, claimed by pushing its next attempt `lease_seconds` out with
+def claim_next(session: Session, hold_seconds: float) -> Due | None:
+    """The oldest due delivery, claimed by pushing its next attempt `hold_seconds` out with
     a guarded UPDATE (so two senders, say two API replicas, never both take it), or None."""
     current = time.time()
     row = session.execute(
@@ -256,7 +256,7 @@ def claim_next(session: Session, lease_seconds: float) -> Due | None:
     if row is None:
         return None
     delivery, url, secret = row
-    lease = current + lease_seconds
+    claimed_until = current + hold_seconds
     claimed = session.execute(
         update(WebhookDelivery)
         .where(
@@ -264,13 +264,13 @@ def claim_next(session: Session, lease_seconds: float) -> Due | None:
             WebhookDelivery.status == "pending",
             WebhookDelivery.next_attempt_at == delivery.next_attempt_at,
         )
-        .values(next_attempt_at=lease)
+        .values(next_attempt_at=claimed_until)
         .execution_options(synchronize_session=False)
     ).rowcount
     session.commit()
     if claimed != 1:  # another sender took it first
         return None
-    return Due(delivery.id, url, secret, delivery.payload, delivery.attempts, lease)
+    return Due(delivery.id, url, secret, delivery.payload, delivery.attempts, claimed_until)
 
 
 def retry_delay(attempts: int, base_seconds: float) -> float:
@@ -316,14 +316,14 @@ def record_attempt(
         values["next_attempt_at"] = time.time() + retry_delay(
             attempts, settings.webhook_retry_base_seconds
         )
-    # Only while the claim is still ours: a sender whose lease ran out (another took the
+    # Only while the claim is still ours: a sender whose claim ran out (another took the
     # row since) must not overwrite that one's outcome.
     session.execute(
         update(WebhookDelivery)
         .where(
             WebhookDelivery.id == due.delivery_id,
             WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at == due.lease,
+            WebhookDelivery.next_attempt_at == due.claimed_until,
         )
         .values(**values)
     )
@@ -338,7 +338,7 @@ def deliver_due(
     sent = 0
     while sent < limit:
         with sessions() as session:
-            due = claim_next(session, lease_seconds=settings.webhook_timeout_seconds * 3)
+            due = claim_next(session, hold_seconds=settings.webhook_timeout_seconds * 3)
         if due is None:
             break
         code, error = post(client, due)
