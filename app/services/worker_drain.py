@@ -7,6 +7,8 @@ worker's heartbeat and the scheduler's reconciler write too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -25,21 +27,38 @@ def _worker(session: Session, worker_id: str) -> Worker:
     return worker
 
 
-def _set_worker_status(
-    session: Session,
-    admin: AdminKey,
-    worker_id: str,
-    action: str,
-    target: WorkerState,
-    sources: tuple[WorkerState, ...],
-    already: tuple[WorkerState, ...],
-) -> Worker:
+@dataclass(frozen=True)
+class _Move:
+    action: str  # the audit entry's
+    target: WorkerState
+    sources: tuple[WorkerState, ...]  # the states it moves from
+    already: tuple[WorkerState, ...]  # the states in which there is nothing to do
+    done: str  # "drained": the conflict's message says what a live worker can be
+
+
+DRAIN = _Move(
+    "worker.drain",
+    WorkerState.DRAINING,
+    (WorkerState.ACTIVE,),
+    (WorkerState.DRAINING, WorkerState.DRAINED),
+    "drained",
+)
+UNDRAIN = _Move(
+    "worker.undrain",
+    WorkerState.ACTIVE,
+    (WorkerState.DRAINING, WorkerState.DRAINED),
+    (WorkerState.ACTIVE,),
+    "undrained",
+)
+
+
+def _move(session: Session, admin: AdminKey, worker_id: str, move: _Move) -> Worker:
     worker = _worker(session, worker_id)
     # Guarded: the heartbeat and the scheduler write this column too.
     result = session.execute(
         update(Worker)
-        .where(Worker.pk == worker.pk, Worker.status.in_(sources))
-        .values(status=target)
+        .where(Worker.pk == worker.pk, Worker.status.in_(move.sources))
+        .values(status=move.target)
         .execution_options(synchronize_session=False)
     )
     previous = worker.status
@@ -48,19 +67,18 @@ def _set_worker_status(
         audit.record(
             session,
             audit.actor_of(admin),
-            action,
+            move.action,
             worker.id,
-            {"from": previous, "to": target.value},
+            {"from": previous, "to": move.target.value},
         )
         session.commit()
         return worker
     session.rollback()
     worker = _worker(session, worker_id)
-    if worker.status in already:
+    if worker.status in move.already:
         return worker  # nothing to do: not a change, not audited
     raise Conflict(
-        f"worker {worker.id} is {worker.status}; only a live worker can be "
-        f"{'drained' if target == WorkerState.DRAINING else 'undrained'}",
+        f"worker {worker.id} is {worker.status}; only a live worker can be {move.done}",
         code="worker_not_live",
         param="worker_id",
     )
@@ -68,25 +86,9 @@ def _set_worker_status(
 
 def drain_worker(session: Session, admin: AdminKey, worker_id: str) -> Worker:
     """active -> draining: it finishes its job, takes no other, then shows drained."""
-    return _set_worker_status(
-        session,
-        admin,
-        worker_id,
-        "worker.drain",
-        WorkerState.DRAINING,
-        (WorkerState.ACTIVE,),
-        (WorkerState.DRAINING, WorkerState.DRAINED),
-    )
+    return _move(session, admin, worker_id, DRAIN)
 
 
 def undrain_worker(session: Session, admin: AdminKey, worker_id: str) -> Worker:
     """draining or drained -> active: the worker takes jobs again."""
-    return _set_worker_status(
-        session,
-        admin,
-        worker_id,
-        "worker.undrain",
-        WorkerState.ACTIVE,
-        (WorkerState.DRAINING, WorkerState.DRAINED),
-        (WorkerState.ACTIVE,),
-    )
+    return _move(session, admin, worker_id, UNDRAIN)

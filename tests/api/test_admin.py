@@ -352,7 +352,12 @@ def test_drain_and_undrain_a_worker(admin, worker_id, sessions) -> None:
     lost = admin.post(f"/workers/{worker_id}/drain")
     assert lost.status_code == 409
     assert lost.json()["error"]["code"] == "worker_not_live"
-    assert admin.post(f"/workers/{worker_id}/undrain").status_code == 409
+    assert lost.json()["error"]["message"] == (
+        f"worker {worker_id} is lost; only a live worker can be drained"
+    )
+    not_undrained = admin.post(f"/workers/{worker_id}/undrain")
+    assert not_undrained.status_code == 409
+    assert not_undrained.json()["error"]["message"].endswith("only a live worker can be undrained")
     assert admin.post("/workers/nobody@nowhere/drain").status_code == 404
 
 
