@@ -104,7 +104,7 @@ class Job(Base):
     lora: Mapped[dict] = mapped_column(JSON)
     quantization: Mapped[dict] = mapped_column(JSON)
     max_seq_length: Mapped[int] = mapped_column(Integer)
-    # How the worker trains (TrainingIn: loss coverage, packing, levers, evaluation).
+    # How the worker trains (TrainingIn: loss coverage, packing, memory and speed, evaluation).
     training: Mapped[dict] = mapped_column(JSON, default=dict, server_default="{}")
     # What the worker measured, by kind: tokens (per file), model, throughput, sample.
     stats: Mapped[dict | None] = mapped_column(JSON)

@@ -223,7 +223,7 @@ def settings(device: str) -> dict:
     from worker.training import spec
 
     lathe = {"batch_size": EFFECTIVE_BATCH, "max_seq_length": MAX_SEQ_LENGTH}
-    for name in ("lora", "quant", "levers"):  # TrainingSpec's defaults, as they are now
+    for name in ("lora", "quant", "options"):  # TrainingSpec's defaults, as they are now
         field = spec.TrainingSpec.__dataclass_fields__.get(name)
         if field is not None:
             lathe[name] = dataclasses.asdict(field.default_factory())

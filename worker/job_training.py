@@ -28,7 +28,13 @@ from worker.job_hooks import JobHooks
 from worker.model_cache import BaseModelUnavailable, resolve_base_model
 from worker.publish import publish
 from worker.run_outcome import MISSING, STALE
-from worker.training.spec import Levers, LoraSpec, QuantSpec, TrainingDataError, TrainingSpec
+from worker.training.spec import (
+    LoraSpec,
+    QuantSpec,
+    TrainingDataError,
+    TrainingOptions,
+    TrainingSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +177,17 @@ def _training_spec(
             target_modules=tuple(job.lora["target_modules"]),
         ),
         quant=QuantSpec(**job.quantization),
-        levers=_levers(job.training or {}),
+        options=_training_options(job.training or {}),
         device=settings.device,
         checkpoint_steps=settings.checkpoint_every_steps,
         checkpoint_seconds=settings.checkpoint_every_seconds,
     )
 
 
-def _levers(training: dict) -> Levers:
-    """The job's TrainingIn (stored as JSON) as the trainer's Levers; absent keys default."""
-    known = {f.name for f in dataclasses.fields(Levers)}
+def _training_options(training: dict) -> TrainingOptions:
+    """The job's TrainingIn (stored as JSON) as TrainingOptions; absent keys default."""
+    known = {f.name for f in dataclasses.fields(TrainingOptions)}
     values = {k: v for k, v in training.items() if k in known}
     if values.get("gradient_checkpointing") == "auto":
         values["gradient_checkpointing"] = None
-    return Levers(**values)
+    return TrainingOptions(**values)

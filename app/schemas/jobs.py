@@ -40,7 +40,7 @@ class LoraIn(Strict):
 
 
 class TrainingIn(Strict):
-    """How the worker trains: what the loss covers, batching, memory and speed levers."""
+    """How the worker trains: what the loss covers, batching, memory and speed options."""
 
     # Loss on prompts and user turns too, not only on what the model should write.
     train_on_inputs: bool = False

@@ -26,10 +26,10 @@ from worker.training.data import (
 )
 from worker.training.run import run_training
 from worker.training.spec import (
-    Levers,
     LoraSpec,
     TrainingDataError,
     TrainingHooks,
+    TrainingOptions,
     TrainingSpec,
 )
 from worker.training.tiny_model import ensure_tiny_random_llama
@@ -98,7 +98,7 @@ def make_spec(tiny_model: Path, tmp_path: Path, *, valid: bool, n_epochs: int) -
         max_seq_length=256,
         seed=0,
         device="cpu",
-        levers=Levers(eval_steps=1),  # a validation loss on every row
+        options=TrainingOptions(eval_steps=1),  # a validation loss on every row
     )
 
 
@@ -439,7 +439,7 @@ def test_a_run_reports_tokens_parameters_throughput_accuracy_and_a_sample(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     spec = make_spec(tiny_model, tmp_path, valid=True, n_epochs=2)
-    spec = dataclasses.replace(spec, levers=Levers(eval_steps=3, sample_max_new_tokens=8))
+    spec = dataclasses.replace(spec, options=TrainingOptions(eval_steps=3, sample_max_new_tokens=8))
     reports: dict[str, tuple[str, dict]] = {}
 
     result = run_training(
@@ -496,7 +496,7 @@ def test_a_classification_job_trains_and_reports_accuracy(tiny_model: Path, tmp_
         train_file=write(tmp_path / "cls-train.jsonl", 32),
         valid_file=write(tmp_path / "cls-valid.jsonl", 8),
         learning_rate=2e-2,
-        levers=Levers(eval_steps=4),
+        options=TrainingOptions(eval_steps=4),
     )
     reports: dict[str, dict] = {}
 
@@ -529,7 +529,7 @@ def test_padded_batches_count_the_same_real_tokens_as_packed_ones(
     def run(packing: bool):
         spec = make_spec(tiny_model, tmp_path / str(packing), valid=False, n_epochs=2)
         return run_training(
-            dataclasses.replace(spec, levers=Levers(packing=packing)), TrainingHooks()
+            dataclasses.replace(spec, options=TrainingOptions(packing=packing)), TrainingHooks()
         )
 
     packed, padded = run(True), run(False)

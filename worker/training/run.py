@@ -165,9 +165,9 @@ class HooksCallback(TrainerCallback):
 
 def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     device = resolve_device(spec.device)
-    levers = spec.levers
+    options = spec.options
     classification = spec.data_format == DatasetFormat.CLASSIFICATION
-    packing = levers.packing and not classification
+    packing = options.packing and not classification
     set_seed(spec.seed)  # before LoRA init, so a rerun starts from the same adapter weights
     reports: dict[str, dict] = {}
 
@@ -186,8 +186,8 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             spec.data_format,
             tokenizer,
             spec.max_seq_length,
-            train_on_inputs=levers.train_on_inputs,
-            truncation=levers.truncation,
+            train_on_inputs=options.train_on_inputs,
+            truncation=options.truncation,
             classes=classes,
         )
 
@@ -206,8 +206,8 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         spec.base_model_path,
         spec.quant,
         device,
-        attention=levers.attention,
-        gradient_checkpointing=levers.gradient_checkpointing,
+        attention=options.attention,
+        gradient_checkpointing=options.gradient_checkpointing,
         classes=classes,
     )
     if classes is not None:
@@ -245,7 +245,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         logging_steps=spec.logging_steps,
         # Every eval_steps, at each checkpoint and (an epoch end is one) at the end.
         eval_strategy="steps" if validating else "no",
-        eval_steps=(levers.eval_steps or max(1, math.ceil(total_steps / 10)))
+        eval_steps=(options.eval_steps or max(1, math.ceil(total_steps / 10)))
         if validating
         else None,
         # The Trainer's own checkpoints, every checkpoint_steps; HooksCallback adds the epoch
@@ -257,7 +257,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         report_to="none",
         disable_tqdm=True,
         use_cpu=device == "cpu",
-        optim=resolve_optimizer(levers.optimizer, device),
+        optim=resolve_optimizer(options.optimizer, device),
         bf16=device == "cuda" and compute_dtype == torch.bfloat16,
         fp16=device == "cuda" and compute_dtype == torch.float16,
         # Without packing, batches of similar lengths waste the least on padding.
@@ -273,7 +273,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             tokenizer,
             packing=packing,
             classification=classification,
-            flash=levers.attention == "flash_attention_2",
+            flash=options.attention == "flash_attention_2",
         ),
         train_dataset=train.examples,
         eval_dataset=valid.examples if valid is not None else None,
@@ -306,10 +306,10 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
 
     # 5. Show a person what changed: the trained model answers a held-out prompt.
     stopped = callback.stop_reason is not None
-    if spec.data_format == DatasetFormat.CHAT and levers.sample_max_new_tokens and not stopped:
+    if spec.data_format == DatasetFormat.CHAT and options.sample_max_new_tokens and not stopped:
         try:
             sample = generation_sample(
-                model, tokenizer, spec.valid_file or spec.train_file, levers.sample_max_new_tokens
+                model, tokenizer, spec.valid_file or spec.train_file, options.sample_max_new_tokens
             )
         except Exception as exc:  # a nicety: never worth failing a trained job over
             hooks.on_message(f"No generation sample: {type(exc).__name__}: {exc}"[:500])

@@ -36,7 +36,7 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
-class Levers:
+class TrainingOptions:
     """How training trades memory, speed and what it learns from; each is a job option."""
 
     train_on_inputs: bool = False  # loss on prompts and user turns too
@@ -64,7 +64,7 @@ class TrainingSpec:
     seed: int
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
-    levers: Levers = field(default_factory=Levers)
+    options: TrainingOptions = field(default_factory=TrainingOptions)
     device: str = "auto"  # auto | cpu | cuda
     logging_steps: int = 1
     # A checkpoint at every epoch end, and also every this many steps when set.
