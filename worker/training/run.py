@@ -33,14 +33,6 @@ from worker.training.data import (
     micro_batch_size,
     typical_length,
 )
-from worker.training.figures import (
-    accuracy_metrics,
-    generation_sample,
-    predicted_ids,
-    throughput,
-    throughput_summary,
-    token_summary,
-)
 from worker.training.qlora_model import (
     add_lora,
     load_quantized_base,
@@ -48,6 +40,14 @@ from worker.training.qlora_model import (
     resolve_compute_dtype,
     resolve_device,
     resolve_optimizer,
+)
+from worker.training.run_stats import (
+    accuracy_metrics,
+    generation_sample,
+    predicted_ids,
+    throughput,
+    throughput_summary,
+    token_summary,
 )
 from worker.training.spec import TrainingHooks, TrainingResult, TrainingSpec
 
@@ -294,8 +294,8 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_begin
-    figures = throughput(tokens, seconds, device)
-    report("throughput", throughput_summary(figures), figures)
+    stats = throughput(tokens, seconds, device)
+    report("throughput", throughput_summary(stats), stats)
 
     # 4. Save the adapter: adapter_config.json + adapter_model.safetensors.
     adapter_dir = spec.output_dir / "adapter"

@@ -1,4 +1,5 @@
-"""What a run reports besides its losses: token counts, accuracy, throughput, a sample."""
+"""What a run reports besides its losses (the job's `stats` and events): token counts,
+accuracy, throughput, a sample."""
 
 from __future__ import annotations
 
@@ -77,11 +78,11 @@ def throughput(tokens: int, seconds: float, device: str) -> dict:
     }
 
 
-def throughput_summary(figures: dict) -> str:
+def throughput_summary(stats: dict) -> str:
     return (
-        f"Trained {figures['tokens']:,} tokens in {figures['seconds']:.1f} s "
-        f"({figures['tokens_per_second'] or 0:,.0f} tokens/s); peak memory "
-        f"{figures['peak_memory_gb']:.2f} GB ({figures['peak_memory_source']})"
+        f"Trained {stats['tokens']:,} tokens in {stats['seconds']:.1f} s "
+        f"({stats['tokens_per_second'] or 0:,.0f} tokens/s); peak memory "
+        f"{stats['peak_memory_gb']:.2f} GB ({stats['peak_memory_source']})"
     )
 
 
