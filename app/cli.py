@@ -7,12 +7,18 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from app.client import commands as client
 from app.config import get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 app = typer.Typer(
     help="Lathe: 4-bit QLoRA fine-tuning jobs over an OpenAI-compatible API.", no_args_is_help=True
@@ -205,12 +211,24 @@ def scheduler() -> None:
     run_forever(get_settings())
 
 
+@contextmanager
+def _database_session() -> Iterator[Session]:
+    """A session on the configured database for one admin command; the engine goes with it."""
+    from app.db import make_engine, make_sessionmaker
+
+    engine = make_engine(get_settings().resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
 @admin.command("create-team")
 def create_team(name: str) -> None:
     """Create a team and print its new API key (shown once) as the last line."""
     import re
 
-    from app.db import make_engine, make_sessionmaker
     from app.services.teams import TeamExists
     from app.services.teams import create_team as create
 
@@ -219,16 +237,12 @@ def create_team(name: str) -> None:
             "team names are 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit"
         )
         raise typer.Exit(2)
-    settings = get_settings()
-    engine = make_engine(settings.resolved_database_url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with _database_session() as session:
             team, key = create(session, name)
     except TeamExists as exc:
         console.print(str(exc))
         raise typer.Exit(1) from None
-    finally:
-        engine.dispose()
     console.print(f"created team {team.name} ({team.id}); its API key is shown once:")
     print(key)
 
@@ -236,20 +250,15 @@ def create_team(name: str) -> None:
 @admin.command("create-admin-key")
 def create_admin_key(name: str) -> None:
     """Create an admin key for /v1/admin and print it (shown once) as the last line."""
-    from app.db import make_engine, make_sessionmaker
     from app.errors import APIError
     from app.services.admin_keys import create_admin_key as create
 
-    settings = get_settings()
-    engine = make_engine(settings.resolved_database_url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with _database_session() as session:
             record, key = create(session, name)
     except APIError as exc:
         console.print(exc.message)
         raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
     console.print(f"created admin key {record.name} ({record.id}); it is shown once:")
     print(key)
 
