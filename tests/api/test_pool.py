@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from app.broker import class_queue, make_celery
 from app.db import make_engine, make_sessionmaker
+from app.domain.workers import WorkerState
 from app.models import Job, JobEvent, Team, Worker
 from app.services.admin_keys import create_admin_key
 from app.services.scheduler import schedule_once
@@ -49,21 +50,7 @@ def add_worker(sessions) -> Iterator[Callable[..., str]]:
     ids: list[str] = []
 
     def add(gpu_class: str, memory_gb: float = 8.0, last_seen: float | None = None) -> str:
-        worker_id = f"w-{uuid.uuid4().hex[:8]}@host"
-        with sessions() as session:
-            session.add(
-                Worker(
-                    id=worker_id,
-                    host="host",
-                    gpu_name="test",
-                    gpu_class=gpu_class,
-                    memory_gb=memory_gb,
-                    status="active",
-                    jobs_done=0,
-                    last_seen=last_seen or time.time(),
-                )
-            )
-            session.commit()
+        worker_id = insert_worker(sessions, gpu_class, memory_gb=memory_gb, last_seen=last_seen)
         ids.append(worker_id)
         return worker_id
 
@@ -71,6 +58,35 @@ def add_worker(sessions) -> Iterator[Callable[..., str]]:
     with sessions() as session:
         session.execute(update(Worker).where(Worker.id.in_(ids)).values(status="stopped"))
         session.commit()
+
+
+def insert_worker(
+    sessions,
+    gpu_class: str,
+    *,
+    worker_id: str | None = None,
+    memory_gb: float = 8.0,
+    status: str = WorkerState.ACTIVE,
+    jobs_done: int = 0,
+    last_seen: float | None = None,
+) -> str:
+    """A worker row, as a worker's heartbeat writes it; returns its id."""
+    worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}@host"
+    with sessions() as session:
+        session.add(
+            Worker(
+                id=worker_id,
+                host="host",
+                gpu_name="test",
+                gpu_class=gpu_class,
+                memory_gb=memory_gb,
+                status=status,
+                jobs_done=jobs_done,
+                last_seen=last_seen or time.time(),
+            )
+        )
+        session.commit()
+    return worker_id
 
 
 def schedule(api_env, sessions):
@@ -439,20 +455,7 @@ def test_an_empty_pool_accepts_jobs_says_no_worker_is_online_then_dispatches(
         assert place["waiting_for"].startswith("No worker of a fitting GPU class is online")
         assert schedule(env, sessions).dispatched == []
 
-        with sessions() as session:  # a worker registers, as its heartbeat does
-            session.add(
-                Worker(
-                    id="late@host",
-                    host="host",
-                    gpu_name="test",
-                    gpu_class=gpu_class,
-                    memory_gb=8.0,
-                    status="active",
-                    jobs_done=0,
-                    last_seen=time.time(),
-                )
-            )
-            session.commit()
+        insert_worker(sessions, gpu_class, worker_id="late@host")  # a worker registers
         place = team.get(f"/v1/fine_tuning/jobs/{job_id}/queue").json()
         assert place["eligible_gpu_classes"] == [gpu_class]
         assert place["waiting_for"] is None
@@ -471,20 +474,14 @@ def test_classes_of_workers_no_longer_live_still_accept_jobs_and_bound_their_siz
     team, env = empty_pool
     engine = make_engine(env["LATHE_DATABASE_URL"])
     try:
-        with make_sessionmaker(engine)() as session:
-            session.add(
-                Worker(
-                    id="gone@host",
-                    host="host",
-                    gpu_name="test",
-                    gpu_class=gpu_class,
-                    memory_gb=8.0,
-                    status="stopped",
-                    jobs_done=3,
-                    last_seen=time.time() - 86400,
-                )
-            )
-            session.commit()
+        insert_worker(
+            make_sessionmaker(engine),
+            gpu_class,
+            worker_id="gone@host",
+            status=WorkerState.STOPPED,
+            jobs_done=3,
+            last_seen=time.time() - 86400,
+        )
     finally:
         engine.dispose()
     train = team.upload(CHAT).json()["id"]
