@@ -50,3 +50,13 @@ class QuotaError(APIError):
     def __init__(self, exceeded) -> None:  # app.domain.quotas.QuotaExceeded
         super().__init__(exceeded.message, code="quota_exceeded", param=exceeded.limit)
         self.status_code = 429 if exceeded.limit in self.TRANSIENT else 403
+
+
+def invalid_api_key() -> Unauthorized:
+    """A team key that matches no live key; also how an open event stream ends for it."""
+    return Unauthorized("invalid or revoked API key", code="invalid_api_key")
+
+
+def team_disabled(team_name: str) -> Forbidden:
+    """The key's team is disabled; also how an open event stream ends for it."""
+    return Forbidden(f"team {team_name} is disabled; ask an administrator", code="team_disabled")

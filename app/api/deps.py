@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import Forbidden, Unauthorized
+from app.errors import Forbidden, Unauthorized, invalid_api_key, team_disabled
 from app.http_deps import SessionDep, SettingsDep, StoreDep  # noqa: F401 (the routes' import)
 from app.logs import bind
 from app.models import AdminKey, Team
@@ -57,10 +57,10 @@ def current_team(request: Request, session: SessionDep, _bearer: TeamBearer) -> 
         )
     team = team_for_key(session, key)
     if team is None:
-        raise Unauthorized("invalid or revoked API key", code="invalid_api_key")
+        raise invalid_api_key()
     bind(team_id=team.id)  # on this request's log lines from here on (app/logs.py)
     if team.disabled:
-        raise Forbidden(f"team {team.name} is disabled; ask an administrator", code="team_disabled")
+        raise team_disabled(team.name)
     session.commit()  # the lookup's transaction ends here: its connection goes back at once
     return team
 

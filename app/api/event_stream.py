@@ -37,8 +37,9 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.error_handlers import ErrorDetail, ErrorEnvelope
 from app.domain.jobs import JobStatus, is_final
-from app.errors import BadRequest
+from app.errors import APIError, BadRequest, invalid_api_key, team_disabled
 from app.models import ApiKey, Job, JobEvent, Team, now
 from app.schemas.jobs import event_object, job_object
 from app.services.events import LATE_COMMIT_SECONDS, events_since_each
@@ -85,7 +86,7 @@ class Poll:
 
     events: dict[int, list[StreamedEvent]]  # job pk -> its events past the cursor
     ends: dict[int, str]  # job pk -> the `end` message's data (the job), for jobs that ended
-    refusals: dict[str, tuple[str, str, str]]  # key digest -> (message, type, code)
+    refusals: dict[str, APIError]  # key digest -> why its streams end
 
 
 @dataclass(eq=False)
@@ -108,9 +109,12 @@ class Watcher:
             return
         refusal = poll.refusals.get(self.key_digest)
         if refusal is not None:  # nothing more for this key, not even events already read
-            message, type_, code = refusal
-            body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-            self.last = format_sse_event(data_str=json.dumps(body), event="error")
+            body = ErrorEnvelope(
+                error=ErrorDetail(
+                    message=refusal.message, type=refusal.type, param=None, code=refusal.code
+                )
+            )
+            self.last = format_sse_event(data_str=_compact(body), event="error")
         else:
             for event in poll.events.get(self.job_pk, ()):
                 if event.pk in self.sent or event.pk <= self.after_pk:
@@ -212,35 +216,17 @@ class EventHub:
                 .join(Team, Team.pk == ApiKey.team_pk)
                 .where(ApiKey.key_hash.in_(list(digests)), ApiKey.revoked_at.is_(None))
             ).all()
-        refusals = {digest: REVOKED for digest in digests}
+        refusals: dict[str, APIError] = {digest: invalid_api_key() for digest in digests}
         for digest, team_name, disabled in good:
             if disabled:
-                refusals[digest] = (
-                    f"team {team_name} is disabled; ask an administrator",
-                    "permission_error",
-                    "team_disabled",
-                )
+                refusals[digest] = team_disabled(team_name)
             else:
                 del refusals[digest]
         return Poll(events, ends, refusals)
 
 
-REVOKED = ("invalid or revoked API key", "authentication_error", "invalid_api_key")
-
-
-def event_hub(request: Request, sessions: sessionmaker[Session]) -> EventHub:
-    """The app's hub, made on first use."""
-    state = request.app.state
-    hub = getattr(state, "event_hub", None)
-    if hub is None:
-        hub = state.event_hub = EventHub(sessions, state.settings.event_stream_poll_seconds)
-    return hub
-
-
-def stream_events(
-    request: Request, sessions: sessionmaker[Session], team_id: str, job_pk: int, after_pk: int
-) -> StreamingResponse:
-    hub = event_hub(request, sessions)
+def stream_events(request: Request, team_id: str, job_pk: int, after_pk: int) -> StreamingResponse:
+    hub: EventHub = request.app.state.event_hub  # made with the app (app/main.py)
     # The key that opened the stream (authenticated by the route), re-checked at each poll.
     key_digest = hash_key(bearer_key(request.headers.get("authorization")) or "")
 

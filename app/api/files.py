@@ -29,7 +29,7 @@ from app.models import Team
 from app.schemas.common import Deleted, FileCursor, ListPage, PurposeFilter, list_page
 from app.schemas.files import FileObject, file_object
 from app.services import files
-from app.services.idempotency import KEY_PATTERN, fingerprint, idempotent
+from app.services.idempotency import check_key, fingerprint, idempotent
 from app.services.pool import team_quotas
 from app.storage import ObjectStore
 
@@ -111,12 +111,8 @@ async def upload_file(
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.bytes + FRAMING_BYTES:
         raise limits.refusal(int(declared))
-    if idempotency_key is not None and not KEY_PATTERN.match(idempotency_key):
-        raise BadRequest(
-            "Idempotency-Key must be 1-255 printable ASCII characters",
-            code="invalid_idempotency_key",
-            param="Idempotency-Key",
-        )
+    if idempotency_key is not None:
+        check_key(idempotency_key)
     body = _BodyChunks(request.receive, current_token(), limits, limits.bytes + FRAMING_BYTES)
     form = MultipartStream(body, boundary)
     sessions = request.app.state.sessionmaker

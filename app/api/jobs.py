@@ -130,11 +130,9 @@ def list_events(
         # then live until the job ends.
         job = jobs.get_job(session, team, job_id)
         cursor = event_cursor(session, job, last_event_id or after)
-        # The request's session would otherwise keep its connection (and, on Postgres, an
-        # open transaction) until the stream ends; each poll opens a short one of its own.
-        team_id, job_pk = team.id, job.pk
-        session.close()
-        return stream_events(request, request.app.state.sessionmaker, team_id, job_pk, cursor)
+        # The request's session closes when this returns (SessionDep's scope), before the
+        # stream starts; the hub's polls use short sessions of their own.
+        return stream_events(request, team.id, job.pk, cursor)
     rows, has_more = jobs.list_events(session, team, job_id, limit, after)
     return list_page([event_object(e) for e in rows], has_more)
 

@@ -45,29 +45,15 @@ def timeline(session: Session, job_pk: int, limit: int) -> tuple[list[JobEvent],
 LATE_COMMIT_SECONDS = 5
 
 
-def events_since(session: Session, job_pk: int, after_pk: int) -> list[JobEvent]:
-    """A job's events past `after_pk`, and those of the last few seconds, oldest first."""
-    recent = now() - LATE_COMMIT_SECONDS
-    return list(
-        session.scalars(
-            select(JobEvent)
-            .where(
-                JobEvent.job_pk == job_pk,
-                or_(JobEvent.pk > after_pk, JobEvent.created_at >= recent),
-            )
-            .order_by(JobEvent.pk)
-        )
-    )
-
-
 # Jobs per query in events_since_each: one OR term each, well inside SQLite's expression
 # depth limit (1000).
 JOBS_PER_QUERY = 100
 
 
 def events_since_each(session: Session, cursors: Mapping[int, int]) -> dict[int, list[JobEvent]]:
-    """events_since for many jobs at once ({job pk: after pk}): what one poll of every open
-    event stream needs, in a query per JOBS_PER_QUERY jobs rather than one per stream."""
+    """Each job's events past its cursor ({job pk: after pk}), and those of the last
+    LATE_COMMIT_SECONDS, oldest first: what one poll of every open event stream needs, in a
+    query per JOBS_PER_QUERY jobs rather than one per stream."""
     recent = now() - LATE_COMMIT_SECONDS
     found: dict[int, list[JobEvent]] = {job_pk: [] for job_pk in cursors}
     items = sorted(cursors.items())

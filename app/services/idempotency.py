@@ -26,6 +26,16 @@ STALE_PENDING_SECONDS = 600  # a pending key this old belonged to a request that
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
+def check_key(key: str) -> None:
+    """400 for an Idempotency-Key outside KEY_PATTERN (before any work on the request)."""
+    if not KEY_PATTERN.match(key):
+        raise BadRequest(
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+            code="invalid_idempotency_key",
+            param="Idempotency-Key",
+        )
+
+
 class KeyReused(APIError):
     status_code = 422
 
@@ -49,12 +59,7 @@ def idempotent(
     """Run `produce` once per (team, endpoint, key); replay its response afterwards."""
     if key is None:
         return produce()
-    if not KEY_PATTERN.match(key):
-        raise BadRequest(
-            "Idempotency-Key must be 1-255 printable ASCII characters",
-            code="invalid_idempotency_key",
-            param="Idempotency-Key",
-        )
+    check_key(key)
     replay = _claim(session, team, endpoint, key, request_hash)
     if replay is not None:
         return replay
