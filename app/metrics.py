@@ -212,8 +212,7 @@ class DatabaseCollector:
         /v1/queue use (app.domain.memory.eligible_classes over the pool's classes): a job
         that fits several classes counts under each. Disabled teams' jobs are left out, as
         the scheduler leaves them."""
-        at = time.time()
-        classes = pool_classes(session, self.settings, at)
+        classes = pool_classes(session, self.settings)
         depth = dict.fromkeys(classes, 0)
         rows = session.execute(
             select(Job.gpu_class, Job.memory_gb, func.count())

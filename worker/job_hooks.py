@@ -23,6 +23,7 @@ from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
 from app.models import Checkpoint, Job, now
 from app.services.events import add_event
+from app.services.training_metrics import METRICS_EVENT
 from app.storage import ObjectStore, checkpoint_key
 from worker.publish import tar_directory
 from worker.training.spec import TrainingHooks
@@ -86,7 +87,7 @@ class JobHooks:
             self.first_step = step
         rate = (time.monotonic() - self.started) / max(step - self.first_step + 1, 1)
         with self.sessions() as session:
-            add_event(session, self.job.pk, ", ".join(parts), type="metrics", data=row)
+            add_event(session, self.job.pk, ", ".join(parts), type=METRICS_EVENT, data=row)
             session.execute(
                 Job.__table__.update()
                 .where(Job.pk == self.job.pk, *self.fence)

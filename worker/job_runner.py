@@ -111,18 +111,11 @@ def supervise(
             if proc.returncode < 0
             else f"exited with status {proc.returncode}"
         )
-        fail_died(sessions, job_id, f"the training process {how}", fence)
+        from worker.job_training import fail_run  # the job process's own failure path
+
+        fail_run(sessions, job_id, "training_process_died", f"the training process {how}", fence)
         return JobStatus.FAILED
     return status or MISSING
-
-
-@retry_db
-def fail_died(sessions: sessionmaker[Session], job_id: str, message: str, fence: tuple) -> None:
-    """The training process died without ending the job: fail it with how it died."""
-    with sessions() as session:
-        job = session.scalar(select(Job).where(Job.id == job_id))
-        lifecycle.fail(session, job, "training_process_died", message, fence=fence)
-        session.commit()
 
 
 @retry_db

@@ -221,7 +221,7 @@ def check_fits_pool(
             )
         return classes
     if not fitting_classes(memory_gb, classes):
-        largest = max(classes.items(), key=lambda kv: kv[1], default=("none", 0.0))
+        largest = max(classes.items(), key=lambda kv: kv[1])
         raise BadRequest(
             f"the job needs about {memory_gb:.1f} GB of GPU memory; the largest class in "
             f"this pool, {largest[0]!r}, has {largest[1]:.0f} GB; lower batch_size or "

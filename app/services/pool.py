@@ -77,13 +77,12 @@ def live_workers(session: Session, settings: Settings, at: float | None = None) 
     )
 
 
-def pool_classes(session: Session, settings: Settings, at: float | None = None) -> dict[str, float]:
+def pool_classes(session: Session, settings: Settings) -> dict[str, float]:
     """The classes the pool knows: declared ones plus every class a worker has ever
     announced, live or not (the larger memory wins).
 
     Not only live ones: during a rolling restart, or in a pool scaled to zero while idle,
-    no worker is up, and a job must wait for its class rather than be refused. `at` is
-    accepted for symmetry with the other reads; every row counts whatever its age."""
+    no worker is up, and a job must wait for its class rather than be refused."""
     classes = dict(settings.declared_gpu_classes)
     announced = session.execute(
         select(Worker.gpu_class, func.max(Worker.memory_gb)).group_by(Worker.gpu_class)

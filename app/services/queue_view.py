@@ -23,7 +23,6 @@ from app.domain.workers import WorkerState
 from app.models import Job, Team
 from app.services.pool import (
     live_workers,
-    online_classes,
     pool_classes,
     slot_free_times,
     team_shares,
@@ -83,7 +82,7 @@ def _waiting(
 def positions(session: Session, settings: Settings) -> dict[int, Position]:
     """Every queued job's place in line (job pk -> Position)."""
     at = time.time()
-    classes = pool_classes(session, settings, at)
+    classes = pool_classes(session, settings)
     candidates, jobs = _waiting(session, classes)
     if not candidates:
         return {}
@@ -108,7 +107,7 @@ def positions(session: Session, settings: Settings) -> dict[int, Position]:
         deepest = max(pos for job, pos in placed if job.eligible == eligible)
         free_in = [t for c in sorted(eligible) if c in slots for t in slots[c].free_in]
         starts[eligible] = estimate_starts(deepest, free_in, typical)
-    online = online_classes(session, settings, at)
+    online = {c for c, slot in slots.items() if slot.workers}  # live, active workers
     result: dict[int, Position] = {}
     for job, position in placed:
         wait = starts[job.eligible][position - 1]
@@ -144,7 +143,7 @@ def team_queue(
 def queue_summary(session: Session, settings: Settings) -> dict:
     """GET /v1/queue: per class (workers, busy, waiting by team) and per team."""
     at = time.time()
-    classes = pool_classes(session, settings, at)
+    classes = pool_classes(session, settings)
     teams = {t.pk: t for t in session.scalars(select(Team))}
     shares = team_shares(session, settings, at)
     workers = live_workers(session, settings, at)

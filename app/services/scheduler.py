@@ -187,7 +187,7 @@ def schedule_once(
         purge_expired(session, at)
         free = free_slots(session, settings, at)
         if free:
-            classes = pool_classes(session, settings, at)
+            classes = pool_classes(session, settings)
             candidates = load_candidates(session, classes, free)
             if candidates:
                 shares = team_shares(session, settings, at)
