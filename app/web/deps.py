@@ -48,6 +48,7 @@ def cookie_team(request: Request, session: SessionDep) -> Team | None:
     if team is None or team.disabled:
         return None
     bind(team_id=team.id)  # on this request's log lines, as for the API (app/logs.py)
+    session.commit()  # as app.api.deps.current_team: the lookup's connection goes back at once
     return team
 
 

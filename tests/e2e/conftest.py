@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.lifetime import child_env
-from tests.conftest import serve_in_thread, settings_from, wait_for  # noqa: F401 (re-exported)
+from tests.conftest import serve_in_thread, wait_for  # noqa: F401 (wait_for re-exported)
 
 
 def free_port() -> int:
