@@ -64,6 +64,9 @@ def file_rows(api_env) -> int:
         ),
         (b'{"prompt": "a", "completion": "b"}\n', "mixed_formats", "mixed formats"),
         (b'{"input": "a"}\n', "missing_key", "expected key"),
+        # Escapes that json.loads accepts but a training file must not hold.
+        (rb'{"text": "a\u0000"}' + b"\n", "nul_character", "NUL character"),
+        (rb'{"text": "\ud800"}' + b"\n", "invalid_encoding", "surrogate"),
     ],
 )
 def test_bad_line_is_refused_with_its_number_and_nothing_is_stored(

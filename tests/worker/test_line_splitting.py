@@ -3,24 +3,37 @@ examples on the same line numbers, whatever separators other than "\\n" a line h
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from app.domain.datasets import DatasetValidator
+from app.services.files import ValidatingReader
 from worker.training.data import read_jsonl
 
 
+class RecordingValidator(DatasetValidator):
+    """The upload validator, noting the line of each example it accepts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.example_lines: list[int] = []
+
+    def feed(self, raw: bytes) -> None:
+        before = self.examples
+        super().feed(raw)
+        if self.examples > before:
+            self.example_lines.append(self.line)
+
+
 def validated_lines(content: bytes) -> list[int]:
-    """Line numbers the validator counted an example on, fed as app.services.files feeds
-    it (split at b"\\n")."""
-    validator = DatasetValidator()
-    lines = []
-    for raw in content.split(b"\n"):
-        before = validator.examples
-        validator.feed(raw)
-        if validator.examples > before:
-            lines.append(validator.line)
-    return lines
+    """Line numbers the validator counted an example on, fed by the upload's own reader
+    (app.services.files.ValidatingReader) in small chunks, as a streamed upload feeds it."""
+    validator = RecordingValidator()
+    reader = ValidatingReader(io.BytesIO(content), validator, len(content))
+    while reader.read(7):
+        pass
+    return validator.example_lines
 
 
 def test_the_worker_numbers_lines_as_the_validator_did(tmp_path: Path) -> None:
