@@ -42,6 +42,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.run import ensure_database, free_port
+
 try:
     import uvloop  # uvicorn's (uvicorn[standard]): a cheaper driver leaves more CPU to the API
 except ImportError:  # pragma: no cover
@@ -63,14 +65,6 @@ S3_CREDENTIALS = {  # moto's: any will do
 IDLE_CLASS = "bench-idle"  # declared, never served: its jobs stay queued, their streams open
 # Request mix of the non-streaming clients (weights).
 MIX = {"job_get": 40, "event_page": 25, "job_list": 15, "file_list": 15, "upload": 5}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, deadline_s: float, what: str) -> None:
@@ -119,15 +113,9 @@ def postgres(workdir: Path) -> Iterator[str]:
         capture_output=True,
     )
     try:
-        from sqlalchemy import create_engine, text
-
-        admin = create_engine(
-            f"postgresql+psycopg://postgres@{HOST}:{port}/postgres", isolation_level="AUTOCOMMIT"
-        )
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE lathe_load"))
-        admin.dispose()
-        yield f"postgresql+psycopg://postgres@{HOST}:{port}/lathe_load"
+        url = f"postgresql+psycopg://postgres@{HOST}:{port}/lathe_load"
+        ensure_database(url)
+        yield url
     finally:
         subprocess.run(
             [str(PG_CTL), "stop", "-D", str(datadir), "-m", "fast"],

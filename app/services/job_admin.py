@@ -10,9 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.domain.jobs import JobStatus, is_final
-from app.errors import Conflict, NotFound
+from app.errors import NotFound
 from app.models import AdminKey, Job
 from app.services import audit, lifecycle
+from app.services.jobs import not_cancellable
 
 
 def cancel_job(session: Session, admin: AdminKey, job_id: str) -> Job:
@@ -25,13 +26,7 @@ def cancel_job(session: Session, admin: AdminKey, job_id: str) -> Job:
     previous = job.status
     if is_final(JobStatus(previous)) or not lifecycle.cancel(session, job, actor="admin"):
         session.rollback()  # it may have ended between the read and the update
-        job = session.scalar(select(Job).where(Job.id == job_id))
-        raise Conflict(
-            f"job {job_id} has already ended ({job.status if job else previous}); "
-            "it cannot be cancelled",
-            code="job_not_cancellable",
-            param="job_id",
-        )
+        raise not_cancellable(session.get_one(Job, job.pk), param="job_id")
     audit.record(
         session,
         audit.actor_of(admin),

@@ -265,21 +265,22 @@ def list_jobs(session: Session, team: Team, limit: int, after: str | None):
     return newest_first_page(session, Job, Job.team_pk == team.pk, limit, after)
 
 
-def _not_cancellable(job: Job) -> Conflict:
+def not_cancellable(job: Job, param: str = "fine_tuning_job_id") -> Conflict:
+    """The 409 for cancelling a job that has ended (the team's and the admin's cancel)."""
     return Conflict(
         f"job {job.id} has already ended ({job.status}); it cannot be cancelled",
         code="job_not_cancellable",
-        param="fine_tuning_job_id",
+        param=param,
     )
 
 
 def cancel_job(session: Session, team: Team, job_id: str) -> Job:
     job = get_job(session, team, job_id)
     if is_final(JobStatus(job.status)):
-        raise _not_cancellable(job)
+        raise not_cancellable(job)
     if not lifecycle.cancel(session, job, actor="team"):
         session.rollback()  # it ended between the read and the update
-        raise _not_cancellable(get_job(session, team, job_id))
+        raise not_cancellable(get_job(session, team, job_id))
     session.commit()
     return job
 
