@@ -16,6 +16,7 @@ from app.domain.jobs import FINAL_STATES
 from app.domain.quotas import QuotaExceeded
 from app.errors import APIError, BadRequest, NotFound, PayloadTooLarge, QuotaError
 from app.models import File, Job, Team
+from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
 from app.storage import ObjectStore, file_key, team_prefix
 
@@ -275,10 +276,11 @@ def list_files(session: Session, team: Team, purpose: str | None, limit: int, af
 
 def delete_file(session: Session, store: ObjectStore, team: Team, file_id: str) -> None:
     """Delete a file no unfinished job uses. A paused job counts: its resume reads the
-    training and validation files again. The row is locked, so a job created meanwhile
-    (which locks it too) is either seen here or sees the file gone."""
+    training and validation files again. Under the team's lock, which job creation takes
+    too (on both databases), a job created meanwhile is either seen here or sees the file
+    gone."""
+    lock_team(session, team)
     record = get_file(session, team, file_id)
-    session.execute(select(File.pk).where(File.pk == record.pk).with_for_update())
     in_use = session.scalar(
         select(Job.id).where(
             Job.team_pk == team.pk,

@@ -35,10 +35,7 @@ from app.services.usage import month_gpu_seconds
 
 
 def _job_file(session: Session, team: Team, file_id: str, param: str) -> File:
-    # Locked: a concurrent DELETE of the file waits, then sees this job using it.
-    record = session.scalar(
-        select(File).where(File.id == file_id, File.team_pk == team.pk).with_for_update()
-    )
+    record = session.scalar(select(File).where(File.id == file_id, File.team_pk == team.pk))
     if record is None:
         raise BadRequest(f"{param} {file_id!r} does not exist", code="file_not_found", param=param)
     if record.purpose != "fine-tune":
@@ -71,6 +68,9 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
             code="model_not_found",
             param="model",
         )
+    # The team's lock, before the files are read: a concurrent DELETE of one (which takes
+    # it too) either finished first, and the file is gone, or waits and sees this job.
+    lock_team(session, team)
     training = _job_file(session, team, body.training_file, "training_file")
     validation = (
         _job_file(session, team, body.validation_file, "validation_file")
