@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.domain.denied_networks import THIS_HOST, parse_denied_networks
 
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 
@@ -99,16 +100,14 @@ class Settings(BaseSettings):
             "fe80::/10",
             "127.0.0.0/8",
             "::1/128",
-            "this-host",
+            THIS_HOST,
         ]
     )
 
     @field_validator("webhook_denied_networks")
     @classmethod
     def _networks_parse(cls, entries: list[str]) -> list[str]:
-        for entry in entries:
-            if entry.strip() != "this-host":
-                ipaddress.ip_network(entry.strip(), strict=False)  # ValueError names it
+        parse_denied_networks(entries)  # the sender's own parse: ValueError names the entry
         return entries
 
     # How often a job's event stream (GET .../events?stream=true) looks for new events.

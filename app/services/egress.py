@@ -28,10 +28,10 @@ import httpcore
 import httpx
 import psutil
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from app.domain.denied_networks import IPNetwork, parse_denied_networks
 
-THIS_HOST = "this-host"
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 """The denied-networks entry for every address of this machine's interfaces."""
 
 ALWAYS_DENIED: tuple[IPNetwork, ...] = (
@@ -102,9 +102,8 @@ class EgressPolicy:
         cls, entries: Iterable[str], resolver: Resolver = system_resolver
     ) -> EgressPolicy:
         """From LATHE_WEBHOOK_DENIED_NETWORKS: CIDR networks, and `this-host`."""
-        entries = [e.strip() for e in entries]
-        networks = tuple(ipaddress.ip_network(e, strict=False) for e in entries if e != THIS_HOST)
-        return cls(networks, THIS_HOST in entries, resolver)
+        networks, this_host = parse_denied_networks(entries)
+        return cls(networks, this_host, resolver)
 
     def denial(self, address: str, own: set[IPAddress] | None = None) -> str | None:
         """Why `address` may not be called, or None. `own`: this host's addresses, if looked up

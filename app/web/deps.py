@@ -74,11 +74,16 @@ def checked_job_id(job_id: str, team: SignedInTeam) -> str:
 JobId = Annotated[str, Depends(checked_job_id)]
 
 
+def job_not_found(team: Team, job_id: str) -> PageNotFound:
+    """The 404 page for a job the signed-in team does not have."""
+    return PageNotFound(team, f"No fine-tuning job {job_id} in team {team.name}.")
+
+
 def team_job(job_id: JobId, team: SignedInTeam, session: SessionDep) -> Job:
     try:
         return jobs_service.get_job(session, team, job_id)
     except APIError:
-        raise PageNotFound(team, f"No fine-tuning job {job_id} in team {team.name}.") from None
+        raise job_not_found(team, job_id) from None
 
 
 TeamJob = Annotated[Job, Depends(team_job)]

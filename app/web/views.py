@@ -29,7 +29,7 @@ from app.services.training_metrics import metrics_rows
 from app.services.usage import metered_jobs, usage_for
 from app.web import auth
 from app.web.chart import loss_chart
-from app.web.deps import JobId, MaybeTeam, PageNotFound, SignedInTeam, TeamJob
+from app.web.deps import JobId, MaybeTeam, PageNotFound, SignedInTeam, TeamJob, job_not_found
 from app.web.pages import HERE, base_path, notice, redirect, render
 
 ACTIVE = {JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value}
@@ -165,7 +165,7 @@ def cancel(
     except Conflict:
         return redirect(request, f"/jobs/{job_id}?notice=not_cancellable")
     except APIError:
-        raise PageNotFound(team, f"No fine-tuning job {job_id} in team {team.name}.") from None
+        raise job_not_found(team, job_id) from None
     return redirect(request, f"/jobs/{job_id}?notice=cancelled")
 
 
@@ -181,7 +181,7 @@ def result_file(
             raise PageNotFound(team, f"Job {job.id} has no result file {filename}.")
         record = files_service.get_file(session, team, record.id)  # the team-prefix check
     except APIError:
-        raise PageNotFound(team, f"No fine-tuning job {job.id} in team {team.name}.") from None
+        raise job_not_found(team, job.id) from None
     return file_response(
         record,
         store,
