@@ -55,10 +55,10 @@ class DatasetStats:
 _FORBIDDEN_CHARACTER = re.compile("[\x00\ud800-\udfff]")
 
 
-def _strings(value: object, where: str = "") -> Iterator[tuple[str, str]]:
+def _strings(record: object) -> Iterator[tuple[str, str]]:
     """(where, string) for every key and string value in a parsed JSON value, iteratively
     (a record may be nested as deeply as json.loads allows)."""
-    stack: list[tuple[str, object]] = [(where, value)]
+    stack: list[tuple[str, object]] = [("", record)]
     while stack:
         where, value = stack.pop()
         if isinstance(value, str):

@@ -36,6 +36,7 @@ QUOTA_MAXIMA: dict[str, int | float] = {
     "gpu_hours_per_month": 10_000_000.0,
 }
 INTEGER_QUOTAS = ("max_running_jobs", "max_queued_jobs", "max_file_bytes")
+MAX_WEIGHT = 1_000_000  # a team's fair-share weight; finite, so shares stay numbers
 
 
 def quota_value_problem(name: str, value: object) -> str | None:

@@ -9,9 +9,8 @@ from pydantic import Field, StringConstraints
 from pydantic.json_schema import SkipJsonSchema
 
 from app import models
-from app.domain.quotas import QUOTA_MAXIMA
+from app.domain.quotas import MAX_WEIGHT, QUOTA_MAXIMA
 from app.schemas.common import ApiObject, Strict
-from app.services.team_admin import MAX_WEIGHT
 
 TeamName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Weight = Annotated[float, Field(gt=0, le=MAX_WEIGHT, allow_inf_nan=False)]

@@ -12,15 +12,14 @@ from sqlalchemy import select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.domain.quotas import quota_value_problem
+from app.domain.quotas import MAX_WEIGHT, QUOTA_MAXIMA, quota_value_problem
 from app.errors import BadRequest, Conflict, NotFound
 from app.models import AdminKey, ApiKey, Team
 from app.services import audit, teams
 from app.services.pagination import newest_first_page
 
-QUOTA_FIELDS = ("max_running_jobs", "max_queued_jobs", "max_file_bytes", "gpu_hours_per_month")
+QUOTA_FIELDS = tuple(QUOTA_MAXIMA)
 TEAM_FIELDS = ("weight", "disabled", *QUOTA_FIELDS)
-MAX_WEIGHT = 1_000_000  # a fair-share weight; finite, so shares stay numbers
 
 
 def get_team(session: Session, team_id: str, *, lock: bool = False) -> Team:
