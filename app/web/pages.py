@@ -36,6 +36,15 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 
+
+def _fixed(value: object, decimals: int = 3) -> str:
+    """A score (accuracy, precision, F1) to a fixed number of decimals, so a column of
+    them lines up: 1.000 and 0.250, not 1 and 0.25."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return DASH
+    return f"{value:.{decimals}f}"
+
+
 _env = Environment(
     loader=FileSystemLoader(HERE / "templates"),
     autoescape=True,  # every template, whatever its name: all data is text
@@ -49,6 +58,7 @@ _env.filters.update(
     num=partial(formatting.number, missing=DASH),
     duration=partial(formatting.duration, missing=DASH),
     value=partial(formatting.option_text, missing=DASH),
+    fixed=_fixed,
 )
 
 

@@ -28,7 +28,8 @@ from app.services.teams import team_for_key
 from app.services.training_metrics import metrics_rows
 from app.services.usage import metered_jobs, usage_for
 from app.web import auth
-from app.web.chart import loss_chart
+from app.web.chart import loss_chart, score_chart
+from app.web.classification import classification_view
 from app.web.deps import JobId, MaybeTeam, PageNotFound, SignedInTeam, TeamJob, job_not_found
 from app.web.pages import HERE, base_path, notice, redirect, render
 
@@ -129,14 +130,18 @@ def job_page(
     checkpoints, _ = jobs_service.list_checkpoints(session, team, job.id, 100, None)
     place = job_position(session, settings, job) if job.status == JobStatus.QUEUED else None
     rows = metrics_rows(session, job.pk)
+    stats = job.stats if isinstance(job.stats, dict) else {}
     return render(
         request,
         "job.html",
         team=team,
         job=job,
-        stats=job.stats if isinstance(job.stats, dict) else {},
+        stats=stats,
         chart=loss_chart(rows),
+        scores=score_chart(rows),
+        classification=classification_view(stats),
         last_metrics=rows[-1] if rows else None,
+        last_eval=next((r for r in reversed(rows) if r.get("valid_loss") is not None), None),
         metrics_count=len(rows),
         events=events,
         event_count=event_count,

@@ -20,13 +20,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from app.domain.classification import classification_report
 from app.models import File, Job, Team, Worker
 from app.services.events import add_event
 from app.services.teams import create_team
 from app.services.training_metrics import metrics_rows, metrics_rows_up_to
 from app.storage import file_key
 from app.web.auth import COOKIE
-from app.web.chart import loss_chart, nice_ticks
+from app.web.chart import loss_chart, nice_ticks, score_chart
+from app.web.classification import classification_view
 from tests.api.conftest import TeamClient
 from tests.api.datasets import CHAT
 
@@ -278,6 +280,101 @@ def test_the_loss_chart_draws_train_and_validation(browser, team, sessions) -> N
     assert "validation token accuracy 50.0%" in page
 
 
+def test_a_classifiers_page_shows_its_report_and_confusion_matrix(api, team, sessions) -> None:
+    """stats.classification (the worker's final evaluation) as tables: the headline
+    figures, per-class precision/recall/F1/support, and the confusion matrix with true
+    classes as rows, predictions as columns and the diagonal marked. Class names are the
+    user's labels: escaped like any other text."""
+    evil = "<b>x</b>"
+    classes = [evil, "Sports", "World"]
+    # True x: 2 right, 1 read as Sports; Sports: 3 right; World: 1 right, 2 read as x.
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    predictions = [0, 0, 1, 1, 1, 1, 2, 0, 0]
+    report = classification_report(classes, labels, predictions) | {"step": 12}
+    job = create_job(team)
+    with sessions() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(data_format="classification", stats={"classification": report})
+        )
+        pk = session.scalar(select(Job.pk).where(Job.id == job["id"]))
+        for step, accuracy, f1 in [(6, 0.5, 0.4), (12, 0.6667, 0.6429)]:
+            data = {"step": step, "total_steps": 12, "train_loss": 1.0 / step}
+            data |= {"valid_loss": 0.9, "valid_accuracy": accuracy, "valid_macro_f1": f1}
+            add_event(session, pk, f"Step {step}", type="metrics", data=data)
+        session.commit()
+    page = signed_in(api, team.key).get(f"/jobs/{job['id']}")
+    assert page.status_code == 200
+    html = page.text
+    assert 'Classification <span class="muted">(validation, step 12)</span>' in html
+    assert evil not in html
+    assert "&lt;b&gt;x&lt;/b&gt;" in html
+    assert re.search(r'id="classification-accuracy">0\.667<', html)
+    assert re.search(r'id="classification-macro-f1">0\.643<', html)
+    per_class = re.search(r'<table class="list" id="per-class">(.*?)</table>', html, re.S)
+    assert per_class
+    rows = re.findall(
+        r"<tr><td class=\"class-name\">(.*?)</td>(.*?)</tr>", per_class.group(1), re.S
+    )
+    figures = {name: re.findall(r'class="num">([^<]*)<', cells) for name, cells in rows}
+    # x: precision 2/4, recall 2/3; Sports: precision 3/4, recall 1; World: 1/1, 1/3.
+    assert figures == {
+        "&lt;b&gt;x&lt;/b&gt;": ["0.500", "0.667", "0.571", "3"],
+        "Sports": ["0.750", "1.000", "0.857", "3"],
+        "World": ["1.000", "0.333", "0.500", "3"],
+    }
+    matrix = re.search(r'<table class="confusion" id="confusion-matrix">(.*?)</table>', html, re.S)
+    assert matrix
+    header = re.findall(r'<th scope="col" class="class-name">(.*?)</th>', matrix.group(1))
+    assert header == ["&lt;b&gt;x&lt;/b&gt;", "Sports", "World"]
+    assert re.findall(r'<th scope="row" class="class-name">(.*?)</th>', matrix.group(1)) == header
+    cells = {
+        (int(i), int(j)): (kind, int(count))
+        for kind, i, j, count in re.findall(
+            r'<td class="num (\w+)" data-cell="(\d+),(\d+)"[^>]*>(\d+)</td>', matrix.group(1)
+        )
+    }
+    assert cells == {
+        (0, 0): ("diag", 2), (0, 1): ("confused", 1), (0, 2): ("zero", 0),
+        (1, 0): ("zero", 0), (1, 1): ("diag", 3), (1, 2): ("zero", 0),
+        (2, 0): ("confused", 2), (2, 1): ("zero", 0), (2, 2): ("diag", 1),
+    }  # fmt: skip
+    assert 'title="true World, predicted &lt;b&gt;x&lt;/b&gt;">2<' in html
+    # The latest evaluation's figures under the loss chart, and the score chart.
+    assert "validation accuracy 66.7%" in html and "macro-F1 0.643" in html
+    series = dict(re.findall(r'data-series="(\w+)" points="([^"]*)"', html))
+    assert set(series) == {"train", "valid", "accuracy", "macro_f1"}
+    assert len(series["accuracy"].split()) == len(series["macro_f1"].split()) == 2
+    assert '<svg id="score-chart"' in html and html.count('class="dot accuracy"') == 2
+
+
+def test_a_generative_jobs_page_has_no_classification_section(browser, team) -> None:
+    job = create_job(team)
+    page = browser.get(f"/jobs/{job['id']}").text
+    assert 'id="classification"' not in page and 'id="score-chart"' not in page
+
+
+def test_classification_view_shows_what_holds_together() -> None:
+    """The stats are the worker's JSON: a matrix of another size than the class list is
+    left out, the per-class figures still shown; no report, no section."""
+    assert classification_view({}) is None
+    assert classification_view({"classification": "nonsense"}) is None
+    report = classification_report(["a", "b"], [0, 1, 1], [0, 1, 0])
+    view = classification_view({"classification": report})
+    assert view is not None and view.step is None
+    assert [[(c.count, c.kind) for c in cells] for _, cells in view.matrix] == [
+        [(1, "diag"), (0, "zero")],
+        [(1, "confused"), (1, "diag")],
+    ]
+    broken = classification_view(
+        {"classification": {**report, "confusion_matrix": [[1, 0]], "accuracy": "high"}}
+    )
+    assert broken is not None
+    assert broken.matrix == [] and broken.accuracy is None
+    assert [r.name for r in broken.per_class] == ["a", "b"]
+
+
 def test_metrics_rows_up_to_a_step_keep_each_steps_latest_row(team, sessions) -> None:
     """What a resumed attempt's metrics.csv starts with: the earlier attempts' rows up to
     its checkpoint, a step logged twice (an attempt ran past its checkpoint) once."""
@@ -417,3 +514,19 @@ def test_chart_of_nothing_is_none_and_of_one_point_is_drawn() -> None:
     assert one is not None and len(one.series[0].points) == 1
     assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(1, 20, 6)[0] in (0, 5) and nice_ticks(1, 20, 6)[-1] == 20
+
+
+def test_score_chart_draws_accuracy_and_macro_f1_on_a_fixed_scale() -> None:
+    assert score_chart([{"step": 1, "train_loss": 1.0, "valid_mean_token_accuracy": 0.5}]) is None
+    chart = score_chart(
+        [
+            {"step": 5, "valid_accuracy": 0.9, "valid_macro_f1": 0.85},
+            {"step": 10, "valid_accuracy": 0.95, "valid_macro_f1": math.nan},
+        ]
+    )
+    assert chart is not None
+    accuracy, macro_f1 = chart.series
+    assert (accuracy.name, accuracy.values) == ("accuracy", [(5, 0.9), (10, 0.95)])
+    assert (macro_f1.name, macro_f1.values) == ("macro_f1", [(5, 0.85)])
+    assert [label for _, label in chart.y_ticks] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert [(x, y) for x, y, _, _ in accuracy.marks] == accuracy.points
