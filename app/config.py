@@ -38,9 +38,20 @@ class BaseModelSpec(BaseModel):
     # None: tiny-random-llama is generated into models_dir; any other name is models_dir/name.
     path: str | None = None
     chat_template: str | None = None
-    # LoRA targets when a job names none: every linear layer of the blocks (peft's
-    # "all-linear"), as the QLoRA paper recommends; or a list of module names.
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+    # What kind of network it is: "causal" (a decoder: Llama, Mistral; every dataset format)
+    # or "encoder" (BERT, RoBERTa, DeBERTa: classification files only). None: read from the
+    # model's config.json ("architectures", "model_type", "is_decoder") when the API can
+    # read it, a local directory (`path`, or models_dir/name); else causal. Declare it for an
+    # s3:// or hub-id model: the API does not fetch those.
+    kind: Literal["causal", "encoder"] | None = None
+    # The family, as config.json's "model_type" spells it ("bert", "roberta", "llama"); it
+    # picks an encoder's default LoRA targets. None: read from config.json as `kind` is.
+    architecture: str | None = None
+    # LoRA targets when a job names none: module names, or ["all-linear"] (peft's name for
+    # every linear layer of the blocks). None: the architecture's default
+    # (app/domain/architectures.py): all-linear for a decoder, as the QLoRA paper
+    # recommends; the attention query and value projections for a known encoder family.
+    target_modules: list[str] | None = None
     # Rough parameter count, used for memory estimates.
     parameters: int | None = None
     # Base learning rate; a job's learning_rate_multiplier scales it.
@@ -73,6 +84,8 @@ class Settings(BaseSettings):
             BaseModelSpec(
                 name=TINY_RANDOM_LLAMA,
                 chat_template=DEFAULT_CHAT_TEMPLATE,
+                kind="causal",
+                architecture="llama",
                 parameters=130_000,
                 hidden_size=64,
                 num_layers=2,

@@ -11,19 +11,22 @@ from app.domain.jobs import JobStatus
 from app.errors import NotFound
 from app.models import Job
 from app.schemas.jobs import Model, ModelList
+from app.services.base_models import describe
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(*COMMON_ERRORS))
 
 
 def _all_models(session: SessionDep, settings: SettingsDep, team: TeamDep) -> list[Model]:
-    base = [Model(id=m.name, created=0, owned_by="lathe") for m in settings.base_models]
+    kinds = {m.name: describe(settings, m).kind.value for m in settings.base_models}
+    base = [Model(id=name, created=0, owned_by="lathe", kind=kind) for name, kind in kinds.items()]
     tuned = session.execute(
-        select(Job.fine_tuned_model, Job.finished_at)
+        select(Job.fine_tuned_model, Job.finished_at, Job.model)
         .where(Job.team_pk == team.pk, Job.status == JobStatus.SUCCEEDED.value)
         .order_by(Job.pk.desc())
     )
     return base + [
-        Model(id=name, created=finished or 0, owned_by=team.id) for name, finished in tuned
+        Model(id=name, created=finished or 0, owned_by=team.id, kind=kinds.get(base_name))
+        for name, finished, base_name in tuned
     ]
 
 

@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from app.domain.architectures import ALL_LINEAR, ModelKind, linear_layers_per_block
+
 GB = 1024**3
 """Bytes per GB (GiB), as GPU memory is quoted by drivers and nvidia-smi."""
 
@@ -28,9 +30,9 @@ DOUBLE_QUANT_CONSTANT_BITS = 0.127
 LORA_BYTES_PER_PARAM = 16
 """LoRA adapter params are trained in fp32: weight 4 + gradient 4 + Adam m 4 + Adam v 4."""
 
-ALL_LINEAR = "all-linear"
-LINEAR_PER_LAYER = 7
-"""Linear layers in a Llama-style block: q, k, v, o in attention; gate, up, down in the MLP."""
+LINEAR_PER_LAYER = linear_layers_per_block(ModelKind.CAUSAL)
+"""Linear layers in a Llama-style block: q, k, v, o in attention; gate, up, down in the MLP
+(an encoder block has 6: app/domain/architectures.py)."""
 
 CHECKPOINTED_ACTIVATION_FACTOR = 4
 """Bytes per hidden value and layer kept with gradient checkpointing: the layer's bf16
@@ -42,9 +44,12 @@ bytes per hidden value in bf16 (Korthikanti et al., 2022, with the MLP at ~2.7x 
 without the attention scores, which SDPA does not keep)."""
 
 
-def adapted_matrices(target_modules: list[str]) -> int:
-    """How many weight matrices per layer get an adapter."""
-    return LINEAR_PER_LAYER if ALL_LINEAR in target_modules else len(target_modules)
+def adapted_matrices(target_modules: list[str], kind: ModelKind | str = ModelKind.CAUSAL) -> int:
+    """How many weight matrices per layer get an adapter: named modules one each (a name
+    matches one module per block), "all-linear" every linear layer of the kind's block."""
+    if ALL_LINEAR in target_modules:
+        return linear_layers_per_block(kind)
+    return len(target_modules)
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,40 @@ class ModelShape:
     intermediate_size: int | None = None
 
 
+def parameters_from_shape(
+    kind: ModelKind | str,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    vocab_size: int,
+    intermediate_size: int | None = None,
+) -> int:
+    """A parameter count from a config.json's shape, for a model that declares none.
+
+    A block holds 4·hidden² of attention and its MLP: three hidden x intermediate matrices
+    in a gated (Llama) decoder, two in an encoder; without an intermediate size, the
+    usual 8/3·hidden and 4·hidden. Embeddings count once for an encoder and twice for a
+    decoder (an untied output head, the larger case).
+    """
+    if ModelKind(kind) is ModelKind.ENCODER:
+        mlp = 2 * hidden_size * (intermediate_size or 4 * hidden_size)
+        embeddings = vocab_size * hidden_size
+    else:
+        mlp = 3 * hidden_size * (intermediate_size or 8 * hidden_size // 3)
+        embeddings = 2 * vocab_size * hidden_size
+    return num_layers * (4 * hidden_size**2 + mlp) + embeddings
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     base_weights_gb: float
     """Frozen base model in NF4: 4 bits per parameter plus the quantization constants."""
     lora_gb: float
-    """LoRA adapters with their gradients and Adam states, 16 bytes per adapter parameter."""
+    """What is trained, with its gradients and Adam states, 16 bytes a parameter: the LoRA
+    adapters, and a classifier's head (trained in full)."""
     activations_gb: float
     """Activations kept for the backward pass (few with gradient checkpointing), plus the fp32
-    logits and their gradient."""
+    vocabulary logits and their gradient (none for a classifier: it has a few outputs)."""
     overhead_gb: float
     """CUDA context, cuBLAS workspaces and allocator fragmentation."""
 
@@ -105,12 +135,16 @@ def estimate_memory_gb(
     double_quant: bool = True,
     gradient_checkpointing: bool = True,
     overhead_gb: float = 0.5,
+    classification: bool = False,
 ) -> MemoryEstimate:
     """Peak GPU memory for QLoRA training of `shape`, term by term.
 
     `target_modules` is the number of projection matrices per layer that get an adapter
-    (e.g. 4 for q, k, v, o). Every adapted matrix is treated as hidden x hidden, which
-    undercounts MLP projections a little; the overhead term absorbs that.
+    (e.g. 4 for q, k, v, o; adapted_matrices counts them). Every adapted matrix is treated
+    as hidden x hidden, which undercounts MLP projections a little; the overhead term
+    absorbs that. A classifier (`classification`) computes a few class scores instead of
+    the vocabulary's logits, and trains its head in full: a hidden x hidden layer (BERT's
+    pooler, RoBERTa's dense) and the small output layer, counted as one hidden².
     """
     for name, value in (
         ("lora_r", lora_r),
@@ -125,13 +159,15 @@ def estimate_memory_gb(
 
     # A and B of a rank-r adapter on a hidden x hidden matrix: r·hidden each.
     lora_params = 2 * lora_r * shape.hidden_size * target_modules * shape.num_layers
-    lora_bytes = lora_params * LORA_BYTES_PER_PARAM
+    head_params = shape.hidden_size**2 if classification else 0
+    lora_bytes = (lora_params + head_params) * LORA_BYTES_PER_PARAM
 
     tokens = batch_size * seq_len
     factor = CHECKPOINTED_ACTIVATION_FACTOR if gradient_checkpointing else FULL_ACTIVATION_FACTOR
     layer_bytes = tokens * shape.hidden_size * shape.num_layers * factor
-    # Logits are upcast to fp32 for the loss, and their gradient is the same size.
-    logits_bytes = tokens * shape.vocab_size * 4 * 2
+    # Logits are upcast to fp32 for the loss, and their gradient is the same size. A
+    # classifier's few class scores per example are too small to count.
+    logits_bytes = 0 if classification else tokens * shape.vocab_size * 4 * 2
 
     return MemoryEstimate(
         base_weights_gb=base_bytes / GB,

@@ -228,6 +228,9 @@ class Model(ApiObject):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # Lathe's: "causal" (a decoder, every dataset format) or "encoder" (classifiers only);
+    # a fine-tuned model carries its base's; null when that base is no longer offered.
+    kind: Literal["causal", "encoder"] | None = None
 
 
 class ModelList(ApiObject):

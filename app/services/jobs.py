@@ -9,12 +9,13 @@ import secrets
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.config import BaseModelSpec, Settings
+from app.config import Settings
+from app.domain.architectures import ModelKind
+from app.domain.datasets import FORMAT_LABELS, DatasetFormat
 from app.domain.hyperparameters import resolve
 from app.domain.ids import new_id
 from app.domain.jobs import WAITING_STATES, JobStatus, is_final
 from app.domain.memory import (
-    ModelShape,
     adapted_matrices,
     eligible_classes,
     estimate_memory_gb,
@@ -27,6 +28,7 @@ from app.errors import BadRequest, Conflict, NotFound, QuotaError
 from app.models import Checkpoint, File, Job, JobEvent, Team, Worker
 from app.schemas import JobCreate, QuantizationIn, TrainingIn
 from app.services import lifecycle
+from app.services.base_models import BaseModelFacts, describe
 from app.services.events import add_event
 from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
@@ -59,6 +61,24 @@ def dataset_problem(training: File, validation: File | None) -> dict | None:
     return None
 
 
+def check_format_fits_model(name: str, facts: BaseModelFacts, training: File) -> None:
+    """Refuse, at creation, a file the model cannot learn from: an encoder does not generate
+    text, so it fine-tunes classifiers only."""
+    if facts.kind is not ModelKind.ENCODER or training.format is None:
+        return
+    if training.format == DatasetFormat.CLASSIFICATION:
+        return
+    family = f" ({facts.architecture})" if facts.architecture else ""
+    fmt = DatasetFormat(training.format)
+    raise BadRequest(
+        f"model {name!r} is an encoder{family}: it fine-tunes classifiers from "
+        f"{FORMAT_LABELS[DatasetFormat.CLASSIFICATION]} files; training_file {training.id!r} "
+        f"is {FORMAT_LABELS[fmt]}",
+        code="unsupported_format_for_model",
+        param="training_file",
+    )
+
+
 def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
     base = settings.base_model(body.model)
     if base is None:
@@ -77,6 +97,8 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         if body.validation_file
         else None
     )
+    facts = describe(settings, base)
+    check_format_fits_model(base.name, facts, training)
     requested = body.requested_hyperparameters()
     hp = resolve(
         requested.n_epochs,
@@ -85,10 +107,16 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         examples=training.examples or 0,
     )
     lora = body.lora.model_dump()
-    lora["target_modules"] = lora["target_modules"] or list(base.target_modules)
+    lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
     check_new_job_quota(session, settings, team)
     memory_gb = job_memory_gb(
-        base, lora, hp.batch_size, body.max_seq_length, body.quantization, body.training
+        facts,
+        lora,
+        hp.batch_size,
+        body.max_seq_length,
+        body.quantization,
+        body.training,
+        classification=training.format == DatasetFormat.CLASSIFICATION,
     )
     classes = check_fits_pool(session, settings, body.gpu_class, memory_gb)
     job = Job(
@@ -163,31 +191,29 @@ def note_if_no_worker(
 
 
 def job_memory_gb(
-    base: BaseModelSpec,
+    facts: BaseModelFacts,
     lora: dict,
     batch_size: int,
     seq_len: int,
     quant: QuantizationIn,
     training: TrainingIn,
+    *,
+    classification: bool = False,
 ) -> float:
-    if base.hidden_size and base.num_layers:
-        shape = ModelShape(
-            parameters=base.parameters or 0,
-            hidden_size=base.hidden_size,
-            num_layers=base.num_layers,
-            vocab_size=base.vocab_size or 32000,
-        )
-    else:
-        shape = shape_from_parameters(base.parameters or 7_000_000_000)
+    # A model of unknown shape is taken for a 7B decoder: generous, as the estimate means to be.
+    shape = facts.shape or shape_from_parameters(facts.parameters or 7_000_000_000)
+    if facts.max_positions:
+        seq_len = min(seq_len, facts.max_positions)  # BERT reads at most 512 tokens
     return estimate_memory_gb(
         shape,
         lora_r=lora["r"],
-        target_modules=adapted_matrices(lora["target_modules"]),
+        target_modules=adapted_matrices(lora["target_modules"], facts.kind),
         batch_size=batch_size,
         seq_len=seq_len,
         double_quant=quant.double_quant,
         # The estimate is for a GPU, where "auto" turns checkpointing on.
         gradient_checkpointing=training.gradient_checkpointing is not False,
+        classification=classification,
     ).total_gb
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from app.domain.architectures import ModelKind
 from app.domain.memory import (
     ModelShape,
+    adapted_matrices,
     estimate_memory_gb,
     fitting_classes,
+    parameters_from_shape,
     shape_from_parameters,
 )
 
@@ -73,3 +76,50 @@ def test_fitting_classes_smallest_first_ties_by_name() -> None:
     assert fitting_classes(20.0, classes) == ["a10", "l4", "a100", "h100"]
     assert fitting_classes(24.0, classes) == ["a10", "l4", "a100", "h100"]
     assert fitting_classes(100.0, classes) == []
+
+
+# --- Encoders and classifiers ------------------------------------------------------------
+
+BERT_BASE = ModelShape(parameters=110_000_000, hidden_size=768, num_layers=12, vocab_size=30522)
+
+
+def test_all_linear_adapts_seven_matrices_of_a_decoder_block_and_six_of_an_encoders() -> None:
+    assert adapted_matrices(["all-linear"]) == 7
+    assert adapted_matrices(["all-linear"], ModelKind.ENCODER) == 6
+    assert adapted_matrices(["query", "value"], ModelKind.ENCODER) == 2
+
+
+def test_a_classifier_has_no_vocabulary_logits_term() -> None:
+    settings = {"lora_r": 8, "target_modules": 2, "batch_size": 32, "seq_len": 128}
+    generating = estimate_memory_gb(BERT_BASE, **settings)
+    classifying = estimate_memory_gb(BERT_BASE, **settings, classification=True)
+    logits_gb = 32 * 128 * 30522 * 4 * 2 / 1024**3
+    assert generating.activations_gb - classifying.activations_gb == pytest.approx(logits_gb)
+    # Its head (one hidden x hidden layer) is trained in full, with the adapters.
+    head_gb = 768 * 768 * 16 / 1024**3
+    assert classifying.lora_gb - generating.lora_gb == pytest.approx(head_gb)
+
+
+def test_an_encoder_classifier_needs_less_than_a_causal_model_of_the_same_shape() -> None:
+    def total(kind: ModelKind, classification: bool) -> float:
+        return estimate_memory_gb(
+            BERT_BASE,
+            lora_r=8,
+            target_modules=adapted_matrices(["all-linear"], kind),
+            batch_size=32,
+            seq_len=512,
+            classification=classification,
+        ).total_gb
+
+    assert total(ModelKind.ENCODER, True) < total(ModelKind.CAUSAL, False)
+
+
+def test_parameters_from_a_config_shape_match_the_known_models() -> None:
+    bert = parameters_from_shape(
+        "encoder", hidden_size=768, num_layers=12, vocab_size=30522, intermediate_size=3072
+    )
+    assert 100e6 <= bert <= 115e6  # bert-base-uncased: 110M
+    llama = parameters_from_shape(
+        "causal", hidden_size=4096, num_layers=32, vocab_size=32000, intermediate_size=11008
+    )
+    assert 6.5e9 <= llama <= 7e9  # Llama 2 7B: 6.74B
