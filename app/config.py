@@ -52,11 +52,12 @@ class BaseModelSpec(BaseModel):
     # (app/domain/architectures.py): all-linear for a decoder, as the QLoRA paper
     # recommends; the attention query and value projections for a known encoder family.
     target_modules: list[str] | None = None
-    # Rough parameter count, used for memory estimates.
+    # Rough parameter count, used for memory estimates; None: counted from the shape.
     parameters: int | None = None
     # Base learning rate; a job's learning_rate_multiplier scales it.
     learning_rate: float = 2e-4
-    # Shape for the GPU memory estimate; guessed from `parameters` when not given.
+    # Shape for the GPU memory estimate. None: read from config.json as `kind` is
+    # (hidden_size, num_hidden_layers, vocab_size), else guessed from `parameters`.
     hidden_size: int | None = None
     num_layers: int | None = None
     vocab_size: int | None = None
