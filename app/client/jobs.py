@@ -16,7 +16,14 @@ from rich.console import Console
 from app.client.files import describe_upload, transfer_progress, upload_file
 from app.client.http import ClientError, LatheClient, Unreachable, handles_errors
 from app.client.options import ApiKey, ApiUrl, Json
-from app.client.render import job_panel, jobs_table, make_console, print_json, status_text
+from app.client.render import (
+    classification_section,
+    job_panel,
+    jobs_table,
+    make_console,
+    print_json,
+    status_text,
+)
 from app.client.watch import watch_job
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.domain.jobs import JobStatus
@@ -184,7 +191,10 @@ def get(
         queue = None
         if job["status"] in (JobStatus.QUEUED, JobStatus.RUNNING):
             queue = client.get(f"/v1/fine_tuning/jobs/{job_id}/queue")
-    make_console().print(job_panel(job, queue))
+    console = make_console()
+    console.print(job_panel(job, queue))
+    for block in classification_section(job.get("stats") or {}):
+        console.print(block)
 
 
 @jobs_app.command("watch")

@@ -9,10 +9,11 @@ import os
 import sys
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from app.domain.jobs import JobStatus
 from app.domain.workers import WorkerState
@@ -34,6 +35,7 @@ WORKER_STYLE = {
     WorkerState.DRAINED: "yellow",
 }
 LEVEL_STYLE = {"warn": "yellow", "warning": "yellow", "error": "red"}
+MAX_MATRIX_CLASSES = 20  # a wider confusion matrix is unreadable in a terminal
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -180,4 +182,79 @@ def _stats_rows(stats: dict) -> list[tuple[str, Any]]:
     sample = stats.get("sample") or {}
     if sample.get("completion") is not None:
         rows.append(("sample answer", escape(str(sample["completion"]))[:300]))
+    report = stats.get("classification")
+    if isinstance(report, dict):
+        rows.append(("classification", classification_summary(report)))
     return rows
+
+
+def score(value: object) -> str:
+    """A score to three decimals, so a column of them lines up."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return f"{value:.3f}"
+
+
+def classification_summary(report: dict) -> str:
+    text = f"accuracy {score(report.get('accuracy'))}, macro-F1 {score(report.get('macro_f1'))}"
+    if isinstance(report.get("examples"), int):
+        text += f" on {number(report['examples'])} validation examples"
+    if isinstance(report.get("step"), int):
+        text += f" (step {report['step']})"
+    return text
+
+
+def classification_section(stats: dict) -> list[RenderableType]:
+    """A classifier's final validation report (the job's `stats.classification`): a heading
+    with its figures, per class precision, recall, F1 and support, then the confusion
+    matrix, rows the true class and columns the predicted one. Class names are the user's
+    labels, so they go in as Text: a label such as "[red]x" is shown as written, never read
+    as markup."""
+    report = stats.get("classification")
+    if not isinstance(report, dict):
+        return []
+    heading = Text.assemble(("classification", "bold"), ": ", classification_summary(report))
+    per_class = Table()
+    per_class.add_column("class")
+    for name in ("precision", "recall", "F1", "support"):
+        per_class.add_column(name, justify="right")
+    for c in report.get("per_class") or []:
+        if isinstance(c, dict):
+            per_class.add_row(
+                Text(str(c.get("class", ""))),
+                score(c.get("precision")),
+                score(c.get("recall")),
+                score(c.get("f1")),
+                number(c.get("support")),
+            )
+    section: list[RenderableType] = [heading, per_class]
+    classes = [str(c) for c in report.get("classes") or []]
+    matrix = report.get("confusion_matrix")
+    n = len(classes)
+    if not (
+        isinstance(matrix, list)
+        and len(matrix) == n
+        and all(isinstance(row, list) and len(row) == n for row in matrix)
+    ):
+        return section
+    if n > MAX_MATRIX_CLASSES:
+        section.append(
+            Text(
+                f"The {n}-class confusion matrix is on the dashboard's job page and in "
+                "`lathe jobs get --json` (stats.classification)."
+            )
+        )
+        return section
+    confusion = Table()
+    confusion.add_column(Text("true \\ predicted", style="dim"))
+    for name in classes:
+        confusion.add_column(Text(name), justify="right")
+    for i, (name, row) in enumerate(zip(classes, matrix, strict=True)):
+        cells = []
+        for j, count in enumerate(row):
+            # The diagonal is what was right; an off-diagonal count is a confusion.
+            style = "bold green" if i == j else ("red" if count else "dim")
+            cells.append(Text(str(count), style=style))
+        confusion.add_row(Text(name, style="bold"), *cells)
+    section += [Text("confusion matrix: rows the true class, columns the predicted one"), confusion]
+    return section

@@ -17,7 +17,7 @@ from app.client.http import (
     EXIT_PAUSED,
     LatheClient,
 )
-from app.client.render import LEVEL_STYLE, status_text
+from app.client.render import LEVEL_STYLE, classification_section, score, status_text
 from app.client.sse import Reconnecting, job_event_stream
 from app.domain.jobs import JobStatus
 from app.formatting import clock, duration, number
@@ -29,6 +29,8 @@ EXIT_CODES = {
     JobStatus.PAUSED: EXIT_PAUSED,
 }
 PAUSED_MESSAGE = "Fine-tuning job paused"
+# A classifier's evaluated steps: (metrics row key, what the watch calls it).
+SCORES = (("valid_accuracy", "accuracy"), ("valid_macro_f1", "macro-F1"))
 
 
 @dataclass
@@ -70,7 +72,7 @@ def watch_job(
         console=console,
     )
     rate = _Rate()
-    losses: dict[str, float] = {}
+    losses: dict[str, float] = {}  # the latest of each loss and score
     console.print(
         f"watching [bold]{job_id}[/] ({escape(job['model'])}, {status_text(job['status'])})"
     )
@@ -91,12 +93,15 @@ def watch_job(
             if event.get("type") == "metrics" and "step" in data:
                 rate.add(data["step"], event["created_at"])
                 total = data.get("total_steps")
-                for name in ("train_loss", "valid_loss"):
+                for name in ("train_loss", "valid_loss", *(key for key, _ in SCORES)):
                     if data.get(name) is not None:
                         losses[name] = data[name]
                 loss = f"loss {number(losses.get('train_loss'), 5)}"
                 if "valid_loss" in losses:
                     loss += f" · valid {number(losses['valid_loss'], 5)}"
+                for key, label in SCORES:
+                    if key in losses:
+                        loss += f" · {label} {score(losses[key])}"
                 eta = rate.eta(total)
                 progress.update(
                     task,
@@ -126,12 +131,20 @@ def watch_job(
                     break
         progress.update(task, description=status_text(job["status"]), eta="")
     _outcome(console, job, losses)
+    for block in classification_section(job.get("stats") or {}):
+        console.print(block)
     return job, EXIT_CODES.get(job["status"], EXIT_API_ERROR)
 
 
 def _line(console: Console, event: dict) -> None:
     style = LEVEL_STYLE.get(event.get("level", "info"))
-    message = escape(event.get("message", ""))
+    text = event.get("message", "")
+    data = event.get("data") or {}
+    if event.get("type") == "metrics" and "accuracy" not in text:
+        # A classifier's evaluated step: its scores, unless the message has them already.
+        scores = [f"{label} {score(data[key])}" for key, label in SCORES if key in data]
+        text = ", ".join([text, *scores])
+    message = escape(text)
     if style:
         message = f"[{style}]{message}[/]"
     console.print(f"[dim]{clock(event.get('created_at'))}[/] {message}")
@@ -150,6 +163,9 @@ def _outcome(console: Console, job: dict, losses: dict[str, float]) -> None:
             parts.append(f"final loss {number(losses['train_loss'], 5)}")
         if "valid_loss" in losses:
             parts.append(f"valid loss {number(losses['valid_loss'], 5)}")
+        for key, label in SCORES:
+            if key in losses:
+                parts.append(f"valid {label} {score(losses[key])}")
         if took:
             parts.append(f"in {took}")
         console.print(

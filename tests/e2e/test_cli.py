@@ -412,3 +412,131 @@ def test_get_says_when_no_fitting_worker_is_online() -> None:
     text = console.export_text()
     assert "waiting for" in text
     assert "no worker of class a100-80gb is online" in text
+
+
+# --- a classifier's report ----------------------------------------------------------------
+
+MARKUP = "[red]evil[/]"  # a class name that Rich would take for markup
+CLASSES = [MARKUP, "Sports", "World"]
+# True evil: 2 right, 1 read as Sports; Sports: 3 right; World: 1 right, 2 read as evil.
+MATRIX = [[2, 1, 0], [0, 3, 0], [2, 0, 1]]
+
+
+def classified_job(status: str = "succeeded") -> dict:
+    from app.domain.classification import classification_report
+
+    labels = [
+        i for i, row in enumerate(MATRIX) for j, count in enumerate(row) for _ in range(count)
+    ]
+    predicted = [j for row in MATRIX for j, count in enumerate(row) for _ in range(count)]
+    report = classification_report(CLASSES, labels, predicted) | {"step": 12}
+    return {
+        "id": "ftjob-1",
+        "status": status,
+        "model": "tiny-bert",
+        "fine_tuned_model": "ft:tiny-bert:cls",
+        "created_at": 100,
+        "finished_at": 160,
+        "trained_tokens": 640,
+        "stats": {"classification": report},
+    }
+
+
+def table_rows(text: str, width: int) -> list[list[str]]:
+    """The rows of Rich tables in exported text with `width` cells, as stripped strings."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split("[│┃]", line)[1:-1]]
+        if len(cells) == width:
+            rows.append(cells)
+    return rows
+
+
+def test_watch_shows_a_classifiers_scores_then_its_report_and_confusion_matrix() -> None:
+    import io
+
+    from rich.console import Console
+
+    from app.client.watch import watch_job
+
+    job = classified_job()
+    metrics = {
+        "id": "ftevent-1",
+        "type": "metrics",
+        "level": "info",
+        "created_at": 150,
+        "message": "Step 12/12: training loss=0.5000, validation loss=0.9000",
+        "data": {
+            "step": 12,
+            "total_steps": 12,
+            "train_loss": 0.5,
+            "valid_loss": 0.9,
+            "valid_accuracy": 0.6667,
+            "valid_macro_f1": 0.6429,
+        },
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            body = (
+                f"id: ftevent-1\nevent: fine_tuning.job.event\ndata: {json.dumps(metrics)}\n\n"
+                f"event: end\ndata: {json.dumps(job)}\n\n"
+            )
+            return httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, content=body.encode()
+            )
+        return httpx.Response(200, json={**job, "status": "running"})
+
+    client = LatheClient(Target("http://lathe.test", "k"), transport=httpx.MockTransport(handler))
+    console = Console(width=200, record=True, file=io.StringIO(), highlight=False)
+    final, code = watch_job(client, "ftjob-1", console, step_lines=True)
+    text = console.export_text()
+    assert (final["status"], code) == ("succeeded", 0)
+    assert "validation loss=0.9000, accuracy 0.667, macro-F1 0.643" in text  # the step line
+    assert "valid accuracy 0.667, valid macro-F1 0.643" in text  # the outcome
+    assert (
+        "classification: accuracy 0.667, macro-F1 0.643 on 9 validation examples (step 12)" in text
+    )
+    assert table_rows(text, 5) == [
+        ["class", "precision", "recall", "F1", "support"],
+        [MARKUP, "0.500", "0.667", "0.571", "3"],  # the name as written, not as markup
+        ["Sports", "0.750", "1.000", "0.857", "3"],
+        ["World", "1.000", "0.333", "0.500", "3"],
+    ]
+    assert "confusion matrix: rows the true class, columns the predicted one" in text
+    assert table_rows(text, 4) == [
+        ["true \\ predicted", *CLASSES],
+        [MARKUP, "2", "1", "0"],
+        ["Sports", "0", "3", "0"],
+        ["World", "2", "0", "1"],
+    ]
+
+
+def test_get_shows_a_classifiers_figures_and_leaves_out_a_matrix_too_wide_to_read() -> None:
+    from rich.console import Console
+
+    from app.client.render import MAX_MATRIX_CLASSES, classification_section, job_panel
+
+    job = classified_job()
+    console = Console(width=200, record=True)
+    console.print(job_panel(job, None))
+    panel = console.export_text()
+    assert "classification" in panel
+    assert "accuracy 0.667, macro-F1 0.643 on 9 validation examples (step 12)" in panel
+    assert len(classification_section(job["stats"])) == 4  # heading, table, heading, matrix
+    assert classification_section({}) == []
+
+    n = MAX_MATRIX_CLASSES + 1
+    wide = {
+        "classes": [f"c{i}" for i in range(n)],
+        "accuracy": 1.0,
+        "macro_f1": 1.0,
+        "per_class": [],
+        "confusion_matrix": [[int(i == j) for j in range(n)] for i in range(n)],
+    }
+    console = Console(width=200, record=True)
+    for block in classification_section({"classification": wide}):
+        console.print(block)
+    text = console.export_text()
+    assert f"The {n}-class confusion matrix is on the dashboard" in text
+    assert "predicted" not in text
