@@ -35,7 +35,8 @@ class LoraIn(Strict):
     alpha: Annotated[float, Field(gt=0, le=1024)] = 16
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     # Module names, or ["all-linear"]: every linear layer but the output head. None: the
-    # base model's default (all-linear unless the deployment says otherwise).
+    # base model's default: its declaration's, else its architecture's (all-linear for
+    # decoders, the attention query and value projections for BERT-style encoders).
     target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] | None = None
 
 
@@ -129,8 +130,8 @@ class Method(ApiObject):
 
 
 class FineTuningJob(ApiObject):
-    """OpenAI's fine-tuning job, as the openai SDK parses it, plus Lathe's `training` and
-    `stats`."""
+    """OpenAI's fine-tuning job, as the openai SDK parses it, plus Lathe's `lora`,
+    `quantization`, `max_seq_length`, `training` and `stats`."""
 
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -148,9 +149,14 @@ class FineTuningJob(ApiObject):
     training_file: str
     validation_file: str | None
     estimated_finish: int | None
-    # How the job trains (JobCreate.training as resolved), and what the worker measured:
+    # The adapter and quantization as resolved at creation (target_modules filled in from
+    # the base model's default), the token limit, how the job trains (JobCreate.training
+    # as resolved), and what the worker measured:
     # token counts per file before the first step, parameters, throughput, peak memory,
     # a sample (docs/api.md).
+    lora: dict[str, Any]
+    quantization: dict[str, Any]
+    max_seq_length: int
     training: dict[str, Any]
     stats: dict[str, Any]
     integrations: list[dict[str, Any]]  # always empty: Lathe has no integrations
@@ -176,6 +182,9 @@ def job_object(job: models.Job, team_id: str) -> FineTuningJob:
         training_file=job.training_file,
         validation_file=job.validation_file,
         estimated_finish=job.estimated_finish,
+        lora=job.lora,
+        quantization=job.quantization,
+        max_seq_length=job.max_seq_length,
         training=job.training,
         stats=job.stats or {},
         integrations=[],
