@@ -37,6 +37,7 @@ CHECKPOINT_METRICS = (
     "valid_loss",
     "valid_mean_token_accuracy",
     "valid_accuracy",
+    "valid_macro_f1",
 )
 
 

@@ -28,6 +28,7 @@ METRICS_COLUMNS = [
     "valid_loss",
     "valid_mean_token_accuracy",
     "valid_accuracy",
+    "valid_macro_f1",
     "learning_rate",
     "epoch",
 ]

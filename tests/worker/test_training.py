@@ -508,9 +508,15 @@ def test_a_classification_job_trains_and_reports_accuracy(tiny_model: Path, tmp_
     assert evaluated and evaluated[-1]["step"] == 24
     assert evaluated[-1]["valid_accuracy"] == 1.0, evaluated
     assert evaluated[-1]["valid_loss"] < evaluated[0]["valid_loss"]
+    assert all(0 <= r["valid_macro_f1"] <= 1 for r in evaluated)
     assert "sample" not in reports, "no generation sample for a classifier"
     assert reports["tokens"]["classes"] == ["neg", "pos"]
     assert json.loads((result.adapter_dir / "classes.json").read_text()) == ["neg", "pos"]
+    report = reports["classification"]
+    assert report["step"] == 24 and report["accuracy"] == 1.0
+    assert report["confusion_matrix"] == [[4, 0], [0, 4]]
+    saved = json.loads((result.adapter_dir / "classification_report.json").read_text())
+    assert saved == report
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
 

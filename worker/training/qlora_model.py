@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     PreTrainedModel,
 )
 
-from worker.training.spec import ALL_LINEAR, LoraSpec, QuantSpec
+from app.domain.architectures import ModelKind, kind_from_config
+from app.domain.datasets import DatasetFormat
+from worker.training.checkpoint_layout import (
+    CheckpointLayout,
+    checkpoint_layout,
+    in_modules,
+    new_modules,
+)
+from worker.training.spec import ALL_LINEAR, LoraSpec, QuantSpec, TrainingDataError
 
 
 def resolve_device(device: str) -> str:
@@ -46,6 +58,35 @@ def resolve_optimizer(optimizer: str, device: str) -> str:
     return optimizer
 
 
+def check_model_trains_format(model_path: Path, data_format: str) -> None:
+    """Refuse a format the base model cannot learn, before any tokenizing or loading.
+
+    An encoder (BERT, RoBERTa) reads text but cannot write it: loaded as a causal LM it
+    would be a masked-LM head run left to right. The API refuses such a job at creation;
+    this holds for a job queued before the model was redeclared, or declared by path only.
+    """
+    config = json.loads((model_path / "config.json").read_text())
+    if data_format == DatasetFormat.CLASSIFICATION:
+        return
+    if kind_from_config(config) is ModelKind.ENCODER:
+        architecture = ", ".join(config.get("architectures") or []) or config.get("model_type")
+        raise TrainingDataError(
+            "unsupported_format_for_model",
+            f"the base model is an encoder ({architecture}, model_type "
+            f"{config.get('model_type')!r}): it trains classifiers only, and this job's "
+            f"training file is in the {data_format!r} format; use a classification file "
+            '({"text", "label"} lines) or a causal (decoder) base model',
+        )
+
+
+@dataclass
+class QuantizedBase:
+    model: PreTrainedModel
+    # Modules the checkpoint did not give (a new pooler, say), initialised at random:
+    # trained in full and saved with the adapter, or they would stay noise.
+    new_modules: list[str] = field(default_factory=list)
+
+
 def load_quantized_base(
     model_path: Path,
     quant: QuantSpec,
@@ -55,36 +96,85 @@ def load_quantized_base(
     gradient_checkpointing: bool | None = None,
     classes: list[str] | None = None,
 ) -> PreTrainedModel:
+    """The frozen 4-bit base alone (see load_base_for_training), for callers that train
+    nothing new in full: benchmarks, tests."""
+    return load_base_for_training(
+        model_path,
+        quant,
+        device,
+        attention=attention,
+        gradient_checkpointing=gradient_checkpointing,
+        classes=classes,
+    ).model
+
+
+def load_base_for_training(
+    model_path: Path,
+    quant: QuantSpec,
+    device: str,
+    *,
+    attention: str = "sdpa",
+    gradient_checkpointing: bool | None = None,
+    classes: list[str] | None = None,
+    on_message: Callable[[str], None] = lambda message: None,
+) -> QuantizedBase:
     """The base model with its linear layers in 4-bit, frozen and ready for adapters.
 
     With `classes` it is loaded for sequence classification: the transformer with a new
-    classification head (one output per class) in place of the language-model head.
+    classification head (one output per class) in place of the language-model head. The
+    head, and any linear layer the checkpoint does not hold at the model's shape, stays out
+    of quantization (worker.training.checkpoint_layout); a head of another size is replaced,
+    and `on_message` says so.
     """
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
+    if classes is not None:
+        auto_class = AutoModelForSequenceClassification
+        config = AutoConfig.from_pretrained(
+            model_path,
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={name: i for i, name in enumerate(classes)},
+            trust_remote_code=False,
+        )
+    else:
+        auto_class = AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    layout = checkpoint_layout(model_path, auto_class, config, classification=classes is not None)
+    for message in replacement_messages(layout):
+        on_message(message)
+    if not layout.replaces_only_the_head:
+        layer = next(r for r in layout.replaced if not in_modules(r.name, layout.head))
+        raise ValueError(
+            f"the checkpoint's `{layer.name}` has shape {list(layer.checkpoint_shape)} where "
+            f"the model's config.json makes it {list(layer.model_shape)}: the weights do not "
+            "belong to this config"
+        )
     quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=layout.keep_full_precision,
     )
-    common = dict(
+    model, loading_info = auto_class.from_pretrained(
+        model_path,
+        config=config,
         quantization_config=quantization_config,
         dtype=compute_dtype,  # for what stays unquantized: embeddings, norms, heads
         device_map={"": torch.cuda.current_device() if device == "cuda" else device},
         attn_implementation=attention,
         use_safetensors=True,  # never unpickle a checkpoint
         trust_remote_code=False,
+        ignore_mismatched_sizes=bool(layout.replaced),  # the head only, checked above
+        output_loading_info=True,
     )
-    if classes is not None:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path,
-            num_labels=len(classes),
-            id2label=dict(enumerate(classes)),
-            label2id={name: i for i, name in enumerate(classes)},
-            **common,
+    # The head is trained and saved by peft's SEQ_CLS already; anything else new joins it.
+    new = [name for name in new_modules(model, loading_info) if not in_modules(name, layout.head)]
+    for name in new:
+        on_message(
+            f"The checkpoint has no weights for `{name}`: it starts from random values and "
+            "is trained in full, beside the adapters"
         )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **common)
     model.config.use_cache = False  # a KV cache only helps generation
     if device == "cpu":
         keep_cpu_weights_trainable(model)
@@ -93,11 +183,30 @@ def load_quantized_base(
     # is the limit, not on the CPU, where time is.
     if gradient_checkpointing is None:
         gradient_checkpointing = device == "cuda"
-    return prepare_model_for_kbit_training(
+    model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    return QuantizedBase(model, new)
+
+
+def replacement_messages(layout: CheckpointLayout) -> list[str]:
+    """What a job's events say about layers the checkpoint holds at another shape."""
+    messages = []
+    for layer in layout.replaced:
+        if in_modules(layer.name, layout.head):
+            messages.append(
+                f"The checkpoint's classification head `{layer.name}` has "
+                f"{layer.checkpoint_shape[0]} outputs; replaced by a new head with "
+                f"{layer.model_shape[0]}, one per class"
+            )
+        else:
+            messages.append(
+                f"The checkpoint's `{layer.name}` has shape {list(layer.checkpoint_shape)}, "
+                f"the model's {list(layer.model_shape)}"
+            )
+    return messages
 
 
 def keep_cpu_weights_trainable(model: PreTrainedModel) -> None:
@@ -114,11 +223,20 @@ def keep_cpu_weights_trainable(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(model: PreTrainedModel, lora: LoraSpec, *, classification: bool = False) -> PeftModel:
+def add_lora(
+    model: PreTrainedModel,
+    lora: LoraSpec,
+    *,
+    classification: bool = False,
+    modules_to_save: list[str] | None = None,
+) -> PeftModel:
     """Wrap the frozen base with trainable low-rank adapters on the target modules.
 
     For classification (SEQ_CLS) peft also trains and saves the new classification head
-    in full, as it must: it starts from random weights.
+    in full, as it must: it starts from random weights; `modules_to_save` are more such
+    modules (QuantizedBase.new_modules). peft never puts an adapter inside a module it
+    trains in full, with "all-linear" too: RoBERTa's head (classifier.dense, .out_proj)
+    and a new pooler get none.
     """
     targets = lora.target_modules
     config = LoraConfig(
@@ -127,6 +245,7 @@ def add_lora(model: PreTrainedModel, lora: LoraSpec, *, classification: bool = F
         lora_dropout=lora.dropout,
         # "all-linear": every nn.Linear / Linear4bit except the output head.
         target_modules=ALL_LINEAR if ALL_LINEAR in targets else list(targets),
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
         bias="none",
         task_type="SEQ_CLS" if classification else "CAUSAL_LM",
     )

@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from app.domain.classification import report_summary
 from app.domain.datasets import DatasetFormat
 from worker.training.data import (
     TokenizedFile,
@@ -35,15 +36,17 @@ from worker.training.data import (
 )
 from worker.training.qlora_model import (
     add_lora,
-    load_quantized_base,
+    check_model_trains_format,
+    load_base_for_training,
     parameter_counts,
     resolve_compute_dtype,
     resolve_device,
     resolve_optimizer,
 )
 from worker.training.run_stats import (
-    accuracy_metrics,
+    ClassificationMetrics,
     generation_sample,
+    mean_token_accuracy,
     predicted_ids,
     throughput,
     throughput_summary,
@@ -144,7 +147,7 @@ class HooksCallback(TrainerCallback):
             }
             self.pending = None
             row = {**row, "valid_loss": float(logs["eval_loss"])}
-            for metric in ("mean_token_accuracy", "accuracy"):
+            for metric in ("mean_token_accuracy", "accuracy", "macro_f1"):
                 if f"eval_{metric}" in logs:
                     row[f"valid_{metric}"] = float(logs[f"eval_{metric}"])
             self.emit(row)
@@ -176,6 +179,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         hooks.on_report(kind, message, data)
 
     # 1. Data: tokens and loss masks, and what one epoch costs.
+    check_model_trains_format(spec.base_model_path, spec.data_format)
     hooks.on_message("Tokenizing the dataset")
     tokenizer = load_tokenizer(spec.base_model_path, spec.chat_template)
     classes = class_names(spec.train_file) if classification else None
@@ -202,17 +206,21 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
 
     # 2. Model: frozen 4-bit base, trainable LoRA adapters.
     hooks.on_message(f"Loading base model in 4-bit on {device}")
-    base = load_quantized_base(
+    base = load_base_for_training(
         spec.base_model_path,
         spec.quant,
         device,
         attention=options.attention,
         gradient_checkpointing=options.gradient_checkpointing,
         classes=classes,
+        on_message=hooks.on_message,
     )
     if classes is not None:
-        base.config.pad_token_id = tokenizer.pad_token_id  # it finds each row's last token
-    model = add_lora(base, spec.lora, classification=classification)
+        # A decoder's head reads each row's last token, found by the pad token.
+        base.model.config.pad_token_id = tokenizer.pad_token_id
+    model = add_lora(
+        base.model, spec.lora, classification=classification, modules_to_save=base.new_modules
+    )
     params = parameter_counts(model)
     share = 100 * params["trainable_parameters"] / max(params["total_parameters"], 1)
     report(
@@ -266,6 +274,8 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         include_num_input_tokens_seen="all" if packing else "non_padding",
     )
     callback = HooksCallback(hooks, validating, spec.checkpoint_steps, spec.checkpoint_seconds)
+    class_metrics = ClassificationMetrics(classes) if classes is not None else None
+    compute_metrics = class_metrics or mean_token_accuracy
     trainer = Trainer(
         model=model,
         args=args,
@@ -279,7 +289,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         eval_dataset=valid.examples if valid is not None else None,
         processing_class=tokenizer,
         callbacks=[callback],
-        compute_metrics=accuracy_metrics(classification) if validating else None,
+        compute_metrics=compute_metrics if validating else None,
         preprocess_logits_for_metrics=predicted_ids if validating else None,
     )
     # With tqdm off the Trainer prints every log dict instead; the hooks are our log.
@@ -296,16 +306,25 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_begin
     stats = throughput(tokens, seconds, device)
     report("throughput", throughput_summary(stats), stats)
+    stopped = callback.stop_reason is not None
+    final_report = None
+    if class_metrics is not None and class_metrics.last_report is not None and not stopped:
+        # The run's last step is an epoch end, always evaluated: this is the final model's.
+        rows = reversed(callback.rows)
+        step = next((r["step"] for r in rows if "valid_accuracy" in r), trainer.state.global_step)
+        final_report = {**class_metrics.last_report, "step": step}
+        report("classification", report_summary(final_report), final_report)
 
     # 4. Save the adapter: adapter_config.json + adapter_model.safetensors.
     adapter_dir = spec.output_dir / "adapter"
     model.save_pretrained(adapter_dir)
     if classes is not None:  # which output is which class, for whoever loads the adapter
         (adapter_dir / "classes.json").write_text(json.dumps(classes))
+    if final_report is not None:
+        (adapter_dir / "classification_report.json").write_text(json.dumps(final_report))
     hooks.on_message("Saved the adapter")
 
     # 5. Show a person what changed: the trained model answers a held-out prompt.
-    stopped = callback.stop_reason is not None
     if spec.data_format == DatasetFormat.CHAT and options.sample_max_new_tokens and not stopped:
         try:
             sample = generation_sample(

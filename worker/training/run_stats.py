@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBase
 
+from app.domain.classification import classification_report
 from app.domain.memory import GB
 from worker.training.data import IGNORE_INDEX, TokenizedFile, chat_prompt, read_jsonl
 
@@ -40,22 +41,37 @@ def predicted_ids(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.T
     return logits.argmax(dim=-1)
 
 
-def accuracy_metrics(classification: bool):
-    """compute_metrics for the Trainer: the share of trained tokens predicted exactly
-    (OpenAI's mean token accuracy), or for classification the share of right classes."""
+def mean_token_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    """compute_metrics for language modelling: the share of trained tokens predicted
+    exactly (OpenAI's mean token accuracy)."""
+    predictions = np.asarray(prediction.predictions)
+    labels = np.asarray(prediction.label_ids)
+    # Position t predicts token t + 1; -100 marks prompts, padding and example starts.
+    predicted, wanted = predictions[:, :-1], labels[:, 1:]
+    scored = wanted != IGNORE_INDEX
+    right = (predicted[scored] == wanted[scored]).sum()
+    return {"mean_token_accuracy": float(right / max(int(scored.sum()), 1))}
 
-    def compute(prediction: EvalPrediction) -> dict[str, float]:
-        predictions = np.asarray(prediction.predictions)
-        labels = np.asarray(prediction.label_ids)
-        if classification:
-            return {"accuracy": float((predictions == labels).mean())}
-        # Position t predicts token t + 1; -100 marks prompts, padding and example starts.
-        predicted, wanted = predictions[:, :-1], labels[:, 1:]
-        scored = wanted != IGNORE_INDEX
-        right = (predicted[scored] == wanted[scored]).sum()
-        return {"mean_token_accuracy": float(right / max(int(scored.sum()), 1))}
 
-    return compute
+class ClassificationMetrics:
+    """compute_metrics for a classifier: accuracy and macro-F1 at each evaluation.
+
+    The whole report of the latest evaluation (per class, confusion matrix) is kept: the
+    last one is the run's final report, with no second pass over the validation file.
+    """
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = classes
+        self.last_report: dict | None = None
+
+    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
+        predictions = np.asarray(prediction.predictions).reshape(-1).tolist()
+        labels = np.asarray(prediction.label_ids).reshape(-1).tolist()
+        self.last_report = classification_report(self.classes, labels, predictions)
+        return {
+            "accuracy": self.last_report["accuracy"],
+            "macro_f1": self.last_report["macro_f1"],
+        }
 
 
 def peak_memory(device: str) -> tuple[float, str]:
