@@ -57,6 +57,7 @@ INITIALIZER_RANGE = 0.1
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # roberta-base's ids 0-4
 ROBERTA_VOCAB_SIZE = 1024  # bytes, specials and merges: the sample files' words whole
+MAX_TOKENS = 512  # as the hub tokenizers of both say (model_max_length)
 
 _generating = threading.Lock()  # seeding is process-global (see tiny_model)
 
@@ -78,7 +79,7 @@ def wordpiece_vocab() -> dict[str, int]:
 
 
 def bert_tokenizer() -> BertTokenizer:
-    return BertTokenizer(vocab=wordpiece_vocab(), do_lower_case=True)
+    return BertTokenizer(vocab=wordpiece_vocab(), do_lower_case=True, model_max_length=MAX_TOKENS)
 
 
 def roberta_tokenizer() -> RobertaTokenizer:
@@ -93,7 +94,7 @@ def roberta_tokenizer() -> RobertaTokenizer:
     )
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return RobertaTokenizer(vocab=model["vocab"], merges=merges)
+    return RobertaTokenizer(vocab=model["vocab"], merges=merges, model_max_length=MAX_TOKENS)
 
 
 def _seeded(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
@@ -141,7 +142,7 @@ def build_tiny_bert(path: Path, *, head_labels: int | None = None) -> Path:
             num_hidden_layers=NUM_LAYERS,
             num_attention_heads=NUM_HEADS,
             intermediate_size=INTERMEDIATE_SIZE,
-            max_position_embeddings=512,
+            max_position_embeddings=MAX_TOKENS,
             initializer_range=INITIALIZER_RANGE,
             pad_token_id=tokenizer.pad_token_id,
         )
@@ -165,7 +166,7 @@ def build_tiny_roberta(path: Path) -> Path:
             num_attention_heads=NUM_HEADS,
             intermediate_size=INTERMEDIATE_SIZE,
             # Positions start after the pad id (RoBERTa's offset): 512 usable, as roberta-base.
-            max_position_embeddings=514,
+            max_position_embeddings=MAX_TOKENS + 2,
             type_vocab_size=1,
             initializer_range=INITIALIZER_RANGE,
             bos_token_id=tokenizer.bos_token_id,

@@ -269,6 +269,35 @@ def test_a_checkpoint_with_a_2_label_head_trains_a_4_class_job_with_a_new_head(
     assert final_accuracy(result) > 0.5, result.metrics
 
 
+@pytest.mark.slow
+def test_an_encoder_reads_at_most_its_positions_whatever_max_seq_length_says(
+    roberta: Path, tmp_path: Path
+) -> None:
+    # 600 words: past the 512 tokens RoBERTa's position embeddings hold (an index error).
+    rows = [{"text": "market " * 600, "label": "Business"}]
+    rows += [{"text": f"league scores {i}", "label": "Sports"} for i in range(7)]
+    train = tmp_path / "long.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages: list[str] = []
+    reports: dict[str, dict] = {}
+
+    result = run_training(
+        classification_spec(
+            roberta, tmp_path, train_file=train, valid_file=None, n_epochs=1, max_seq_length=2048
+        ),
+        TrainingHooks(
+            on_message=messages.append,
+            on_report=lambda kind, msg, data: reports.update({kind: data}),
+        ),
+    )
+
+    assert "The base model reads at most 512 tokens: examples are cut to 512, " in " ".join(
+        messages
+    )
+    assert reports["tokens"]["train"]["truncated"] == 1
+    assert result.step == 1 and not result.stopped
+
+
 def test_a_chat_file_on_an_encoder_is_refused_naming_both(bert: Path, tmp_path: Path) -> None:
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")

@@ -16,7 +16,9 @@ from transformers import (
     AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from app.domain.architectures import ModelKind, kind_from_config
 from app.domain.datasets import DatasetFormat
@@ -58,14 +60,18 @@ def resolve_optimizer(optimizer: str, device: str) -> str:
     return optimizer
 
 
-def check_model_trains_format(model_path: Path, data_format: str) -> None:
+def read_model_config(model_path: Path) -> dict:
+    """The base model's config.json, as a dict (what app.domain.architectures reads)."""
+    return json.loads((model_path / "config.json").read_text())
+
+
+def check_model_trains_format(config: dict, data_format: str) -> None:
     """Refuse a format the base model cannot learn, before any tokenizing or loading.
 
     An encoder (BERT, RoBERTa) reads text but cannot write it: loaded as a causal LM it
     would be a masked-LM head run left to right. The API refuses such a job at creation;
     this holds for a job queued before the model was redeclared, or declared by path only.
     """
-    config = json.loads((model_path / "config.json").read_text())
     if data_format == DatasetFormat.CLASSIFICATION:
         return
     if kind_from_config(config) is ModelKind.ENCODER:
@@ -77,6 +83,22 @@ def check_model_trains_format(model_path: Path, data_format: str) -> None:
             f"training file is in the {data_format!r} format; use a classification file "
             '({"text", "label"} lines) or a causal (decoder) base model',
         )
+
+
+def encoder_input_limit(config: dict, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most tokens an encoder reads, or None for a decoder.
+
+    An encoder's learned position embeddings end there (BERT's 512): a longer input is an
+    index error, not a slow step. The tokenizer's model_max_length says it exactly (RoBERTa
+    offsets its positions by the pad id: 514 embeddings, 512 tokens); without one,
+    max_position_embeddings. Decoders are left alone: their positions (RoPE) stretch, and
+    their tokenizers' model_max_length is often stale.
+    """
+    if kind_from_config(config) is not ModelKind.ENCODER:
+        return None
+    limits = [config.get("max_position_embeddings"), tokenizer.model_max_length]
+    known = [n for n in limits if isinstance(n, int) and 0 < n < VERY_LARGE_INTEGER]
+    return min(known, default=None)
 
 
 @dataclass

@@ -37,8 +37,10 @@ from worker.training.data import (
 from worker.training.qlora_model import (
     add_lora,
     check_model_trains_format,
+    encoder_input_limit,
     load_base_for_training,
     parameter_counts,
+    read_model_config,
     resolve_compute_dtype,
     resolve_device,
     resolve_optimizer,
@@ -179,9 +181,18 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         hooks.on_report(kind, message, data)
 
     # 1. Data: tokens and loss masks, and what one epoch costs.
-    check_model_trains_format(spec.base_model_path, spec.data_format)
+    model_config = read_model_config(spec.base_model_path)
+    check_model_trains_format(model_config, spec.data_format)
     hooks.on_message("Tokenizing the dataset")
     tokenizer = load_tokenizer(spec.base_model_path, spec.chat_template)
+    max_seq_length = spec.max_seq_length
+    limit = encoder_input_limit(model_config, tokenizer)
+    if limit is not None and limit < max_seq_length:
+        max_seq_length = limit
+        hooks.on_message(
+            f"The base model reads at most {limit} tokens: examples are cut to {limit}, "
+            f"not to max_seq_length ({spec.max_seq_length})"
+        )
     classes = class_names(spec.train_file) if classification else None
 
     def tokenized(path: Path) -> TokenizedFile:
@@ -189,7 +200,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             path,
             spec.data_format,
             tokenizer,
-            spec.max_seq_length,
+            max_seq_length,
             train_on_inputs=options.train_on_inputs,
             truncation=options.truncation,
             classes=classes,
@@ -202,7 +213,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         counts["valid"] = valid.counts.as_dict()
     if classes is not None:
         counts["classes"] = classes
-    report("tokens", token_summary(train, valid, spec.max_seq_length), counts)
+    report("tokens", token_summary(train, valid, max_seq_length), counts)
 
     # 2. Model: frozen 4-bit base, trainable LoRA adapters.
     hooks.on_message(f"Loading base model in 4-bit on {device}")
@@ -238,7 +249,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     # over the whole row), so a batch is trained as micro-batches of about max_seq_length
     # tokens with gradient accumulation: the same optimizer steps and loss (the Trainer
     # normalises over the whole accumulated batch), bounded activation memory.
-    micro = micro_batch_size(spec.batch_size, typical_length(train.examples), spec.max_seq_length)
+    micro = micro_batch_size(spec.batch_size, typical_length(train.examples), max_seq_length)
     if not packing:
         micro = spec.batch_size
     args = TrainingArguments(
