@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -122,8 +123,20 @@ def test_the_layout_names_new_and_replaced_layers_from_the_checkpoint_header(
     assert layout(roberta).missing == ["classifier.dense", "classifier.out_proj"]
     two = layout(bert_2_labels)
     assert two.missing == [] and two.replaced == [ReplacedLayer("classifier", (2, 64), (4, 64))]
-    assert two.replaces_only_the_head
     assert set(two.keep_full_precision) >= {"classifier"}
+
+
+def test_a_checkpoint_of_another_shape_outside_the_head_is_refused(
+    bert: Path, tmp_path: Path
+) -> None:
+    # The weights of one vocabulary, a config.json of another: not a head to replace.
+    shutil.copytree(bert, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["vocab_size"] += 1
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match="`bert.embeddings.word_embeddings` has shape"):
+        load_base_for_training(tmp_path / "model", QuantSpec(), "cpu", classes=CLASSES)
 
 
 def test_a_bert_base_checkpoint_loads_for_four_classes_with_a_full_precision_head(
@@ -267,6 +280,29 @@ def test_a_checkpoint_with_a_2_label_head_trains_a_4_class_job_with_a_new_head(
         "head with 4, one per class" in messages
     )
     assert final_accuracy(result) > 0.5, result.metrics
+
+
+def test_a_cancelled_classifier_has_no_final_report(bert: Path, tmp_path: Path) -> None:
+    reports: dict[str, dict] = {}
+    polls = 0
+
+    def cancel_after_two_steps() -> str | None:
+        nonlocal polls
+        polls += 1
+        return "cancel" if polls >= 2 else None
+
+    result = run_training(
+        classification_spec(bert, tmp_path, options=TrainingOptions(eval_steps=1)),
+        TrainingHooks(
+            should_stop=cancel_after_two_steps,
+            on_report=lambda kind, msg, data: reports.update({kind: data}),
+        ),
+    )
+
+    assert result.stopped and result.step == 2
+    assert "valid_macro_f1" in result.metrics[0], "evaluated before the cancel"
+    assert "classification" not in reports
+    assert not (result.adapter_dir / "classification_report.json").exists()
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 @dataclass(frozen=True)
 class ReplacedLayer:
-    """A linear layer the checkpoint holds at another shape: loaded as a new layer."""
+    """A layer the checkpoint holds at another shape: it can only be loaded as a new one."""
 
     name: str
     checkpoint_shape: tuple[int, ...]
@@ -49,7 +49,8 @@ class CheckpointLayout:
 
     head: list[str]  # the classification head's modules (top-level `classifier`/`score`)
     missing: list[str]  # linear layers the checkpoint has no weight for (new, random)
-    replaced: list[ReplacedLayer] = field(default_factory=list)  # held at another shape
+    # Layers (linear or not: an embedding of another vocabulary) held at another shape.
+    replaced: list[ReplacedLayer] = field(default_factory=list)
     default_skips: list[str] = field(default_factory=list)  # transformers' own (tied, output)
 
     @property
@@ -61,13 +62,6 @@ class CheckpointLayout:
         names = [*self.default_skips, *self.head, *self.missing]
         names += [layer.name for layer in self.replaced]
         return sorted(set(names))
-
-    @property
-    def replaces_only_the_head(self) -> bool:
-        """Whether every shape mismatch is inside the classification head: then the
-        mismatched weights can be dropped (ignore_mismatched_sizes). A mismatch anywhere
-        else (another vocabulary, say) is a different model: loading should fail."""
-        return all(in_modules(layer.name, self.head) for layer in self.replaced)
 
 
 def in_modules(name: str, modules: list[str]) -> bool:
@@ -131,22 +125,25 @@ def checkpoint_layout(
     skeleton = model_skeleton(auto_class, config)
     loaded = loaded_shapes(skeleton, checkpoint_shapes(model_path))
     tied = set(skeleton.all_tied_weights_keys)  # loaded from the tensor they are tied to
-    missing: list[str] = []
-    replaced: list[ReplacedLayer] = []
-    for name, module in skeleton.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+    missing = [
+        name
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and f"{name}.weight" not in loaded
+        and f"{name}.weight" not in tied
+    ]
+    replaced: dict[str, ReplacedLayer] = {}
+    for key, tensor in skeleton.state_dict().items():
+        held = loaded.get(key)
+        if held is None or held == tuple(tensor.shape):
             continue
-        key = f"{name}.weight"
-        if key in tied:
-            continue
-        if key not in loaded:
-            missing.append(name)
-        elif loaded[key] is not None and loaded[key] != tuple(module.weight.shape):
-            replaced.append(ReplacedLayer(name, loaded[key], tuple(module.weight.shape)))
+        name = key.rsplit(".", 1)[0]
+        if name not in replaced or key.endswith(".weight"):  # a layer by its weight's shape
+            replaced[name] = ReplacedLayer(name, held, tuple(tensor.shape))
     return CheckpointLayout(
         head=head_modules(skeleton) if classification else [],
         missing=missing,
-        replaced=replaced,
+        replaced=list(replaced.values()),
         default_skips=get_keys_to_not_convert(skeleton),
     )
 

@@ -22,12 +22,7 @@ from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from app.domain.architectures import ModelKind, kind_from_config
 from app.domain.datasets import DatasetFormat
-from worker.training.checkpoint_layout import (
-    CheckpointLayout,
-    checkpoint_layout,
-    in_modules,
-    new_modules,
-)
+from worker.training.checkpoint_layout import checkpoint_layout, in_modules, new_modules
 from worker.training.spec import ALL_LINEAR, LoraSpec, QuantSpec, TrainingDataError
 
 
@@ -103,6 +98,8 @@ def encoder_input_limit(config: dict, tokenizer: PreTrainedTokenizerBase) -> int
 
 @dataclass
 class QuantizedBase:
+    """The loaded base, and what of it the adapter must train in full."""
+
     model: PreTrainedModel
     # Modules the checkpoint did not give (a new pooler, say), initialised at random:
     # trained in full and saved with the adapter, or they would stay noise.
@@ -162,14 +159,17 @@ def load_base_for_training(
         auto_class = AutoModelForCausalLM
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
     layout = checkpoint_layout(model_path, auto_class, config, classification=classes is not None)
-    for message in replacement_messages(layout):
-        on_message(message)
-    if not layout.replaces_only_the_head:
-        layer = next(r for r in layout.replaced if not in_modules(r.name, layout.head))
-        raise ValueError(
-            f"the checkpoint's `{layer.name}` has shape {list(layer.checkpoint_shape)} where "
-            f"the model's config.json makes it {list(layer.model_shape)}: the weights do not "
-            "belong to this config"
+    for layer in layout.replaced:
+        if not in_modules(layer.name, layout.head):  # another vocabulary, say: not this model
+            raise ValueError(
+                f"the checkpoint's `{layer.name}` has shape {list(layer.checkpoint_shape)} "
+                f"where the model's config.json makes it {list(layer.model_shape)}: the "
+                "weights do not belong to this config"
+            )
+        on_message(
+            f"The checkpoint's classification head `{layer.name}` has "
+            f"{layer.checkpoint_shape[0]} outputs; replaced by a new head with "
+            f"{layer.model_shape[0]}, one per class"
         )
     quantization_config = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -187,7 +187,7 @@ def load_base_for_training(
         attn_implementation=attention,
         use_safetensors=True,  # never unpickle a checkpoint
         trust_remote_code=False,
-        ignore_mismatched_sizes=bool(layout.replaced),  # the head only, checked above
+        ignore_mismatched_sizes=bool(layout.replaced),  # in the head only (checked above)
         output_loading_info=True,
     )
     # The head is trained and saved by peft's SEQ_CLS already; anything else new joins it.
@@ -211,24 +211,6 @@ def load_base_for_training(
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     return QuantizedBase(model, new)
-
-
-def replacement_messages(layout: CheckpointLayout) -> list[str]:
-    """What a job's events say about layers the checkpoint holds at another shape."""
-    messages = []
-    for layer in layout.replaced:
-        if in_modules(layer.name, layout.head):
-            messages.append(
-                f"The checkpoint's classification head `{layer.name}` has "
-                f"{layer.checkpoint_shape[0]} outputs; replaced by a new head with "
-                f"{layer.model_shape[0]}, one per class"
-            )
-        else:
-            messages.append(
-                f"The checkpoint's `{layer.name}` has shape {list(layer.checkpoint_shape)}, "
-                f"the model's {list(layer.model_shape)}"
-            )
-    return messages
 
 
 def keep_cpu_weights_trainable(model: PreTrainedModel) -> None:
