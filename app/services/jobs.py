@@ -202,8 +202,10 @@ def job_memory_gb(
 ) -> float:
     # A model of unknown shape is taken for a 7B decoder: generous, as the estimate means to be.
     shape = facts.shape or shape_from_parameters(facts.parameters or 7_000_000_000)
-    if facts.max_positions:
-        seq_len = min(seq_len, facts.max_positions)  # BERT reads at most 512 tokens
+    if facts.kind is ModelKind.ENCODER and facts.max_positions:
+        # The worker cuts an encoder's input there (BERT reads at most 512 tokens); a
+        # decoder's positions stretch, and its examples are cut at max_seq_length only.
+        seq_len = min(seq_len, facts.max_positions)
     return estimate_memory_gb(
         shape,
         lora_r=lora["r"],

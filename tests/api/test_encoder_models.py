@@ -174,6 +174,20 @@ def test_a_classifier_needs_less_memory_than_a_chat_job_on_the_same_decoder(team
     assert news_gb < chat_gb
 
 
+def test_only_an_encoders_input_is_counted_up_to_its_position_limit(team) -> None:
+    """The worker cuts an encoder's input at 512 (BERT's positions), not a decoder's: past
+    512 tokens the encoder's estimate stays put, the same shape declared causal grows."""
+
+    def memory_gb(model: str, file_id: str, max_seq_length: int) -> float:
+        resp = create(team, model, file_id, max_seq_length=max_seq_length)
+        assert resp.status_code == 200, resp.text
+        return creation_data(team, resp.json()["id"])["memory_gb"]
+
+    news = team.upload(NEWS).json()["id"]
+    assert memory_gb("tiny-bert", news, 512) == memory_gb("tiny-bert", news, 4096)
+    assert memory_gb("bert-as-decoder", news, 512) < memory_gb("bert-as-decoder", news, 4096)
+
+
 def test_models_show_their_kind_and_a_fine_tuned_model_its_bases(team, sessions) -> None:
     job_id = create(team, "tiny-bert", team.upload(NEWS).json()["id"]).json()["id"]
     with sessions() as session:  # as if it had trained
