@@ -20,6 +20,7 @@ class DatasetFormat(StrEnum):
     PROMPT_COMPLETION = "prompt_completion"
     TEXT = "text"
     CLASSIFICATION = "classification"
+    PREFERENCE = "preference"
 
 
 FORMAT_LABELS = {
@@ -27,6 +28,9 @@ FORMAT_LABELS = {
     DatasetFormat.PROMPT_COMPLETION: 'prompt/completion ({"prompt", "completion"})',
     DatasetFormat.TEXT: 'plain text ({"text"})',
     DatasetFormat.CLASSIFICATION: 'classification ({"text", "label"})',
+    DatasetFormat.PREFERENCE: (
+        'preference ({"input": {"messages"}, "preferred_output", "non_preferred_output"})'
+    ),
 }
 
 
@@ -91,7 +95,23 @@ def check_characters(record: object, line: int) -> None:
         )
 
 
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+
+
 def detect_format(record: dict, line: int) -> DatasetFormat:
+    # Preference first: a line with either output is a preference pair, even if it also
+    # holds 'messages' (the prompt put at the top level instead of under 'input'), which
+    # would otherwise train as chat with the outputs silently ignored.
+    if "preferred_output" in record or "non_preferred_output" in record:
+        for key in PREFERENCE_KEYS:
+            if key not in record:
+                hint = (
+                    " (the prompt goes in input.messages, not in messages)"
+                    if key == "input" and "messages" in record
+                    else ""
+                )
+                raise DatasetError("missing_key", f"missing key '{key}'{hint}", line)
+        return DatasetFormat.PREFERENCE
     if "messages" in record:
         return DatasetFormat.CHAT
     if "prompt" in record or "completion" in record:
@@ -105,11 +125,18 @@ def detect_format(record: dict, line: int) -> DatasetFormat:
         return DatasetFormat.CLASSIFICATION
     if "text" in record:
         return DatasetFormat.TEXT
+    if isinstance(record.get("input"), dict):
+        raise DatasetError(
+            "missing_key",
+            "missing keys 'preferred_output' and 'non_preferred_output' beside 'input'",
+            line,
+        )
     found = ", ".join(repr(k) for k in list(record)[:5]) or "none"
     raise DatasetError(
         "missing_key",
-        "expected key 'messages' (chat), 'prompt' and 'completion', 'text', or 'text' "
-        "and 'label' (classification); "
+        "expected key 'messages' (chat), 'prompt' and 'completion', 'text', 'text' "
+        "and 'label' (classification), or 'input', 'preferred_output' and "
+        "'non_preferred_output' (preference); "
         f"found keys: {found}",
         line,
     )
@@ -123,31 +150,37 @@ def _require_text(value: object, where: str, line: int, *, allow_empty: bool = F
     return len(value)
 
 
-def validate_chat(record: dict, line: int) -> int:
-    messages = record["messages"]
+def _validate_messages(messages: object, path: str, line: int) -> tuple[int, list[str]]:
+    """Check a conversation at `path` ("messages", "input.messages"); returns the characters
+    of its content and its roles in order."""
     if not isinstance(messages, list) or not messages:
-        raise DatasetError("invalid_type", "'messages' must be a non-empty list", line)
+        raise DatasetError("invalid_type", f"'{path}' must be a non-empty list", line)
     chars = 0
-    has_assistant = False
+    roles: list[str] = []
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
+        at = f"{path}[{i}]"
         if not isinstance(message, dict):
-            raise DatasetError("invalid_type", f"{where} must be an object", line)
+            raise DatasetError("invalid_type", f"{at} must be an object", line)
         for key in ("role", "content"):
             if key not in message:
-                raise DatasetError("missing_key", f"{where} is missing key '{key}'", line)
+                raise DatasetError("missing_key", f"{at} is missing key '{key}'", line)
         role = message["role"]
         if role not in ROLES:
             raise DatasetError(
                 "unknown_role",
-                f"{where}.role {role!r} is not one of {', '.join(ROLES)}",
+                f"{at}.role {role!r} is not one of {', '.join(ROLES)}",
                 line,
             )
-        has_assistant = has_assistant or role == "assistant"
+        roles.append(role)
         chars += _require_text(
-            message["content"], f"{where}.content", line, allow_empty=role == "system"
+            message["content"], f"{at}.content", line, allow_empty=role == "system"
         )
-    if not has_assistant:
+    return chars, roles
+
+
+def validate_chat(record: dict, line: int) -> int:
+    chars, roles = _validate_messages(record["messages"], "messages", line)
+    if "assistant" not in roles:
         raise DatasetError("no_assistant_message", "no message with role 'assistant'", line)
     return chars
 
@@ -180,11 +213,99 @@ def validate_classification(record: dict, line: int) -> int:
     return _require_text(record["text"], "'text'", line)
 
 
+# Keys of an assistant message that ask for a tool: Lathe renders and trains text turns
+# only, so a preference about a tool call would train as a preference about its text.
+TOOL_CALL_KEYS = ("tool_calls", "function_call")
+
+
+def _validate_output(output: object, key: str, line: int) -> str:
+    """One side of a preference pair: a list holding the assistant's one reply (OpenAI
+    trains preferences on a single turn: the last assistant message). Returns its text."""
+    if not isinstance(output, list):
+        raise DatasetError(
+            "invalid_type", f"'{key}' must be a list holding one assistant message", line
+        )
+    if not output:
+        raise DatasetError(
+            "empty_value", f"'{key}' is empty: it must hold one assistant message", line
+        )
+    if len(output) > 1:
+        raise DatasetError(
+            "invalid_value",
+            f"'{key}' holds {len(output)} messages; a preference is one assistant reply, "
+            "so it must hold exactly one",
+            line,
+        )
+    message = output[0]
+    at = f"{key}[0]"
+    if not isinstance(message, dict):
+        raise DatasetError("invalid_type", f"{at} must be an object", line)
+    for name in TOOL_CALL_KEYS:
+        if name in message:
+            raise DatasetError(
+                "unsupported_tools",
+                f"{at} has '{name}': tool calls are not supported, only text replies",
+                line,
+            )
+    for name in ("role", "content"):
+        if name not in message:
+            raise DatasetError("missing_key", f"{at} is missing key '{name}'", line)
+    if message["role"] != "assistant":
+        raise DatasetError(
+            "invalid_output_role", f"{at}.role {message['role']!r} is not 'assistant'", line
+        )
+    _require_text(message["content"], f"{at}.content", line)
+    return message["content"]
+
+
+def validate_preference(record: dict, line: int) -> int:
+    prompt = record["input"]
+    if not isinstance(prompt, dict):
+        raise DatasetError("invalid_type", "'input' must be an object with key 'messages'", line)
+    if "messages" not in prompt:
+        raise DatasetError("missing_key", "missing key 'input.messages'", line)
+    # OpenAI's input may declare tools; an empty list (as in its own example) declares none.
+    # Tool definitions are not rendered into the prompt here, so any would be lost.
+    tools = prompt.get("tools")
+    if tools is not None and tools != []:
+        raise DatasetError(
+            "unsupported_tools",
+            "'input.tools' is not supported: Lathe trains on text messages only; "
+            "leave it out or empty",
+            line,
+        )
+    parallel = prompt.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise DatasetError("invalid_type", "'input.parallel_tool_calls' must be a boolean", line)
+    chars, roles = _validate_messages(prompt["messages"], "input.messages", line)
+    # The outputs are the assistant's next turn, so the prompt ends where the user hands
+    # over: after an assistant turn, the "reply" would be a second assistant message in a
+    # row, which chat templates do not render as one turn and inference never asks for.
+    if roles[-1] != "user":
+        raise DatasetError(
+            "invalid_value",
+            f"'input.messages' must end with a user message (the outputs are the "
+            f"assistant's reply to it); it ends with role {roles[-1]!r}",
+            line,
+        )
+    preferred = _validate_output(record["preferred_output"], "preferred_output", line)
+    rejected = _validate_output(record["non_preferred_output"], "non_preferred_output", line)
+    if preferred == rejected:
+        raise DatasetError(
+            "identical_outputs",
+            "'preferred_output' and 'non_preferred_output' are identical; DPO learns from "
+            "the difference between them",
+            line,
+        )
+    return chars + len(preferred) + len(rejected)
+
+
 VALIDATORS = {
     DatasetFormat.CHAT: validate_chat,
     DatasetFormat.PROMPT_COMPLETION: validate_prompt_completion,
     DatasetFormat.TEXT: validate_text,
     DatasetFormat.CLASSIFICATION: validate_classification,
+    DatasetFormat.PREFERENCE: validate_preference,
 }
 
 
