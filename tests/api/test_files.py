@@ -9,7 +9,20 @@ import pytest
 from sqlalchemy import create_engine, func, select
 
 from app.models import File
-from tests.api.datasets import CHAT, PROMPT_COMPLETION
+from tests.api.datasets import CHAT, PROMPT_COMPLETION, jsonl
+
+
+def preference_row(i: int, rejected: str | None = None) -> dict:
+    return {
+        "input": {"messages": [{"role": "user", "content": f"What is {i} + 1?"}]},
+        "preferred_output": [{"role": "assistant", "content": f"{i} + 1 = {i + 1}."}],
+        "non_preferred_output": [
+            {"role": "assistant", "content": rejected or f"The answer is {i + 1}, I think!"}
+        ],
+    }
+
+
+PREFERENCE = jsonl([preference_row(i) for i in range(12)])
 
 
 def test_upload_records_size_and_sha256_and_round_trips(team) -> None:
@@ -78,6 +91,61 @@ def test_bad_line_is_refused_with_its_number_and_nothing_is_stored(
     error = resp.json()["error"]
     assert error["code"] == code
     assert error["param"] == "file"
+    assert "line 13:" in error["message"]
+    assert fragment in error["message"]
+    assert object_count(api_env) == objects_before
+    assert file_rows(api_env) == rows_before
+
+
+def test_preference_upload_is_stored_with_its_format_and_examples(team, api_env) -> None:
+    resp = team.upload(PREFERENCE)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["status"], body["bytes"]) == ("processed", len(PREFERENCE))
+    engine = create_engine(api_env["LATHE_DATABASE_URL"])
+    with engine.connect() as conn:
+        row = conn.execute(select(File.format, File.examples).where(File.id == body["id"])).one()
+    engine.dispose()
+    assert row == ("preference", 12)
+    assert team.get(f"/v1/files/{body['id']}/content").content == PREFERENCE
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "code", "fragment"),
+    [
+        (
+            PREFERENCE,
+            jsonl([preference_row(3, rejected="3 + 1 = 4.")]),
+            "identical_outputs",
+            "identical",
+        ),
+        (
+            PREFERENCE,
+            jsonl(
+                [preference_row(3) | {"non_preferred_output": [{"role": "user", "content": "4"}]}]
+            ),
+            "invalid_output_role",
+            "non_preferred_output[0].role 'user' is not 'assistant'",
+        ),
+        (
+            PREFERENCE,
+            b'{"input": {"messages": [{"role": "user", "content": "x"}]},'
+            b' "preferred_output": [{"role": "assistant", "content": "y"}]}\n',
+            "missing_key",
+            "missing key 'non_preferred_output'",
+        ),
+        (PREFERENCE, CHAT, "mixed_formats", "line 1 is preference"),
+        (CHAT, PREFERENCE, "mixed_formats", "this line is preference"),
+    ],
+)
+def test_bad_preference_line_is_refused_with_its_number_and_nothing_is_stored(
+    team, api_env, head: bytes, tail: bytes, code: str, fragment: str
+) -> None:
+    objects_before, rows_before = object_count(api_env), file_rows(api_env)
+    resp = team.upload(head + tail)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert (error["code"], error["param"]) == (code, "file")
     assert "line 13:" in error["message"]
     assert fragment in error["message"]
     assert object_count(api_env) == objects_before
