@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.domain.denied_networks import THIS_HOST, parse_denied_networks
@@ -190,6 +190,24 @@ class Settings(BaseSettings):
     # Unset: GET /metrics is open (keep it off the public network). Set: it requires
     # `Authorization: Bearer <metrics_token>`, as Prometheus' `authorization` sends it.
     metrics_token: str | None = None
+
+    # --- Experiment tracking (a job's `integrations`, docs/api.md) ---
+    # Set on the API (which refuses an integration the deployment lacks) and on the workers
+    # (which log the runs). MLflow: the tracking server's URI (http://mlflow:5000). W&B: the
+    # API key, the host of a self-hosted server (unset: W&B's cloud), and W&B's mode
+    # ("offline" writes runs to the worker's disk, no key needed: tests, air-gapped hosts).
+    mlflow_tracking_uri: str | None = None
+    wandb_api_key: SecretStr | None = None
+    wandb_base_url: str | None = None
+    wandb_mode: str | None = None
+
+    @property
+    def wandb_configured(self) -> bool:
+        return self.wandb_api_key is not None or self.wandb_mode == "offline"
+
+    @property
+    def mlflow_configured(self) -> bool:
+        return bool(self.mlflow_tracking_uri)
 
     @property
     def resolved_database_url(self) -> str:

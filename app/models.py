@@ -99,8 +99,24 @@ class Job(Base):
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(32), index=True)
-    # Resolved values: n_epochs, batch_size, learning_rate_multiplier.
+    # "supervised" or "dpo" (preference pairs); the training file's format agrees with it.
+    method: Mapped[str] = mapped_column(
+        String(16), default="supervised", server_default="supervised"
+    )
+    # Resolved values: n_epochs, batch_size, learning_rate_multiplier; and beta for dpo.
     hyperparameters: Mapped[dict] = mapped_column(JSON)
+    # Training on from a fine-tuned model (`model` was an ft: name or a checkpoint's): the
+    # adapter it starts from, {"fine_tuned_model", "job", "checkpoint" (ftckpt- id or None),
+    # "storage_key" (the object the worker downloads), "archive" ("adapter": the parent's
+    # adapter.tar.gz; "checkpoint": a Trainer checkpoint tarball)}. NULL: from the base.
+    # `model` stays the base's name either way: the worker loads its weights by it.
+    parent: Mapped[dict | None] = mapped_column(JSON)
+    # The models this one descends from, oldest first: the base's name, then each ft model
+    # (or checkpoint) trained on, ending with the parent; [model] for a job from the base.
+    lineage: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
+    # Experiment tracking asked for, in OpenAI's shape: [{"type": "wandb", "wandb": {...}},
+    # {"type": "mlflow", "mlflow": {...}}]; the runs' URLs land in stats["tracking"].
+    integrations: Mapped[list] = mapped_column(JSON, default=list, server_default="[]")
     lora: Mapped[dict] = mapped_column(JSON)
     quantization: Mapped[dict] = mapped_column(JSON)
     max_seq_length: Mapped[int] = mapped_column(Integer)
