@@ -1,5 +1,6 @@
-"""The job page's charts as inline SVG: train and validation loss against step, and for a
-classifier its validation accuracy and macro-F1.
+"""The job page's charts as inline SVG: train and validation loss against step, for a
+classifier its validation accuracy and macro-F1, and for a DPO job its reward accuracy and
+reward margin (how often, and by how much, the preferred answer beats the other).
 
 Only numbers leave this module (pixel coordinates and tick labels); the template draws
 them. No chart library, no script: the page works without JavaScript or a CDN.
@@ -17,11 +18,16 @@ MAX_POINTS = 1000  # a longer train series is thinned (first and last kept)
 
 @dataclass(frozen=True)
 class Series:
-    name: str  # "train" | "valid" | "accuracy" | "macro_f1": CSS class, data-series
+    name: str  # data-series: "train", "valid", "accuracy", "macro_f1", "train_reward_margin"...
     label: str
     points: list[tuple[float, float]]  # pixels
     values: list[tuple[int, float]]  # (step, value) as logged
     dots: bool = False  # one dot per point, with a tooltip: the evaluated series
+    style: str = ""  # the CSS class, when not the name: a reward chart's "train" or "valid"
+
+    @property
+    def css(self) -> str:
+        return self.style or self.name
 
     @property
     def svg_points(self) -> str:
@@ -102,9 +108,29 @@ def _values(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(row["step"], v) for row in rows if (v := _finite(row.get(key))) is not None]
 
 
-def _draw(lines: list[tuple[str, str, list[tuple[int, float]]]], y_lo: float, y_hi: float) -> Chart:
-    """Scale the series (name, label, values), all non-empty, into the plot area."""
-    steps = [s for _, _, values in lines for s, _ in values]
+@dataclass(frozen=True)
+class _Line:
+    """A series to draw: from a metrics key, named for the page, styled by its CSS class."""
+
+    name: str
+    label: str
+    key: str  # the metrics rows' key
+    style: str = ""
+
+    @property
+    def evaluated(self) -> bool:
+        """A validation figure: a point every eval_steps, each drawn as a dot."""
+        return self.key.startswith("valid_")
+
+
+def _series(rows: list[dict], lines: tuple[_Line, ...]) -> list[tuple[_Line, list]]:
+    """The lines that have a finite value in `rows` (already by step), with their values."""
+    return [(line, values) for line in lines if (values := _values(rows, line.key))]
+
+
+def _draw(lines: list[tuple[_Line, list[tuple[int, float]]]], y_lo: float, y_hi: float) -> Chart:
+    """Scale the series, all non-empty, into the plot area."""
+    steps = [s for _, values in lines for s, _ in values]
     x_lo, x_hi = min(steps), max(steps)
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
@@ -122,10 +148,11 @@ def _draw(lines: list[tuple[str, str, list[tuple[int, float]]]], y_lo: float, y_
     y_values = nice_ticks(y_lo, y_hi, 5)
     y_step = y_values[1] - y_values[0] if len(y_values) > 1 else 1.0
     series = []
-    for name, label, values in lines:
-        dots = name != "train"  # evaluated series: a point every eval_steps
+    for line, values in lines:
+        dots = line.evaluated
         shown = values if dots else _thin(values)
-        series.append(Series(name, label, [(px(s), py(v)) for s, v in shown], values, dots))
+        points = [(px(s), py(v)) for s, v in shown]
+        series.append(Series(line.name, line.label, points, values, dots, line.style))
     return Chart(
         x_ticks=[(px(t), str(int(t))) for t in x_ticks],
         y_ticks=[(py(t), _label(t, y_step)) for t in y_values],
@@ -133,21 +160,31 @@ def _draw(lines: list[tuple[str, str, list[tuple[int, float]]]], y_lo: float, y_
     )
 
 
+LOSS = (
+    _Line("train", "train loss", "train_loss"),
+    _Line("valid", "validation loss", "valid_loss"),
+)
+SCORES = (
+    _Line("accuracy", "validation accuracy", "valid_accuracy"),
+    _Line("macro_f1", "validation macro-F1", "valid_macro_f1"),
+)
+REWARD_ACCURACY = (
+    _Line("train_reward_accuracy", "train reward accuracy", "train_reward_accuracy", "train"),
+    _Line("valid_reward_accuracy", "validation reward accuracy", "valid_reward_accuracy", "valid"),
+)
+REWARD_MARGIN = (
+    _Line("train_reward_margin", "train reward margin", "train_reward_margin", "train"),
+    _Line("valid_reward_margin", "validation reward margin", "valid_reward_margin", "valid"),
+)
+
+
 def loss_chart(rows: list[dict]) -> Chart | None:
     """The loss chart of a job's metrics rows (each a metrics event's `data`), oldest
     first. None when there is no finite loss to draw."""
-    rows = _by_step(rows)
-    lines = [
-        (name, label, values)
-        for name, label, key in (
-            ("train", "train loss", "train_loss"),
-            ("valid", "validation loss", "valid_loss"),
-        )
-        if (values := _values(rows, key))
-    ]
+    lines = _series(_by_step(rows), LOSS)
     if not lines:
         return None
-    losses = [v for _, _, values in lines for _, v in values]
+    losses = [v for _, values in lines for _, v in values]
     y_lo, y_hi = min(losses), max(losses)
     pad = (y_hi - y_lo) * 0.05 or max(abs(y_hi) * 0.05, 0.05)
     y_lo, y_hi = y_lo - pad, y_hi + pad
@@ -160,13 +197,27 @@ def score_chart(rows: list[dict]) -> Chart | None:
     """A classifier's validation accuracy and macro-F1 against step, on a fixed 0 to 1
     scale (so a flat line near 1 reads as good, not as noise blown up). None when the
     rows hold neither (a generative job, or no evaluation yet)."""
-    rows = _by_step(rows)
-    lines = [
-        (name, label, values)
-        for name, label, key in (
-            ("accuracy", "validation accuracy", "valid_accuracy"),
-            ("macro_f1", "validation macro-F1", "valid_macro_f1"),
-        )
-        if (values := _values(rows, key))
-    ]
+    lines = _series(_by_step(rows), SCORES)
     return _draw(lines, 0.0, 1.0) if lines else None
+
+
+def reward_accuracy_chart(rows: list[dict]) -> Chart | None:
+    """A DPO job's reward accuracy (the share of pairs whose preferred answer the policy
+    rewards above the other, against the reference), train and validation, on a fixed 0 to
+    1 scale. It starts at 0: while policy and reference are equal no reward is above
+    another. None when the rows hold none (not a DPO job)."""
+    lines = _series(_by_step(rows), REWARD_ACCURACY)
+    return _draw(lines, 0.0, 1.0) if lines else None
+
+
+def reward_margin_chart(rows: list[dict]) -> Chart | None:
+    """A DPO job's mean reward margin (preferred minus other, in beta-scaled log-ratio
+    units), train and validation. Its scale always holds zero: where the line sits against
+    it (above: the preferred answers win) is what the chart is for."""
+    lines = _series(_by_step(rows), REWARD_MARGIN)
+    if not lines:
+        return None
+    margins = [v for _, values in lines for _, v in values]
+    y_lo, y_hi = min(0.0, *margins), max(0.0, *margins)
+    pad = (y_hi - y_lo) * 0.05 or 0.05  # all zero (the first steps): a band around it
+    return _draw(lines, y_lo - pad, y_hi + pad)

@@ -13,11 +13,13 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.orm import Session
 
 from app.domain.jobs import FINAL_STATES, JobStatus
 from app.downloads import file_response
 from app.errors import APIError, Conflict
 from app.http_deps import SessionDep, SettingsDep, StoreDep
+from app.models import Job, Team
 from app.services import files as files_service
 from app.services import jobs as jobs_service
 from app.services.admin_keys import admin_for_key
@@ -28,10 +30,12 @@ from app.services.teams import team_for_key
 from app.services.training_metrics import metrics_rows
 from app.services.usage import metered_jobs, usage_for
 from app.web import auth
-from app.web.chart import loss_chart, score_chart
+from app.web.chart import loss_chart, reward_accuracy_chart, reward_margin_chart, score_chart
 from app.web.classification import classification_view
 from app.web.deps import JobId, MaybeTeam, PageNotFound, SignedInTeam, TeamJob, job_not_found
+from app.web.lineage import lineage_view
 from app.web.pages import HERE, base_path, notice, redirect, render
+from app.web.tracking import trackers_view
 
 ACTIVE = {JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value}
 FINAL = {s.value for s in FINAL_STATES}
@@ -122,6 +126,14 @@ def jobs_page(
     )
 
 
+def _team_job_or_none(session: Session, team: Team, job_id: str) -> Job | None:
+    """An ancestor on the lineage: linked only if it is this team's job."""
+    try:
+        return jobs_service.get_job(session, team, job_id)
+    except APIError:
+        return None
+
+
 @router.get("/jobs/{job_id}")
 def job_page(
     request: Request, team: SignedInTeam, job: TeamJob, session: SessionDep, settings: SettingsDep
@@ -139,7 +151,11 @@ def job_page(
         stats=stats,
         chart=loss_chart(rows),
         scores=score_chart(rows),
+        reward_accuracy=reward_accuracy_chart(rows),
+        reward_margin=reward_margin_chart(rows),
         classification=classification_view(stats),
+        lineage=lineage_view(job, lambda job_id: _team_job_or_none(session, team, job_id)),
+        trackers=trackers_view(job.integrations, stats),
         last_metrics=rows[-1] if rows else None,
         last_eval=next((r for r in reversed(rows) if r.get("valid_loss") is not None), None),
         metrics_count=len(rows),

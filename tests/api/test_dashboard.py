@@ -21,14 +21,22 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.domain.classification import classification_report
-from app.models import File, Job, Team, Worker
+from app.models import Checkpoint, File, Job, Team, Worker
 from app.services.events import add_event
 from app.services.teams import create_team
 from app.services.training_metrics import metrics_rows, metrics_rows_up_to
 from app.storage import file_key
 from app.web.auth import COOKIE
-from app.web.chart import loss_chart, nice_ticks, score_chart
+from app.web.chart import (
+    loss_chart,
+    nice_ticks,
+    reward_accuracy_chart,
+    reward_margin_chart,
+    score_chart,
+)
 from app.web.classification import classification_view
+from app.web.lineage import lineage_view
+from app.web.tracking import link_target, trackers_view
 from tests.api.conftest import TeamClient
 from tests.api.datasets import CHAT
 
@@ -355,6 +363,260 @@ def test_a_generative_jobs_page_has_no_classification_section(browser, team) -> 
     assert 'id="classification"' not in page and 'id="score-chart"' not in page
 
 
+def dpo_row(step: int, valid: bool = False) -> dict:
+    """A DPO job's metrics row as the worker writes it: rewards from TRL's rewards/*."""
+    row = {
+        "step": step,
+        "total_steps": 20,
+        "train_loss": 0.6931 - 0.02 * step,
+        "train_reward_accuracy": min(0.05 * step, 1.0),
+        "train_reward_margin": 0.1 * step,
+        "train_rewards_chosen": 0.05 * step,
+        "train_rewards_rejected": -0.05 * step,
+    }
+    if valid:
+        row |= {
+            "valid_loss": 0.7 - 0.02 * step,
+            "valid_reward_accuracy": 0.5 + 0.02 * step,
+            "valid_reward_margin": 0.08 * step - 0.1,
+            "valid_rewards_chosen": 0.04 * step,
+            "valid_rewards_rejected": -0.04 * step,
+        }
+    return row
+
+
+def test_a_dpo_jobs_page_charts_its_rewards_and_shows_the_method(api, team, sessions) -> None:
+    """Reward accuracy (0 to 1) and reward margin, train and validation, each a chart in
+    the rewards panel with its latest figures; the method with beta among the options; the
+    checkpoints' reward accuracy and margin."""
+    job = create_job(team)
+    with sessions() as session:
+        hyperparameters = {"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0}
+        session.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(method="dpo", hyperparameters=hyperparameters | {"beta": 0.25})
+        )
+        pk = session.scalar(select(Job.pk).where(Job.id == job["id"]))
+        for step in range(1, 21):
+            add_event(
+                session, pk, f"Step {step}", type="metrics", data=dpo_row(step, step % 5 == 0)
+            )
+        session.add(
+            Checkpoint(
+                id=f"ftckpt-{uuid.uuid4().hex[:24]}",
+                job_pk=pk,
+                step_number=10,
+                metrics=dpo_row(10, valid=True),
+                fine_tuned_model_checkpoint="ft:tiny-random-llama:dpo:ckpt-step-10",
+                storage_key="k",
+            )
+        )
+        session.commit()
+    html = signed_in(api, team.key).get(f"/jobs/{job['id']}").text
+    assert 'id="rewards"' in html
+    assert '<svg id="reward-accuracy-chart"' in html and '<svg id="reward-margin-chart"' in html
+    series = dict(re.findall(r'data-series="(\w+)" points="([^"]*)"', html))
+    assert set(series) == {
+        "train",
+        "valid",
+        "train_reward_accuracy",
+        "valid_reward_accuracy",
+        "train_reward_margin",
+        "valid_reward_margin",
+    }
+    assert len(series["train_reward_accuracy"].split()) == 20
+    assert len(series["valid_reward_margin"].split()) == 4
+    # Styled as the loss chart's train and validation lines; validation points are dots.
+    assert 'class="series train" data-series="train_reward_margin"' in html
+    assert 'class="series valid" data-series="valid_reward_accuracy"' in html
+    assert html.count('class="dot valid"') == 4 * 3  # loss, reward accuracy, reward margin
+    figures = re.search(r'<p class="muted" id="reward-figures">(.*?)</p>', html, re.S)
+    assert figures
+    text = " ".join(figures.group(1).split())
+    assert "train reward accuracy 1.000 at step 20" in text
+    assert "validation reward accuracy 0.900 at step 20" in text
+    assert "train reward margin 2.000 at step 20" in text
+    assert "validation reward margin 1.500 at step 20" in text
+    # The latest evaluation under the loss chart.
+    assert "validation reward accuracy 90.0%" in html and "reward margin 1.500" in html
+    assert re.search(r'id="method">DPO, beta 0\.25<', html)
+    checkpoints = re.search(r'<table class="list" id="checkpoints">(.*?)</table>', html, re.S)
+    assert checkpoints and "Validation reward margin" in checkpoints.group(1)
+    cells = re.findall(r'<td class="num">([^<]*)</td>', checkpoints.group(1))
+    assert cells[-3:] == ["0.500", "0.700", "0.700"]  # train and valid accuracy, margin
+
+
+def test_a_supervised_jobs_page_has_no_rewards_panel(browser, team) -> None:
+    job = create_job(team)
+    page = browser.get(f"/jobs/{job['id']}").text
+    assert 'id="rewards"' not in page and 'id="lineage"' not in page
+    assert re.search(r'id="method">supervised<', page)
+
+
+def test_a_job_trained_on_from_fine_tuned_models_links_its_lineage(api, team, other_team, sessions):
+    """base -> ft:A -> ft:B -> this job: each fine-tuned model links to the page of the
+    job that trained it, read from each ancestor's own parent; the base model is text."""
+    first, second, third = create_job(team), create_job(team), create_job(team)
+    ft_a, ft_b = "ft:tiny-random-llama:a:1", "ft:tiny-random-llama:b:2"
+    with sessions() as session:
+        for job_id, values in [
+            (first["id"], {"fine_tuned_model": ft_a, "lineage": [MODEL]}),
+            (
+                second["id"],
+                {
+                    "fine_tuned_model": ft_b,
+                    "lineage": [MODEL, ft_a],
+                    "parent": {"fine_tuned_model": ft_a, "job": first["id"], "checkpoint": None},
+                },
+            ),
+            (
+                third["id"],
+                {
+                    "method": "dpo",
+                    "lineage": [MODEL, ft_a, ft_b],
+                    "parent": {"fine_tuned_model": ft_b, "job": second["id"], "checkpoint": None},
+                },
+            ),
+        ]:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+        session.commit()
+    with signed_in(api, team.key) as browser:
+        html = browser.get(f"/jobs/{third['id']}").text
+        lineage = re.search(r'<p class="lineage" id="lineage">(.*?)</p>', html, re.S)
+        assert lineage
+        text = re.sub(r"<[^>]+>", "", " ".join(lineage.group(1).split()))
+        assert text == f"Lineage: {MODEL} → {ft_a} → {ft_b} → this job"
+        links = re.findall(r'<a href="([^"]+)" data-job="[^"]+"><code>([^<]+)</code>', html)
+        assert links == [(f"/jobs/{first['id']}", ft_a), (f"/jobs/{second['id']}", ft_b)]
+        assert re.search(rf'id="parent"><code>{re.escape(ft_b)}</code>', html)
+        # The middle job shows base -> ft:A -> this job; the first none at all.
+        middle = browser.get(f"/jobs/{second['id']}").text
+        assert re.findall(r'data-job="([^"]+)"', middle) == [first["id"]]
+        assert 'id="lineage"' not in browser.get(f"/jobs/{first['id']}").text
+    # An ancestor the team does not have is named, not linked.
+    stranger = create_job(other_team)
+    with sessions() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == second["id"])
+            .values(parent={"fine_tuned_model": ft_a, "job": stranger["id"], "checkpoint": None})
+        )
+        session.commit()
+    with signed_in(api, team.key) as browser:
+        html = browser.get(f"/jobs/{third['id']}").text
+    assert re.findall(r'data-job="([^"]+)"', html) == [second["id"]]
+    assert f"<code>{ft_a}</code>" in html and stranger["id"] not in html
+
+
+def test_a_jobs_trackers_link_to_their_runs_and_only_over_http(api, team, sessions) -> None:
+    """The integrations the job was created with, each with the run URL the worker
+    reported: an https URL is a link (rel noopener noreferrer); a javascript: URL is shown
+    as text and never becomes an href."""
+    job = create_job(team)
+    run = "https://wandb.example/acme/support/runs/abc123?x=1&y=2"
+    evil = "javascript:alert(document.cookie)"
+    with sessions() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(
+                integrations=[
+                    {
+                        "type": "wandb",
+                        "wandb": {"project": "support", "entity": "acme", "name": "run-1"},
+                    },
+                    {"type": "mlflow", "mlflow": {"experiment": "<b>exp</b>"}},
+                ],
+                stats={
+                    "tracking": {
+                        "wandb": {"url": run, "run_id": "abc123"},
+                        "mlflow": {"url": evil, "run_id": "r1", "experiment_id": "1"},
+                    }
+                },
+            )
+        )
+        session.commit()
+    html = signed_in(api, team.key).get(f"/jobs/{job['id']}").text
+    wandb = re.search(r'<dd class="tracker" data-tracker="wandb">(.*?)</dd>', html, re.S)
+    mlflow = re.search(r'<dd class="tracker" data-tracker="mlflow">(.*?)</dd>', html, re.S)
+    assert wandb and mlflow
+    assert "<code>acme/support</code>, run <code>run-1</code>" in wandb.group(1)
+    escaped = run.replace("&", "&amp;")
+    assert (
+        f'<a href="{escaped}" rel="noopener noreferrer" target="_blank">{escaped}</a>'
+        in wandb.group(1)
+    )
+    assert "<code>&lt;b&gt;exp&lt;/b&gt;</code>" in mlflow.group(1)
+    assert "<a " not in mlflow.group(1) and f'<code class="url">{evil}</code>' in mlflow.group(1)
+    assert 'href="javascript' not in html.lower()
+    assert ">Weights &amp; Biases</dt>" in html and ">MLflow</dt>" in html
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "JavaScript:alert(1)",
+        " https://x.example/",
+        "data:text/html,<b>x</b>",
+        "https://user:pw@x.example/",
+        "https:///nohost",
+        "//x.example/run",
+        "https://x.example/a b",
+        "https://x.example/\n",
+        "https://[::1/",
+        "http://x.example/" + "a" * 3000,
+        None,
+        42,
+    ],
+)
+def test_only_a_plain_http_url_is_a_link(url) -> None:
+    assert link_target(url) is None
+
+
+def test_http_and_https_urls_are_links() -> None:
+    for url in ("http://127.0.0.1:5000/#/experiments/1/runs/ab", "https://wandb.ai/a/b/runs/c"):
+        assert link_target(url) == url
+
+
+def test_trackers_view_without_a_run_yet_and_a_run_without_its_integration() -> None:
+    waiting = trackers_view([{"type": "mlflow", "mlflow": {"experiment": "e"}}], {})
+    assert [(t.kind, t.target, t.url, t.link) for t in waiting] == [("mlflow", "e", None, None)]
+    orphan = trackers_view([], {"tracking": {"wandb": {"url": "https://w.example/r"}}})
+    assert [(t.name, t.link) for t in orphan] == [("Weights & Biases", "https://w.example/r")]
+    assert trackers_view(None, {"tracking": "nonsense"}) == []
+
+
+def test_lineage_view_maps_ancestors_from_the_end_and_stops_at_an_unknown_job() -> None:
+    """lineage[-1] is the parent's output, lineage[-2] the grandparent's: read backwards
+    along the parents; where a job is not found, older models are shown without a link."""
+    from types import SimpleNamespace as Job_
+
+    a = Job_(id="ftjob-a", parent=None)
+    b = Job_(id="ftjob-b", parent={"fine_tuned_model": "ft:a", "job": "ftjob-a"})
+    c = Job_(
+        id="ftjob-c",
+        model="base",
+        lineage=["base", "ft:a", "ft:b"],
+        parent={"fine_tuned_model": "ft:b", "job": "ftjob-b"},
+    )
+    jobs = {j.id: j for j in (a, b)}
+    view = lineage_view(c, jobs.get)
+    assert [(x.model, x.job_id) for x in view] == [
+        ("base", None),
+        ("ft:a", "ftjob-a"),
+        ("ft:b", "ftjob-b"),
+    ]
+    del jobs["ftjob-a"]
+    assert [x.job_id for x in lineage_view(c, jobs.get)] == [None, None, "ftjob-b"]
+    assert lineage_view(a, jobs.get) == []
+    # A parent loop in bad data ends at the lineage's length.
+    loop = Job_(id="ftjob-l", model="base", lineage=["base", "ft:l"], parent=None)
+    loop.parent = {"fine_tuned_model": "ft:l", "job": "ftjob-l"}
+    assert [x.job_id for x in lineage_view(loop, {"ftjob-l": loop}.get)] == [None, "ftjob-l"]
+
+
 def test_classification_view_shows_what_holds_together() -> None:
     """The stats are the worker's JSON: a matrix of another size than the class list is
     left out, the per-class figures still shown; no report, no section."""
@@ -514,6 +776,28 @@ def test_chart_of_nothing_is_none_and_of_one_point_is_drawn() -> None:
     assert one is not None and len(one.series[0].points) == 1
     assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(1, 20, 6)[0] in (0, 5) and nice_ticks(1, 20, 6)[-1] == 20
+
+
+def test_reward_charts_fixed_accuracy_scale_and_a_margin_scale_that_holds_zero() -> None:
+    assert reward_accuracy_chart([{"step": 1, "train_loss": 1.0}]) is None
+    assert reward_margin_chart([{"step": 1, "valid_accuracy": 0.5}]) is None
+    rows = [dpo_row(1), dpo_row(2, valid=True), dpo_row(3)]
+    accuracy = reward_accuracy_chart(rows)
+    assert accuracy is not None
+    assert [label for _, label in accuracy.y_ticks] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    train, valid = accuracy.series
+    assert (train.name, train.css, train.dots) == ("train_reward_accuracy", "train", False)
+    assert (valid.name, valid.css, valid.dots) == ("valid_reward_accuracy", "valid", True)
+    assert [v for _, v in train.values] == pytest.approx([0.05, 0.1, 0.15])
+    # Margins all above zero: the scale still reaches down to zero, with zero a tick.
+    margin = reward_margin_chart(rows)
+    assert margin is not None
+    assert "0.0" in [label for _, label in margin.y_ticks]
+    zero_y = next(y for y, label in margin.y_ticks if label == "0.0")
+    assert all(y < zero_y for _, y in margin.series[0].points)  # above the zero line
+    # All zero (the first step: policy and reference are the same model): still drawn.
+    flat = reward_margin_chart([{"step": 1, "train_reward_margin": 0.0}])
+    assert flat is not None and len(flat.series[0].points) == 1
 
 
 def test_score_chart_draws_accuracy_and_macro_f1_on_a_fixed_scale() -> None:
