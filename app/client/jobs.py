@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,12 @@ from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.domain.jobs import JobStatus
 from app.formatting import size
 
+
+class Method(StrEnum):
+    SUPERVISED = "supervised"
+    DPO = "dpo"
+
+
 jobs_app = typer.Typer(help="Create, follow and manage fine-tuning jobs.", no_args_is_help=True)
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]+$")
 ADAPTER = "adapter.tar.gz"
@@ -49,7 +56,15 @@ def _file_id(client: LatheClient, value: str, console: Console) -> str:
 @jobs_app.command("create")
 @handles_errors
 def create(
-    model: Annotated[str, typer.Option("--model", "-m", help="Base model (see /v1/models).")],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Base model (see /v1/models), or a fine-tuned model (ft:...) or checkpoint "
+            "of yours to train on from.",
+        ),
+    ],
     train: Annotated[
         str,
         typer.Option(
@@ -59,6 +74,18 @@ def create(
     valid: Annotated[
         str | None,
         typer.Option("--valid", "-v", help="Validation data: a local JSONL or a file id."),
+    ] = None,
+    method: Annotated[
+        Method | None,
+        typer.Option(
+            help="supervised (chat/completion/text files) or dpo (preference pairs); "
+            "the hyperparameters then go in the method's block.",
+            show_default=False,
+        ),
+    ] = None,
+    beta: Annotated[
+        float | None,
+        typer.Option(help="DPO's pull towards the reference model, (0, 2] (default 0.1)."),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="n_epochs, 1-50 (default: auto).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="1-256 (default: auto).")] = None,
@@ -98,6 +125,23 @@ def create(
     priority: Annotated[
         str | None, typer.Option(help="low, normal or high, among your team's jobs.")
     ] = None,
+    wandb_project: Annotated[
+        str | None,
+        typer.Option(help="Log the run to this Weights & Biases project.", show_default=False),
+    ] = None,
+    wandb_name: Annotated[str | None, typer.Option(help="The W&B run's name.")] = None,
+    wandb_entity: Annotated[str | None, typer.Option(help="The W&B team or user.")] = None,
+    wandb_tag: Annotated[
+        list[str] | None,
+        typer.Option(help="A W&B tag (repeat for more).", metavar="<str>", show_default=False),
+    ] = None,
+    mlflow_experiment: Annotated[
+        str | None,
+        typer.Option(
+            help="Log the run to this experiment on the server's MLflow.", show_default=False
+        ),
+    ] = None,
+    mlflow_run_name: Annotated[str | None, typer.Option(help="The MLflow run's name.")] = None,
     watch: Annotated[
         bool, typer.Option("--watch", "-w", help="Then watch it (as `jobs watch`).")
     ] = False,
@@ -107,24 +151,31 @@ def create(
 ) -> None:
     """Create a fine-tuning job. Local files are uploaded first; prints the job id."""
     console = make_console(stderr=True)  # stdout: the job id (or its JSON) only
+    if beta is not None and method != Method.DPO:
+        raise typer.BadParameter("--beta is DPO's; add --method dpo", param_hint="--beta")
     body: dict[str, Any] = {"model": model}
-    hyperparameters = {
-        "n_epochs": epochs,
-        "batch_size": batch_size,
-        "learning_rate_multiplier": learning_rate_multiplier,
-    }
-    lora = {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}
+    hyperparameters = _given(
+        n_epochs=epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=learning_rate_multiplier,
+        beta=beta,
+    )
+    if method is None:  # OpenAI's older place, as before --method
+        body["hyperparameters"] = hyperparameters
+    else:
+        body["method"] = {"type": method.value}
+        if hyperparameters:
+            body["method"][method.value] = {"hyperparameters": hyperparameters}
+    body["lora"] = _given(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     if target_modules:
-        lora["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
-    training = {"packing": packing, "train_on_inputs": train_on_inputs, "eval_steps": eval_steps}
-    for name, group in (
-        ("hyperparameters", hyperparameters),
-        ("lora", lora),
-        ("training", training),
-    ):
-        given = {k: v for k, v in group.items() if v is not None}
-        if given:
-            body[name] = given
+        body["lora"]["target_modules"] = [m.strip() for m in target_modules.split(",") if m.strip()]
+    body["training"] = _given(
+        packing=packing, train_on_inputs=train_on_inputs, eval_steps=eval_steps
+    )
+    body["integrations"] = _integrations(
+        wandb_project, wandb_name, wandb_entity, wandb_tag, mlflow_experiment, mlflow_run_name
+    )
+    body = {k: v for k, v in body.items() if v not in ({}, [])}
     for name, value in (
         ("max_seq_length", max_seq_length),
         ("suffix", suffix),
@@ -151,6 +202,34 @@ def create(
     if json_:
         print_json(job)
     raise typer.Exit(code)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options given: one left out is the server's default, not sent."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _integrations(
+    wandb_project: str | None,
+    wandb_name: str | None,
+    wandb_entity: str | None,
+    wandb_tags: list[str] | None,
+    mlflow_experiment: str | None,
+    mlflow_run_name: str | None,
+) -> list[dict[str, Any]]:
+    """The request's `integrations` (OpenAI's shape; MLflow is Lathe's) from the flags."""
+    integrations: list[dict[str, Any]] = []
+    if wandb_project:
+        wandb = _given(project=wandb_project, name=wandb_name, entity=wandb_entity)
+        integrations.append({"type": "wandb", "wandb": wandb | _given(tags=wandb_tags or None)})
+    elif wandb_name or wandb_entity or wandb_tags:
+        raise typer.BadParameter("W&B logs to a project: add --wandb-project")
+    if mlflow_experiment:
+        mlflow = _given(experiment=mlflow_experiment, run_name=mlflow_run_name)
+        integrations.append({"type": "mlflow", "mlflow": mlflow})
+    elif mlflow_run_name:
+        raise typer.BadParameter("MLflow logs to an experiment: add --mlflow-experiment")
+    return integrations
 
 
 @jobs_app.command("list")

@@ -112,6 +112,9 @@ def job_panel(job: dict, queue: dict | None) -> Panel:
         )
     hp = job.get("hyperparameters") or {}
     rows += [
+        ("method", method_text(job)),
+        ("lineage", escape(lineage_text(job))),
+        ("parent job", _parent_text(job.get("parent"))),
         ("training file", job.get("training_file")),
         ("validation file", job.get("validation_file")),
         (
@@ -126,8 +129,70 @@ def job_panel(job: dict, queue: dict | None) -> Panel:
         ("seed", job.get("seed")),
         ("trained tokens", number(job["trained_tokens"]) if job.get("trained_tokens") else None),
     ]
+    rows += tracker_rows(job)
     rows += _stats_rows(job.get("stats") or {})
     return Panel(_kv(rows), title=f"[bold]{job['id']}[/]", expand=False)
+
+
+def method_text(job: dict) -> str:
+    """ "supervised", or "dpo (beta 0.1)": OpenAI's method object, its beta in
+    method.dpo.hyperparameters."""
+    method = job.get("method") if isinstance(job.get("method"), dict) else {}
+    kind = method.get("type") if isinstance(method.get("type"), str) else "supervised"
+    if kind != "dpo":
+        return escape(kind)
+    options = method.get("dpo") if isinstance(method.get("dpo"), dict) else {}
+    hp = options.get("hyperparameters") if isinstance(options.get("hyperparameters"), dict) else {}
+    beta = hp.get("beta", (job.get("hyperparameters") or {}).get("beta"))
+    return f"dpo (beta {beta:g})" if isinstance(beta, int | float) else "dpo"
+
+
+def lineage_text(job: dict) -> str:
+    """ "base → ft:... → ft:... → this job" for a job that trains on from a fine-tuned
+    model (its `lineage`: the base model, then each ancestor's output, oldest first);
+    empty for a job from a base model."""
+    lineage = [m for m in job.get("lineage") or [] if isinstance(m, str)]
+    if not job.get("parent") or not lineage:
+        return ""
+    return " → ".join([*lineage, "this job"])
+
+
+def _parent_text(parent: object) -> str | None:
+    if not isinstance(parent, dict):
+        return None
+    text = escape(str(parent.get("job") or "-"))
+    if parent.get("checkpoint"):
+        text += f" (checkpoint {escape(str(parent['checkpoint']))})"
+    return text
+
+
+TRACKER_NAMES = {"wandb": "W&B", "mlflow": "MLflow"}
+
+
+def tracker_rows(job: dict) -> list[tuple[str, Any]]:
+    """One row per experiment tracker the job logs to: where (W&B entity/project, MLflow
+    experiment), the run's name, and the run's URL once the worker has started it (the job
+    object's integrations[].url, else stats.tracking)."""
+    stats = job.get("stats") if isinstance(job.get("stats"), dict) else {}
+    tracking = stats.get("tracking") if isinstance(stats.get("tracking"), dict) else {}
+    rows: list[tuple[str, Any]] = []
+    for entry in job.get("integrations") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            continue
+        kind = entry["type"]
+        options = entry.get(kind) if isinstance(entry.get(kind), dict) else {}
+        run = tracking.get(kind) if isinstance(tracking.get(kind), dict) else {}
+        if kind == "wandb":
+            where = "/".join(str(options[k]) for k in ("entity", "project") if options.get(k))
+        else:
+            where = str(options.get("experiment") or "")
+        name = options.get("name") or options.get("run_name")
+        parts = [where] if where else []
+        if name:
+            parts.append(f"run {name}")
+        parts.append(str(entry.get("url") or run.get("url") or "no run yet"))
+        rows.append((f"{TRACKER_NAMES.get(kind, kind)} tracking", escape(", ".join(parts))))
+    return rows
 
 
 def _queue_rows(queue: dict) -> list[tuple[str, Any]]:

@@ -31,6 +31,20 @@ EXIT_CODES = {
 PAUSED_MESSAGE = "Fine-tuning job paused"
 # A classifier's evaluated steps: (metrics row key, what the watch calls it).
 SCORES = (("valid_accuracy", "accuracy"), ("valid_macro_f1", "macro-F1"))
+# A DPO job's rewards: how often, and by how much, the preferred answer's reward (against
+# the reference model) beats the other's. Every logged step has the training ones.
+TRAIN_REWARDS = (
+    ("train_reward_accuracy", "reward accuracy"),
+    ("train_reward_margin", "reward margin"),
+)
+VALID_REWARDS = (
+    ("valid_reward_accuracy", "valid reward accuracy"),
+    ("valid_reward_margin", "valid reward margin"),
+)
+FIGURES = (*SCORES, *TRAIN_REWARDS, *VALID_REWARDS)  # what a step's line adds to its message
+# The bar's text, short: a classifier's latest validation scores, a DPO job's training
+# rewards (they move every step; the validation ones are on the evaluated steps' lines).
+ON_THE_BAR = (*SCORES, ("train_reward_accuracy", "reward acc"), ("train_reward_margin", "margin"))
 
 
 @dataclass
@@ -93,13 +107,13 @@ def watch_job(
             if event.get("type") == "metrics" and "step" in data:
                 rate.add(data["step"], event["created_at"])
                 total = data.get("total_steps")
-                for name in ("train_loss", "valid_loss", *(key for key, _ in SCORES)):
+                for name in ("train_loss", "valid_loss", *(key for key, _ in FIGURES)):
                     if data.get(name) is not None:
                         losses[name] = data[name]
                 loss = f"loss {number(losses.get('train_loss'), 5)}"
                 if "valid_loss" in losses:
                     loss += f" · valid {number(losses['valid_loss'], 5)}"
-                for key, label in SCORES:
+                for key, label in ON_THE_BAR:
                     if key in losses:
                         loss += f" · {label} {score(losses[key])}"
                 eta = rate.eta(total)
@@ -141,8 +155,11 @@ def _line(console: Console, event: dict) -> None:
     text = event.get("message", "")
     data = event.get("data") or {}
     if event.get("type") == "metrics" and "accuracy" not in text:
-        # A classifier's evaluated step: its scores, unless the message has them already.
-        scores = [f"{label} {score(data[key])}" for key, label in SCORES if key in data]
+        # A classifier's evaluated step: its scores; a DPO step: its rewards (unless the
+        # message has them already).
+        scores = [
+            f"{label} {score(data[key])}" for key, label in FIGURES if data.get(key) is not None
+        ]
         text = ", ".join([text, *scores])
     message = escape(text)
     if style:
@@ -166,6 +183,11 @@ def _outcome(console: Console, job: dict, losses: dict[str, float]) -> None:
         for key, label in SCORES:
             if key in losses:
                 parts.append(f"valid {label} {score(losses[key])}")
+        # A DPO job's rewards: on the validation file when it has one, else the last step's.
+        rewards = VALID_REWARDS if VALID_REWARDS[0][0] in losses else TRAIN_REWARDS
+        for key, label in rewards:
+            if key in losses:
+                parts.append(f"{label} {score(losses[key])}")
         if took:
             parts.append(f"in {took}")
         console.print(

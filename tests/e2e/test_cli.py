@@ -540,3 +540,214 @@ def test_get_shows_a_classifiers_figures_and_leaves_out_a_matrix_too_wide_to_rea
     text = console.export_text()
     assert f"The {n}-class confusion matrix is on the dashboard" in text
     assert "predicted" not in text
+
+
+# --- DPO, training on from a fine-tuned model, experiment tracking --------------------------
+
+FT_MODEL = "ft:tiny-random-llama:sft:abc123"
+
+
+def dpo_job(status: str = "succeeded") -> dict:
+    """A DPO job trained on from an SFT job's model, logging to W&B and MLflow, as the API
+    shows it."""
+    return {
+        "id": "ftjob-dpo",
+        "status": status,
+        "model": FT_MODEL,
+        "fine_tuned_model": "ft:tiny-random-llama:dpo:def456",
+        "created_at": 100,
+        "finished_at": 160,
+        "trained_tokens": 640,
+        "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0},
+        "method": {
+            "type": "dpo",
+            "dpo": {
+                "hyperparameters": {
+                    "n_epochs": 2,
+                    "batch_size": 4,
+                    "learning_rate_multiplier": 1.0,
+                    "beta": 0.25,
+                }
+            },
+        },
+        "parent": {"fine_tuned_model": FT_MODEL, "job": "ftjob-sft", "checkpoint": None},
+        "lineage": [MODEL, "ft:tiny-random-llama:first:000", FT_MODEL],
+        "integrations": [
+            {
+                "type": "wandb",
+                "wandb": {"project": "prefs", "entity": "acme", "name": "[red]run[/]", "tags": []},
+                "url": "https://wandb.example/acme/prefs/runs/r1",
+            },
+            {"type": "mlflow", "mlflow": {"experiment": "prefs", "run_name": None}},
+        ],
+        "stats": {"tracking": {"mlflow": {"url": "http://mlflow.example/#/runs/m1"}}},
+    }
+
+
+def test_watch_shows_a_dpo_jobs_reward_accuracy_and_margin() -> None:
+    import io
+
+    from rich.console import Console
+
+    from app.client.watch import watch_job
+
+    job = dpo_job()
+    rows = [
+        {
+            "step": 1,
+            "total_steps": 2,
+            "train_loss": 0.6931,
+            "train_reward_accuracy": 0.0,
+            "train_reward_margin": 0.0,
+        },
+        {
+            "step": 2,
+            "total_steps": 2,
+            "train_loss": 0.61,
+            "train_reward_accuracy": 0.75,
+            "train_reward_margin": 0.4123,
+            "valid_loss": 0.65,
+            "valid_reward_accuracy": 0.8,
+            "valid_reward_margin": 0.3,
+        },
+    ]
+    events = [
+        {
+            "id": f"ftevent-{row['step']}",
+            "type": "metrics",
+            "level": "info",
+            "created_at": 100 + row["step"],
+            "message": f"Step {row['step']}/2: training loss={row['train_loss']:.4f}"
+            + (f", validation loss={row['valid_loss']:.4f}" if "valid_loss" in row else ""),
+            "data": row,
+        }
+        for row in rows
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/events"):
+            body = "".join(
+                f"id: {e['id']}\nevent: fine_tuning.job.event\ndata: {json.dumps(e)}\n\n"
+                for e in events
+            )
+            body += f"event: end\ndata: {json.dumps(job)}\n\n"
+            return httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, content=body.encode()
+            )
+        return httpx.Response(200, json={**job, "status": "running"})
+
+    client = LatheClient(Target("http://lathe.test", "k"), transport=httpx.MockTransport(handler))
+    console = Console(width=200, record=True, file=io.StringIO(), highlight=False)
+    final, code = watch_job(client, "ftjob-dpo", console, step_lines=True)
+    text = console.export_text()
+    assert (final["status"], code) == ("succeeded", 0)
+    assert (
+        "Step 1/2: training loss=0.6931, reward accuracy 0.000, reward margin 0.000" in text
+    )  # the first step: policy and reference are the same model
+    assert (
+        "Step 2/2: training loss=0.6100, validation loss=0.6500, reward accuracy 0.750, "
+        "reward margin 0.412, valid reward accuracy 0.800, valid reward margin 0.300" in text
+    )
+    # The bar's last state: the training rewards beside the losses.
+    assert "2/2 steps loss 0.61 · valid 0.65 · reward acc 0.750 · margin 0.412" in text
+    # The outcome: the validation file's rewards.
+    assert (
+        "final loss 0.61, valid loss 0.65, valid reward accuracy 0.800, "
+        "valid reward margin 0.300, in 1m 00s" in text
+    )
+
+
+def test_get_shows_the_method_lineage_and_tracking_runs() -> None:
+    from rich.console import Console
+
+    from app.client.render import job_panel
+
+    console = Console(width=200, record=True)
+    console.print(job_panel(dpo_job(), None))
+    text = console.export_text()
+    lines = {line.strip("│ ").split("  ", 1)[0]: line for line in text.splitlines()}
+    assert "dpo (beta 0.25)" in lines["method"]
+    assert f"{MODEL} → ft:tiny-random-llama:first:000 → {FT_MODEL} → this job" in lines["lineage"]
+    assert "ftjob-sft" in lines["parent job"]
+    # A run name that looks like Rich markup is shown as written.
+    assert (
+        "acme/prefs, run [red]run[/], https://wandb.example/acme/prefs/runs/r1"
+        in lines["W&B tracking"]
+    )
+    assert "prefs, http://mlflow.example/#/runs/m1" in lines["MLflow tracking"]
+    # A supervised job from a base model: no lineage, no trackers.
+    plain = {"id": "ftjob-1", "status": "queued", "model": MODEL, "created_at": 0}
+    console = Console(width=200, record=True)
+    console.print(job_panel(plain, None))
+    text = console.export_text()
+    assert "supervised" in text and "lineage" not in text and "tracking" not in text
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """The bodies `lathe jobs create` posts, to a mock server that accepts them."""
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"id": "ftjob-new", "status": "validating_files"})
+
+    def mock(cls, api_url: str | None, api_key: str | None) -> LatheClient:
+        return cls(Target("http://lathe.test", "k"), transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(LatheClient, "from_options", classmethod(mock))
+    return bodies
+
+
+def test_create_sends_a_dpo_method_with_beta_from_a_fine_tuned_model(sent) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "jobs", "create", "-m", FT_MODEL, "-t", "file-abc", "--method", "dpo",
+            "--beta", "0.2", "--epochs", "1", "--wandb-project", "prefs", "--wandb-tag", "a",
+            "--wandb-tag", "b", "--mlflow-experiment", "exp",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == "ftjob-new"
+    assert sent == [
+        {
+            "model": FT_MODEL,  # sent as given: the server resolves it
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "beta": 0.2}}},
+            "integrations": [
+                {"type": "wandb", "wandb": {"project": "prefs", "tags": ["a", "b"]}},
+                {"type": "mlflow", "mlflow": {"experiment": "exp"}},
+            ],
+            "training_file": "file-abc",
+        }
+    ]
+
+
+def test_create_without_a_method_sends_the_hyperparameters_as_before(sent) -> None:
+    result = CliRunner().invoke(
+        app, ["jobs", "create", "-m", MODEL, "-t", "file-a", "--epochs", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sent == [{"model": MODEL, "hyperparameters": {"n_epochs": 2}, "training_file": "file-a"}]
+    result = CliRunner().invoke(
+        app, ["jobs", "create", "-m", MODEL, "-t", "file-a", "--method", "dpo"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sent[-1] == {"model": MODEL, "method": {"type": "dpo"}, "training_file": "file-a"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--beta", "0.1"], "--method dpo"),
+        (["--method", "supervised", "--beta", "0.1"], "--method dpo"),
+        (["--wandb-name", "run"], "--wandb-project"),
+        (["--mlflow-run-name", "run"], "--mlflow-experiment"),
+        (["--method", "orpo"], "orpo"),
+    ],
+)
+def test_create_refuses_options_that_need_another_before_any_request(sent, args, message) -> None:
+    result = CliRunner().invoke(app, ["jobs", "create", "-m", MODEL, "-t", "file-a", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert sent == []
