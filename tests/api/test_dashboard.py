@@ -494,6 +494,13 @@ def test_a_job_trained_on_from_fine_tuned_models_links_its_lineage(api, team, ot
         middle = browser.get(f"/jobs/{second['id']}").text
         assert re.findall(r'data-job="([^"]+)"', middle) == [first["id"]]
         assert 'id="lineage"' not in browser.get(f"/jobs/{first['id']}").text
+        # The list names what each job was created with, and a DPO job says so.
+        listing = browser.get("/jobs").text
+        row = re.search(rf'<tr data-job="{third["id"]}">(.*?)</tr>', listing, re.S)
+        assert row
+        assert f'<td class="model">{ft_b} <span class="tag">DPO</span></td>' in row.group(1)
+        row = re.search(rf'<tr data-job="{first["id"]}">(.*?)</tr>', listing, re.S)
+        assert row and f'<td class="model">{MODEL}</td>' in row.group(1)
     # An ancestor the team does not have is named, not linked.
     stranger = create_job(other_team)
     with sessions() as session:
