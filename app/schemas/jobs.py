@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from app import models
 from app.domain.jobs import JobStatus
@@ -18,13 +18,46 @@ class HyperparametersIn(Strict):
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
 
 
+class DpoHyperparametersIn(HyperparametersIn):
+    # The strength of the pull towards the reference model (OpenAI's range); auto: 0.1.
+    beta: Annotated[float, Field(gt=0, le=2)] | Auto = "auto"
+
+
 class SupervisedIn(Strict):
     hyperparameters: HyperparametersIn | None = None
 
 
+class DpoIn(Strict):
+    hyperparameters: DpoHyperparametersIn | None = None
+
+
+def _one_block_for_the_type(schema: dict[str, Any]) -> None:
+    """The document says what MethodIn's validator refuses: the block of the other type."""
+    schema["anyOf"] = [
+        {"properties": {"type": {"const": "supervised"}, "dpo": {"type": "null"}}},
+        {
+            "properties": {"type": {"const": "dpo"}, "supervised": {"type": "null"}},
+            "required": ["type"],
+        },
+    ]
+
+
 class MethodIn(Strict):
-    type: Literal["supervised"] = "supervised"
+    """OpenAI's method: its type and that type's block (hyperparameters); the other type's
+    block is refused rather than ignored."""
+
+    model_config = ConfigDict(json_schema_extra=_one_block_for_the_type)
+
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: SupervisedIn | None = None
+    dpo: DpoIn | None = None
+
+    @model_validator(mode="after")
+    def _block_matches_type(self) -> MethodIn:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is set but method.type is {self.type!r}")
+        return self
 
 
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.*-]{1,128}$")]
@@ -71,6 +104,65 @@ class QuantizationIn(Strict):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
+# W&B's own limits: names of at most 128 characters, tags of at most 64.
+TrackingName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+TrackingTag = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class WandbIn(Strict):
+    project: TrackingName
+    name: TrackingName | None = None
+    entity: TrackingName | None = None
+    tags: Annotated[list[TrackingTag], Field(max_length=20)] = Field(default_factory=list)
+
+
+class MlflowIn(Strict):
+    experiment: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    run_name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+
+
+def _block_named_by_type(schema: dict[str, Any]) -> None:
+    """The document says what IntegrationIn's validator refuses: a block other than the
+    type's, or none."""
+    schema["oneOf"] = [
+        {
+            "properties": {
+                "type": {"const": kind},
+                kind: {"type": "object"},
+                other: {"type": "null"},
+            },
+            "required": ["type", kind],
+        }
+        for kind, other in (("wandb", "mlflow"), ("mlflow", "wandb"))
+    ]
+
+
+class IntegrationIn(Strict):
+    """A tracker to log the run to: OpenAI's {"type": "wandb", "wandb": {...}} (the run goes
+    to `project`), or Lathe's {"type": "mlflow", "mlflow": {...}} (to `experiment` on the
+    deployment's MLflow server). The block named by `type` is required, the other refused."""
+
+    model_config = ConfigDict(json_schema_extra=_block_named_by_type)
+
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbIn | None = None
+    mlflow: MlflowIn | None = None
+
+    @model_validator(mode="after")
+    def _block_matches_type(self) -> IntegrationIn:
+        other = "mlflow" if self.type == "wandb" else "wandb"
+        if getattr(self, self.type) is None:
+            raise ValueError(f"type is {self.type!r} but there is no {self.type!r} block")
+        if getattr(self, other) is not None:
+            raise ValueError(f"type is {self.type!r} but a {other!r} block is set")
+        return self
+
+    def stored(self) -> dict[str, Any]:
+        """As Job.integrations holds it: the type and its block, every field present."""
+        block = getattr(self, self.type)
+        return {"type": self.type, self.type: block.model_dump()}
+
+
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 GpuClass = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
@@ -86,7 +178,8 @@ class JobCreate(Strict):
     suffix: Suffix | None = None
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
-    integrations: Annotated[list[dict], Field(max_length=0)] | None = None
+    # At most one of each type (a second is refused: each job logs one run per tracker).
+    integrations: Annotated[list[IntegrationIn], Field(max_length=2)] | None = None
     # Lathe extensions, sent through the SDK's extra_body.
     lora: LoraIn = Field(default_factory=LoraIn)
     quantization: QuantizationIn = Field(default_factory=QuantizationIn)
@@ -95,10 +188,20 @@ class JobCreate(Strict):
     priority: Literal["low", "normal", "high"] = "normal"
     gpu_class: GpuClass | None = None
 
-    def requested_hyperparameters(self) -> HyperparametersIn:
-        if self.method and self.method.supervised and self.method.supervised.hyperparameters:
-            return self.method.supervised.hyperparameters
-        return self.hyperparameters or HyperparametersIn()
+    @property
+    def method_type(self) -> Literal["supervised", "dpo"]:
+        return self.method.type if self.method else "supervised"
+
+    def requested_hyperparameters(self) -> DpoHyperparametersIn:
+        """Each value from the method's block where it is given there, else from the
+        top-level hyperparameters (OpenAI's older place); beta is only in the dpo block."""
+        values = (self.hyperparameters or HyperparametersIn()).model_dump()
+        block = self.method and (self.method.supervised or self.method.dpo)
+        if block is not None and block.hyperparameters is not None:
+            values |= block.hyperparameters.model_dump(
+                include=block.hyperparameters.model_fields_set
+            )
+        return DpoHyperparametersIn(**values)
 
 
 # --- What the API returns ----------------------------------------------------------------
@@ -120,13 +223,62 @@ class JobError(StoredJson):
     param: str | None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float
+
+
 class Supervised(ApiObject):
     hyperparameters: Hyperparameters
 
 
+class Dpo(ApiObject):
+    hyperparameters: DpoHyperparameters
+
+
 class Method(ApiObject):
-    type: Literal["supervised"]
-    supervised: Supervised
+    """OpenAI's method: the type, its block, and null for the other type's."""
+
+    type: Literal["supervised", "dpo"]
+    supervised: Supervised | None
+    dpo: Dpo | None
+
+
+class JobParent(ApiObject):
+    """The fine-tuned model a job trains on from: the model, the job that made it, and the
+    checkpoint (ftckpt- id) when the job was created from one; null for its final adapter."""
+
+    fine_tuned_model: str
+    job: str
+    checkpoint: str | None
+
+
+class Wandb(ApiObject):
+    project: str
+    name: str | None
+    entity: str | None
+    tags: list[str]
+
+
+class WandbIntegration(ApiObject):
+    """OpenAI's integration object, plus `url`: the run's page, once the worker started it."""
+
+    type: Literal["wandb"]
+    wandb: Wandb
+    url: str | None
+
+
+class Mlflow(ApiObject):
+    experiment: str
+    run_name: str | None
+
+
+class MlflowIntegration(ApiObject):
+    type: Literal["mlflow"]
+    mlflow: Mlflow
+    url: str | None
+
+
+Integration = Annotated[WandbIntegration | MlflowIntegration, Field(discriminator="type")]
 
 
 class FineTuningJob(ApiObject):
@@ -159,13 +311,41 @@ class FineTuningJob(ApiObject):
     max_seq_length: int
     training: dict[str, Any]
     stats: dict[str, Any]
-    integrations: list[dict[str, Any]]  # always empty: Lathe has no integrations
+    integrations: list[Integration]
     metadata: dict[str, str] | None
     method: Method
+    # Lathe's: what a job from a fine-tuned model trains on from (null: from the base), and
+    # the models it descends from, oldest first: the base, each ft model, the parent.
+    parent: JobParent | None
+    lineage: list[str]
+
+
+def job_lineage(job: models.Job) -> list[str]:
+    """The job's lineage; a row written without one (before 0007, or a test's) is from
+    its base."""
+    return list(job.lineage or [job.model])
+
+
+def _method(job: models.Job) -> dict[str, Any]:
+    block = {"hyperparameters": job.hyperparameters}
+    if job.method == "dpo":
+        return {"type": "dpo", "supervised": None, "dpo": block}
+    return {"type": "supervised", "supervised": block, "dpo": None}
+
+
+def _integrations(job: models.Job) -> list[dict[str, Any]]:
+    """As created, each with its run's URL from what the worker reported (stats.tracking)."""
+    tracking = (job.stats or {}).get("tracking") or {}
+    return [
+        {**entry, "url": (tracking.get(entry["type"]) or {}).get("url")}
+        for entry in job.integrations or []
+    ]
 
 
 def job_object(job: models.Job, team_id: str) -> FineTuningJob:
     hp = job.hyperparameters
+    parent = job.parent
+    lineage = job_lineage(job)
     return FineTuningJob(
         id=job.id,
         created_at=job.created_at,
@@ -173,7 +353,9 @@ def job_object(job: models.Job, team_id: str) -> FineTuningJob:
         fine_tuned_model=job.fine_tuned_model,
         finished_at=job.finished_at,
         hyperparameters=hp,
-        model=job.model,
+        # What the job was created with: the ft model (or checkpoint) trained on, which
+        # ends the lineage; else the base.
+        model=lineage[-1] if parent else job.model,
         organization_id=team_id,
         result_files=job.result_files or [],
         seed=job.seed,
@@ -187,9 +369,15 @@ def job_object(job: models.Job, team_id: str) -> FineTuningJob:
         max_seq_length=job.max_seq_length,
         training=job.training,
         stats=job.stats or {},
-        integrations=[],
+        integrations=_integrations(job),
         metadata=job.metadata_,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        method=_method(job),
+        parent=(
+            {k: parent.get(k) for k in ("fine_tuned_model", "job", "checkpoint")}
+            if parent
+            else None
+        ),
+        lineage=lineage,
     )
 
 

@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
+from app.config import BaseModelSpec, Settings
 from app.domain.architectures import ModelKind
 from app.domain.datasets import FORMAT_LABELS, DatasetFormat
 from app.domain.hyperparameters import resolve
@@ -30,10 +30,17 @@ from app.schemas import JobCreate, QuantizationIn, TrainingIn
 from app.services import lifecycle
 from app.services.base_models import BaseModelFacts, describe
 from app.services.events import add_event
+from app.services.integrations import checked_integrations
+from app.services.job_parents import continued_lora, resolve_parent
 from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
 from app.services.pool import online_classes, pool_classes, team_quotas
 from app.services.usage import month_gpu_seconds
+
+# Fine-tuned models' and their checkpoints' names (worker/job_training.py names them).
+FINE_TUNED_PREFIX = "ft:"
+# DPO's beta when the request says "auto": the DPO paper's and TRL's default.
+DEFAULT_BETA = 0.1
 
 
 def _job_file(session: Session, team: Team, file_id: str, param: str) -> File:
@@ -61,44 +68,118 @@ def dataset_problem(training: File, validation: File | None) -> dict | None:
     return None
 
 
+def _label(fmt: str | None) -> str:
+    """How a message names a file's format ('chat ({"messages": [...]})')."""
+    if fmt is None:
+        return "of unknown format"
+    return next((label for known, label in FORMAT_LABELS.items() if known == fmt), fmt)
+
+
+def check_method_fits_file(method: str, training: File) -> None:
+    """Refuse, at creation, a method the training file cannot feed: DPO learns from
+    preference pairs only, and a preference file has no single answer to imitate."""
+    preference = training.format == DatasetFormat.PREFERENCE
+    if method == "dpo" and not preference:
+        raise BadRequest(
+            f"method 'dpo' trains on {_label(DatasetFormat.PREFERENCE)} files; training_file "
+            f"{training.id!r} is {_label(training.format)}: upload preference pairs, or use "
+            "method 'supervised'",
+            code="invalid_method_for_file",
+            param="training_file",
+        )
+    if method == "supervised" and preference:
+        raise BadRequest(
+            f"training_file {training.id!r} is {_label(training.format)}, which trains with "
+            "method 'dpo'; the method is 'supervised' (send method={'type': 'dpo'})",
+            code="invalid_method_for_file",
+            param="training_file",
+        )
+
+
 def check_format_fits_model(name: str, facts: BaseModelFacts, training: File) -> None:
     """Refuse, at creation, a file the model cannot learn from: an encoder does not generate
-    text, so it fine-tunes classifiers only."""
+    text, so it fine-tunes classifiers only (no chat, no preference pairs: DPO compares the
+    likelihood of written answers)."""
     if facts.kind is not ModelKind.ENCODER or training.format is None:
         return
     if training.format == DatasetFormat.CLASSIFICATION:
         return
     family = f" ({facts.architecture})" if facts.architecture else ""
-    fmt = DatasetFormat(training.format)
+    why = (
+        "; DPO needs a model that writes text (a decoder)"
+        if training.format == DatasetFormat.PREFERENCE
+        else ""
+    )
     raise BadRequest(
         f"model {name!r} is an encoder{family}: it fine-tunes classifiers from "
-        f"{FORMAT_LABELS[DatasetFormat.CLASSIFICATION]} files; training_file {training.id!r} "
-        f"is {FORMAT_LABELS[fmt]}",
+        f"{_label(DatasetFormat.CLASSIFICATION)} files; training_file {training.id!r} "
+        f"is {_label(training.format)}{why}",
         code="unsupported_format_for_model",
         param="training_file",
     )
 
 
-def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
-    base = settings.base_model(body.model)
-    if base is None:
-        names = ", ".join(m.name for m in settings.base_models)
-        raise BadRequest(
-            f"model {body.model!r} is not available for fine-tuning here; available: {names}",
-            code="model_not_found",
-            param="model",
+def check_continues_same_task(name: str, parent: Job, training: File) -> None:
+    """A classifier's adapter carries its label head: it trains on from classification files
+    only, and a text model's adapter never becomes a classifier's."""
+    was_classifier = parent.data_format == DatasetFormat.CLASSIFICATION
+    if was_classifier == (training.format == DatasetFormat.CLASSIFICATION):
+        return
+    if was_classifier:
+        reason = f"is a classifier: it trains on from {_label(parent.data_format)} files only"
+    else:
+        reason = (
+            f"writes text ({_label(parent.data_format)}): train a classifier from its base "
+            f"model, {parent.model!r}"
         )
+    raise BadRequest(
+        f"model {name!r} {reason}; training_file {training.id!r} is {_label(training.format)}",
+        code="unsupported_format_for_model",
+        param="training_file",
+    )
+
+
+def _base_or_fine_tuned(settings: Settings, name: str) -> BaseModelSpec | None:
+    """The base model `name` names; None for a fine-tuned model's name (resolved under the
+    team's lock); a 400 for anything else."""
+    base = settings.base_model(name)
+    if base is not None or name.startswith(FINE_TUNED_PREFIX):
+        return base
+    names = ", ".join(m.name for m in settings.base_models)
+    raise BadRequest(
+        f"model {name!r} is not available for fine-tuning here; available: {names}, or a "
+        "fine-tuned model of this team (ft:...)",
+        code="model_not_found",
+        param="model",
+    )
+
+
+def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
+    integrations = checked_integrations(settings, body.integrations or [])
+    base = _base_or_fine_tuned(settings, body.model)
     # The team's lock, before the files are read: a concurrent DELETE of one (which takes
     # it too) either finished first, and the file is gone, or waits and sees this job.
     lock_team(session, team)
+    parent = None
+    if base is None:
+        parent = resolve_parent(session, settings, team, body.model)
+        base = parent.base
     training = _job_file(session, team, body.training_file, "training_file")
     validation = (
         _job_file(session, team, body.validation_file, "validation_file")
         if body.validation_file
         else None
     )
+    method = body.method_type
+    check_method_fits_file(method, training)
     facts = describe(settings, base)
     check_format_fits_model(base.name, facts, training)
+    if parent is not None:
+        check_continues_same_task(body.model, parent.job, training)
+        lora = continued_lora(body.lora, parent.job)
+    else:
+        lora = body.lora.model_dump()
+    lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
     requested = body.requested_hyperparameters()
     hp = resolve(
         requested.n_epochs,
@@ -106,13 +187,20 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         requested.learning_rate_multiplier,
         examples=training.examples or 0,
     )
-    lora = body.lora.model_dump()
-    lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
+    hyperparameters: dict = {
+        "n_epochs": hp.n_epochs,
+        "batch_size": hp.batch_size,
+        "learning_rate_multiplier": hp.learning_rate_multiplier,
+    }
+    if method == "dpo":
+        hyperparameters["beta"] = DEFAULT_BETA if requested.beta == "auto" else requested.beta
     check_new_job_quota(session, settings, team)
     memory_gb = job_memory_gb(
         facts,
         lora,
-        hp.batch_size,
+        # DPO runs each pair's preferred and non-preferred answers in one batch: twice the
+        # sequences of a supervised step (the reference pass, without gradients, adds little).
+        hp.batch_size * 2 if method == "dpo" else hp.batch_size,
         body.max_seq_length,
         body.quantization,
         body.training,
@@ -126,11 +214,11 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         training_file=training.id,
         validation_file=validation.id if validation else None,
         status=JobStatus.VALIDATING_FILES.value,
-        hyperparameters={
-            "n_epochs": hp.n_epochs,
-            "batch_size": hp.batch_size,
-            "learning_rate_multiplier": hp.learning_rate_multiplier,
-        },
+        method=method,
+        hyperparameters=hyperparameters,
+        parent=parent.parent if parent else None,
+        lineage=parent.lineage if parent else [base.name],
+        integrations=integrations,
         lora=lora,
         quantization=body.quantization.model_dump(),
         training=body.training.model_dump(),
@@ -151,6 +239,8 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         job.pk,
         f"Validating training file: {training.id}",
         data={
+            "method": job.method,
+            "hyperparameters": job.hyperparameters,
             "lora": job.lora,
             "quantization": job.quantization,
             "training": job.training,
@@ -160,6 +250,14 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
             "memory_gb": job.memory_gb,
         },
     )
+    if parent is not None:
+        add_event(
+            session,
+            job.pk,
+            f"Training on from {body.model} (job {parent.job.id}); lineage: "
+            + " -> ".join(job.lineage),
+            data={k: v for k, v in parent.parent.items() if k != "storage_key"},
+        )
     problem = dataset_problem(training, validation)
     if problem:
         lifecycle.fail(

@@ -114,7 +114,7 @@ def test_method_supervised_hyperparameters_are_read(team, train_id) -> None:
         ({"lora": {"r": 0}}, 400, "lora.r", "invalid_value"),
         ({"quantization": {"type": "int3"}}, 400, "quantization.type", "invalid_value"),
         ({"lora_r": 8}, 400, "lora_r", "invalid_value"),
-        ({"method": {"type": "dpo"}}, 400, "method.type", "invalid_value"),
+        ({"method": {"type": "reinforcement"}}, 400, "method.type", "invalid_value"),
         ({"metadata": {"k" * 65: "v"}}, 400, "metadata." + "k" * 65, "invalid_value"),
         ({"metadata": {"k": "v" * 513}}, 400, "metadata.k", "invalid_value"),
         ({"training_file": "file-\x00"}, 400, None, "invalid_value"),

@@ -127,7 +127,10 @@ def test_the_document_refuses_a_job_that_drifts_from_the_model(document) -> None
             "supervised": {
                 "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
             },
+            "dpo": None,
         },
+        "parent": None,
+        "lineage": ["tiny-random-llama"],
     }
     assert validator.is_valid(job)
     assert not validator.is_valid({k: v for k, v in job.items() if k != "error"})
