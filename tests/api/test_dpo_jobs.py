@@ -223,3 +223,22 @@ def test_dpo_on_an_encoder_is_refused_saying_it_needs_a_decoder(bert_api, sessio
     assert f"training_file {pairs!r} is preference" in error["message"]
     assert "DPO needs a model that writes text" in error["message"]
     assert team_jobs(sessions, team) == 0
+
+
+def memory_gb(team: TeamClient, job_id: str) -> float:
+    events = team.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    return next(e["data"]["memory_gb"] for e in events if e["message"].startswith("Validating"))
+
+
+def test_a_dpo_step_is_estimated_as_twice_the_sequences_of_a_supervised_one(
+    team, preference_id
+) -> None:
+    """Each pair's preferred and non-preferred answers go through the model in one batch."""
+    chat = team.upload(CHAT).json()["id"]
+    shape = {"max_seq_length": 512, "lora": {"r": 16}}
+    pairs = create(team, training_file=preference_id, method=dpo(batch_size=4), **shape).json()
+    single = create(team, training_file=chat, hyperparameters={"batch_size": 4}, **shape).json()
+    double = create(team, training_file=chat, hyperparameters={"batch_size": 8}, **shape).json()
+
+    assert memory_gb(team, pairs["id"]) == memory_gb(team, double["id"])
+    assert memory_gb(team, pairs["id"]) > memory_gb(team, single["id"])

@@ -136,3 +136,45 @@ def test_the_document_refuses_a_job_that_drifts_from_the_model(document) -> None
     assert not validator.is_valid({k: v for k, v in job.items() if k != "error"})
     assert not validator.is_valid({**job, "unexpected": 1})
     assert not validator.is_valid({**job, "status": "done"})
+
+
+def test_a_dpo_job_from_a_fine_tuned_model_with_tracking_matches_the_document(
+    team, sessions, document
+) -> None:
+    """The fields issue 13 added, filled: method dpo, parent and lineage, integrations with
+    their URLs (set on the row as a worker reports them)."""
+    from sqlalchemy import update
+
+    from app.models import Job
+    from tests.api.test_dpo_jobs import PREFERENCE, dpo
+    from tests.api.test_train_on_fine_tuned import finish
+
+    chat = team.upload(CHAT).json()["id"]
+    parent = team.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-random-llama", "training_file": chat}
+    ).json()
+    ft = finish(sessions, team, parent["id"])
+    pairs = team.upload(PREFERENCE).json()["id"]
+    job = team.post(
+        "/v1/fine_tuning/jobs", json={"model": ft, "training_file": pairs, "method": dpo()}
+    ).json()
+    integrations = [
+        {"type": "wandb", "wandb": {"project": "p", "name": None, "entity": None, "tags": []}},
+        {"type": "mlflow", "mlflow": {"experiment": "e", "run_name": "r"}},
+    ]
+    tracking = {"wandb": {"url": "https://w.example/r/1"}, "mlflow": {"url": None}}
+    with sessions() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(integrations=integrations, stats={"tracking": tracking})
+        )
+        session.commit()
+    shown = team.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+
+    assert (shown["method"]["type"], shown["lineage"]) == ("dpo", ["tiny-random-llama", ft])
+    assert [i["url"] for i in shown["integrations"]] == ["https://w.example/r/1", None]
+    assert not schema_errors(document, "FineTuningJob", shown), shown
+    validator = component_validator(document, "FineTuningJob")
+    assert not validator.is_valid({**shown, "parent": {**shown["parent"], "storage_key": "k"}})
+    assert not validator.is_valid({**shown, "method": {"type": "dpo", "dpo": None}})

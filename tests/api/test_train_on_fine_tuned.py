@@ -281,3 +281,18 @@ def test_a_name_neither_base_nor_fine_tuned_is_still_a_400(team, chat_id) -> Non
     resp = create(team, model="gpt-17", training_file=chat_id)
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_job_from_a_fine_tuned_model_is_estimated_as_one_from_its_base(
+    team, chat_id, parent
+) -> None:
+    """The parent adapter is a few MB on a base of GBs: the estimate is the base's."""
+    _, ft = parent
+    from_base = create(team, model=BASE, training_file=chat_id, lora=LORA).json()
+    from_ft = create(team, model=ft, training_file=chat_id).json()
+
+    def estimate(job_id: str) -> float:
+        events = team.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+        return next(e["data"]["memory_gb"] for e in events if e["message"].startswith("Valid"))
+
+    assert estimate(from_ft["id"]) == estimate(from_base["id"]) > 0
