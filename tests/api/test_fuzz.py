@@ -68,6 +68,8 @@ STATE_DEPENDENT_400 = {
     ("invalid_file_purpose", "validation_file"): "a file of the team with another purpose",
     ("file_in_use", "file_id"): "a file an unfinished job trains on",
     ("model_not_found", "model"): "a model the deployment does not offer (its settings)",
+    ("integration_not_configured", "integrations"): "a tracker the deployment has no settings for",
+    ("invalid_method_for_file", "training_file"): "a method the team's training file does not fit",
     ("unknown_gpu_class", "gpu_class"): "a GPU class the pool does not have",
     ("insufficient_gpu_memory", "gpu_class"): "a class with less memory than the job needs",
     ("insufficient_gpu_memory", "max_seq_length"): "a job larger than the pool's GPUs",
