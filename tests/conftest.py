@@ -210,6 +210,17 @@ def stack_bucket(s3_endpoint: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def mlflow_tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` of a real `mlflow server` for the session (SQLite, artifacts
+    served by it): LATHE_MLFLOW_TRACKING_URI for the tracking tests. tests/tracking_server.py
+    starts it (and one a test may stop, `running_mlflow_server`)."""
+    from tests.tracking_server import running_mlflow_server
+
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server.uri
+
+
+@pytest.fixture(scope="session")
 def stack_env(
     tmp_path_factory: pytest.TempPathFactory,
     postgres_url: str,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +28,9 @@ from app.services.training_metrics import METRICS_EVENT
 from app.storage import ObjectStore, checkpoint_key
 from worker.publish import tar_directory
 from worker.training.spec import TrainingHooks
+
+if TYPE_CHECKING:
+    from worker.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class JobHooks:
         self.last_poll = 0.0
         self.stop: str | None = None  # why training stops, once known
         self.reported: dict[str, dict] = {}  # the job's stats, by kind
+        # The job's MLflow / W&B runs (start_tracking): metrics rows and reports go there too.
+        self.tracking: Tracking | None = None
 
     def training_hooks(self) -> TrainingHooks:
         """What run_training calls. Writes wait out a database restart rather than failing
@@ -95,6 +101,8 @@ class JobHooks:
                 .values(estimated_finish=now() + int(rate * max(total - step, 0)))
             )
             session.commit()
+        if self.tracking is not None:  # after the commit: a retried write logs it once
+            self.tracking.log_metrics(row)
 
     def should_stop(self) -> str | None:
         """Why training should stop: "pause" once the job is paused (it checkpoints, then
@@ -163,4 +171,22 @@ class JobHooks:
                 .where(Job.pk == self.job.pk, *self.fence)
                 .values(stats={**stats, **self.reported})
             )
+            session.commit()
+        if self.tracking is not None and kind != "tracking":
+            self.tracking.log_report(kind, data)
+
+    def start_tracking(self, tracking: Tracking) -> None:
+        """Start the job's tracking runs and make them the job's: their warnings become
+        warn events, metrics rows and reports go to them, and where they are (ids, URLs)
+        lands in stats.tracking and an event. A tracker that cannot start is a warning."""
+        self.tracking = tracking
+        tracking.on_warning = retry_db(self.on_tracking_warning)
+        runs = tracking.start()
+        if runs:
+            message = f"Tracking this run: {tracking.describe(runs)}"
+            retry_db(self.on_report)("tracking", message, runs)
+
+    def on_tracking_warning(self, message: str) -> None:
+        with self.sessions() as session:
+            add_event(session, self.job.pk, message, level="warn")
             session.commit()
