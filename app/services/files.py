@@ -275,19 +275,32 @@ def list_files(session: Session, team: Team, purpose: str | None, limit: int, af
 
 
 def delete_file(session: Session, store: ObjectStore, team: Team, file_id: str) -> None:
-    """Delete a file no unfinished job uses. A paused job counts: its resume reads the
-    training and validation files again. Under the team's lock, which job creation takes
-    too (on both databases), a job created meanwhile is either seen here or sees the file
-    gone."""
+    """Delete a file no unfinished job uses: as its training or validation file, or as the
+    adapter it trains on from (a parent job's adapter.tar.gz). A paused job counts: its
+    resume reads them again. Under the team's lock, which job creation takes too (on both
+    databases), a job created meanwhile is either seen here or sees the file gone."""
     lock_team(session, team)
     record = get_file(session, team, file_id)
+    unfinished = (Job.team_pk == team.pk, Job.status.not_in([s.value for s in FINAL_STATES]))
     in_use = session.scalar(
         select(Job.id).where(
-            Job.team_pk == team.pk,
-            Job.status.not_in([s.value for s in FINAL_STATES]),
-            (Job.training_file == file_id) | (Job.validation_file == file_id),
+            *unfinished, (Job.training_file == file_id) | (Job.validation_file == file_id)
         )
     )
+    if not in_use:
+        # JSON queries differ between Postgres and SQLite: the team's few unfinished
+        # children are compared here.
+        children = session.execute(
+            select(Job.id, Job.parent).where(*unfinished, Job.parent.is_not(None))
+        )
+        in_use = next(
+            (
+                job_id
+                for job_id, parent in children
+                if isinstance(parent, dict) and parent.get("storage_key") == record.storage_key
+            ),
+            None,
+        )
     if in_use:
         raise BadRequest(
             f"file {file_id} is in use by job {in_use}, which has not finished",

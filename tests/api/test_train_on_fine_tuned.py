@@ -296,3 +296,28 @@ def test_a_job_from_a_fine_tuned_model_is_estimated_as_one_from_its_base(
         return next(e["data"]["memory_gb"] for e in events if e["message"].startswith("Valid"))
 
     assert estimate(from_ft["id"]) == estimate(from_base["id"]) > 0
+
+
+def test_the_adapter_an_unfinished_job_trains_on_from_cannot_be_deleted(
+    team, sessions, chat_id, parent
+) -> None:
+    """The parent's adapter.tar.gz is the child's starting point: deleting it while the
+    child waits would fail the child at its worker's download. Once the child has ended,
+    the file may go."""
+    parent_id, ft = parent
+    child = create(team, model=ft, training_file=chat_id).json()["id"]
+    with sessions() as session:
+        ids = session.scalar(select(Job.result_files).where(Job.id == parent_id))
+        adapter_id = session.scalar(
+            select(File.id).where(File.id.in_(ids), File.filename == "adapter.tar.gz")
+        )
+
+    refused = team.delete(f"/v1/files/{adapter_id}")
+
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("file_in_use", "file_id")
+    assert child in error["message"]
+
+    assert team.post(f"/v1/fine_tuning/jobs/{child}/cancel").status_code == 200
+    assert team.delete(f"/v1/files/{adapter_id}").status_code == 200
