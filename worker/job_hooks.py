@@ -42,6 +42,16 @@ CHECKPOINT_METRICS = (
     "valid_mean_token_accuracy",
     "valid_accuracy",
     "valid_macro_f1",
+    # DPO (worker.training.callbacks.REWARD_METRICS): how often, and by how much, the
+    # chosen answer out-rewards the rejected one, and the two rewards.
+    "train_reward_accuracy",
+    "train_reward_margin",
+    "train_rewards_chosen",
+    "train_rewards_rejected",
+    "valid_reward_accuracy",
+    "valid_reward_margin",
+    "valid_rewards_chosen",
+    "valid_rewards_rejected",
 )
 
 

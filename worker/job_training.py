@@ -29,6 +29,8 @@ from worker.model_cache import BaseModelUnavailable, resolve_base_model
 from worker.publish import publish
 from worker.run_outcome import MISSING, STALE
 from worker.training.spec import (
+    DEFAULT_BETA,
+    SUPERVISED,
     LoraSpec,
     QuantSpec,
     TrainingDataError,
@@ -110,9 +112,22 @@ def _train_and_publish(
             valid_path = workdir / "valid.jsonl"
             store.get_file(files[job.validation_file].storage_key, valid_path)
         spec = _training_spec(job, settings, train_path, valid_path, workdir / "run")
+        parent = getattr(job, "parent", None)
+        if parent:
+            # Training on from a fine-tuned model: its adapter (a job's adapter.tar.gz or a
+            # checkpoint's tarball, both flat) is where training starts, and a DPO job's
+            # reference. A resumed run needs it too: its checkpoint holds the trained
+            # adapter, not the reference.
+            parent_dir = _fetch_archive(store, parent["storage_key"], workdir / "parent")
+            if not (parent_dir / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"the parent model's {parent.get('archive', 'adapter')} archive holds no "
+                    "adapter (no adapter_config.json)"
+                )
+            spec = dataclasses.replace(spec, parent_adapter=parent_dir)
         resumed_at = 0
         if latest is not None:
-            checkpoint_dir = _fetch_checkpoint(store, latest.storage_key, workdir / "resume")
+            checkpoint_dir = _fetch_archive(store, latest.storage_key, workdir / "resume")
             if (checkpoint_dir / "trainer_state.json").is_file():
                 resumed_at = latest.step_number
                 spec = dataclasses.replace(spec, resume_from=checkpoint_dir)
@@ -139,8 +154,9 @@ def _train_and_publish(
         return publish(job, sessions, store, result, workdir, model_name, fence)
 
 
-def _fetch_checkpoint(store: ObjectStore, key: str, target: Path) -> Path:
-    """Download and unpack a checkpoint tarball (flat: a Trainer checkpoint directory)."""
+def _fetch_archive(store: ObjectStore, key: str, target: Path) -> Path:
+    """Download and unpack a flat tarball: a checkpoint (a Trainer checkpoint directory,
+    the adapter at its root) or an adapter (adapter_config.json + adapter_model.safetensors)."""
     target.mkdir(parents=True)
     archive = target.parent / f"{target.name}.tar.gz"
     store.get_file(key, archive)
@@ -158,6 +174,7 @@ def _training_spec(
         raise ValueError(f"base model {job.model!r} is no longer configured")
     base_path = resolve_base_model(base, settings)
     hp = job.hyperparameters
+    method = getattr(job, "method", None) or SUPERVISED
     return TrainingSpec(
         base_model_path=base_path,
         chat_template=base.chat_template,
@@ -181,7 +198,14 @@ def _training_spec(
         device=settings.device,
         checkpoint_steps=settings.checkpoint_every_steps,
         checkpoint_seconds=settings.checkpoint_every_seconds,
+        method=method,
+        beta=_beta(hp.get("beta")),
     )
+
+
+def _beta(value: object) -> float:
+    """The job's DPO beta; absent (a supervised job) or OpenAI's "auto": the default."""
+    return float(value) if isinstance(value, int | float) else DEFAULT_BETA
 
 
 def _training_options(training: dict) -> TrainingOptions:

@@ -29,6 +29,15 @@ METRICS_COLUMNS = [
     "valid_mean_token_accuracy",
     "valid_accuracy",
     "valid_macro_f1",
+    # DPO (worker.training.callbacks.REWARD_METRICS): empty for supervised jobs.
+    "train_reward_accuracy",
+    "train_reward_margin",
+    "train_rewards_chosen",
+    "train_rewards_rejected",
+    "valid_reward_accuracy",
+    "valid_reward_margin",
+    "valid_rewards_chosen",
+    "valid_rewards_rejected",
     "learning_rate",
     "epoch",
 ]

@@ -235,18 +235,7 @@ def load_examples(
         if isinstance(example["labels"], list):
             counts.trained_tokens += sum(label != IGNORE_INDEX for label in example["labels"])
     if too_long and truncation == "refuse":
-        named = ", ".join(map(str, too_long[:MAX_LINES_NAMED]))
-        more = (
-            f" and {len(too_long) - MAX_LINES_NAMED} more"
-            if len(too_long) > MAX_LINES_NAMED
-            else ""
-        )
-        raise TrainingDataError(
-            "examples_too_long",
-            f"{path.name}: {len(too_long)} examples are longer than max_seq_length "
-            f"({max_seq_length} tokens; the longest has {counts.longest}): lines {named}{more}. "
-            "Raise max_seq_length, shorten them, or set training.truncation to 'truncate'",
-        )
+        raise too_long_error(path, too_long, max_seq_length, counts.longest)
     if not examples:
         raise TrainingDataError(
             "no_trainable_examples",
@@ -254,6 +243,20 @@ def load_examples(
             f"({max_seq_length})",
         )
     return TokenizedFile(examples, counts)
+
+
+def too_long_error(
+    path: Path, lines: list[int], max_seq_length: int, longest: int
+) -> TrainingDataError:
+    """Refusing a file (training.truncation "refuse") whose `lines` exceed max_seq_length."""
+    named = ", ".join(map(str, lines[:MAX_LINES_NAMED]))
+    more = f" and {len(lines) - MAX_LINES_NAMED} more" if len(lines) > MAX_LINES_NAMED else ""
+    return TrainingDataError(
+        "examples_too_long",
+        f"{path.name}: {len(lines)} examples are longer than max_seq_length "
+        f"({max_seq_length} tokens; the longest has {longest}): lines {named}{more}. "
+        "Raise max_seq_length, shorten them, or set training.truncation to 'truncate'",
+    )
 
 
 def _classification_example(

@@ -233,6 +233,7 @@ def add_lora(
     *,
     classification: bool = False,
     modules_to_save: list[str] | None = None,
+    parent: Path | None = None,
 ) -> PeftModel:
     """Wrap the frozen base with trainable low-rank adapters on the target modules.
 
@@ -241,7 +242,13 @@ def add_lora(
     modules (QuantizedBase.new_modules). peft never puts an adapter inside a module it
     trains in full, with "all-linear" too: RoBERTa's head (classifier.dense, .out_proj)
     and a new pooler get none.
+
+    With `parent` (a saved adapter of an earlier job on this base) training goes on from
+    its weights, under its own LoRA config: its rank, targets, dropout and trained-in-full
+    modules are what those weights fit, so `lora` and `modules_to_save` are not used.
     """
+    if parent is not None:
+        return load_parent_adapter(model, parent, classification=classification)
     targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,
@@ -254,6 +261,21 @@ def add_lora(
         task_type="SEQ_CLS" if classification else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def load_parent_adapter(
+    model: PreTrainedModel, parent: Path, *, classification: bool = False
+) -> PeftModel:
+    """The parent's adapter on the base as the trainable adapter "default", in float32 (peft
+    upcasts adapter weights by default), as a fresh one would be."""
+    config = LoraConfig.from_pretrained(parent)
+    wanted = "SEQ_CLS" if classification else "CAUSAL_LM"
+    if config.task_type != wanted:
+        raise ValueError(
+            f"the parent adapter was trained for {config.task_type}, this job trains {wanted}: "
+            "a classifier and a text generator cannot continue one another"
+        )
+    return PeftModel.from_pretrained(model, parent, is_trainable=True)
 
 
 def parameter_counts(model: PeftModel) -> dict:

@@ -106,9 +106,13 @@ def generation_sample(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, max_new_tokens: int
 ) -> dict:
     """The trained model's greedy answer to the first conversation of `path`, cut before
-    its last assistant turn, beside the answer the data gives."""
+    its last assistant turn, beside the answer the data gives (a preference pair's: the
+    preferred one)."""
     line, record = read_jsonl(path)[0]
-    messages = record["messages"]
+    if "input" in record:
+        messages = record["input"]["messages"] + record["preferred_output"]
+    else:
+        messages = record["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     prompt = chat_prompt(messages[:last], tokenizer)
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)

@@ -49,11 +49,16 @@ class TrainingOptions:
     sample_max_new_tokens: int = 64  # generation sample at the end of a chat job; 0: none
 
 
+SUPERVISED = "supervised"
+DPO = "dpo"
+DEFAULT_BETA = 0.1  # DPO's beta when the job gives none (OpenAI's and TRL's default)
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     base_model_path: Path
     chat_template: str | None
-    data_format: str  # chat | prompt_completion | text | classification
+    data_format: str  # chat | prompt_completion | text | classification | preference
     train_file: Path  # local JSONL, already validated
     valid_file: Path | None
     output_dir: Path  # scratch space for this run
@@ -74,6 +79,16 @@ class TrainingSpec:
     # tarball): training continues from it (adapter, optimizer, scheduler, RNG, data
     # position, step count) instead of from step 0. The rest of the spec must match that run.
     resume_from: Path | None = None
+    # supervised: next-token loss on the data; dpo: Direct Preference Optimization on a
+    # preference file (worker.training.dpo).
+    method: str = SUPERVISED
+    # dpo: how far the policy may move from the reference (higher: less far).
+    beta: float = DEFAULT_BETA
+    # An adapter directory (adapter_config.json + adapter_model.safetensors) of an earlier
+    # job on this base: training starts from its weights and LoRA config instead of a fresh
+    # adapter. For dpo it is also the frozen reference; without one the reference is the
+    # base alone (the adapter switched off).
+    parent_adapter: Path | None = None
 
 
 @dataclass
@@ -81,7 +96,8 @@ class TrainingHooks:
     """Callbacks the training loop calls; the Celery task wires them to the database."""
 
     # Called after each logged step with {"step", "train_loss", "valid_loss"?, "learning_rate",
-    # "epoch", "total_steps"}.
+    # "epoch", "total_steps"}; a dpo run adds train_/valid_ reward_accuracy, reward_margin,
+    # rewards_chosen and rewards_rejected (worker.training.callbacks.REWARD_METRICS).
     on_metrics: Callable[[dict], None] = lambda row: None
     # Polled after every step: None goes on; "pause" stops at once and checkpoints that step
     # first, so a run resumed from it loses nothing; "cancel" (or any other truthy value)

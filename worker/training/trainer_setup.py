@@ -1,0 +1,131 @@
+"""What every training method's Trainer shares: its arguments (steps, evaluation,
+checkpoints, precision, optimizer), a timed train() measuring throughput, and the reports."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
+
+from worker.training.callbacks import HooksCallback
+from worker.training.qlora_model import (
+    parameter_counts,
+    resolve_compute_dtype,
+    resolve_optimizer,
+)
+from worker.training.run_stats import generation_sample, throughput, throughput_summary
+from worker.training.spec import TrainingHooks, TrainingSpec
+
+
+class Reporter:
+    """Passes each report to the hooks and keeps the figures by kind (TrainingResult.reports)."""
+
+    def __init__(self, hooks: TrainingHooks) -> None:
+        self.hooks = hooks
+        self.reports: dict[str, dict] = {}
+
+    def __call__(self, kind: str, message: str, data: dict) -> None:
+        self.reports[kind] = data
+        self.hooks.on_report(kind, message, data)
+
+
+def trainer_arguments(
+    spec: TrainingSpec,
+    device: str,
+    *,
+    examples: int,
+    micro_batch: int,
+    validating: bool,
+    sampling: str,
+    count_tokens: str,
+) -> dict:
+    """TrainingArguments' keywords for this run (TRL's configs take them too).
+
+    A batch of spec.batch_size examples is trained as micro-batches of `micro_batch` with
+    gradient accumulation: the same optimizer steps and loss, bounded activation memory.
+    """
+    compute_dtype = resolve_compute_dtype(spec.quant.compute_dtype, device)
+    total_steps = math.ceil(examples / spec.batch_size) * spec.n_epochs
+    return dict(
+        output_dir=str(spec.output_dir / "trainer"),
+        num_train_epochs=spec.n_epochs,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=spec.batch_size // micro_batch,
+        per_device_eval_batch_size=micro_batch,
+        learning_rate=spec.learning_rate,
+        seed=spec.seed,
+        logging_strategy="steps",
+        logging_steps=spec.logging_steps,
+        # Every eval_steps, at each checkpoint and (an epoch end is one) at the end.
+        eval_strategy="steps" if validating else "no",
+        eval_steps=(spec.options.eval_steps or max(1, math.ceil(total_steps / 10)))
+        if validating
+        else None,
+        # The Trainer's own checkpoints, every checkpoint_steps; HooksCallback adds the epoch
+        # ends and a pause. Each is uploaded by on_checkpoint as soon as it is written, so
+        # one local copy is enough: older ones are deleted.
+        save_strategy="steps" if spec.checkpoint_steps else "no",
+        save_steps=spec.checkpoint_steps,
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+        optim=resolve_optimizer(spec.options.optimizer, device),
+        bf16=device == "cuda" and compute_dtype == torch.bfloat16,
+        fp16=device == "cuda" and compute_dtype == torch.float16,
+        train_sampling_strategy=sampling,
+        include_num_input_tokens_seen=count_tokens,
+    )
+
+
+def train_and_measure(
+    trainer: Trainer, callback: HooksCallback, spec: TrainingSpec, device: str, report: Reporter
+) -> None:
+    """Train (from spec.resume_from when set) and report this run's throughput."""
+    # With tqdm off the Trainer prints every log dict instead; the hooks are our log.
+    trainer.remove_callback(PrinterCallback)
+    # Resuming loads the adapter weights into the LoRA model (PeftModel.load_adapter), the
+    # optimizer, scheduler and RNG states, and trainer_state.json: the step count, the tokens
+    # seen, and the data position (the batches already trained in the epoch are skipped).
+    resume_from = str(spec.resume_from) if spec.resume_from is not None else None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_begin
+    stats = throughput(tokens, seconds, device)
+    report("throughput", throughput_summary(stats), stats)
+
+
+def report_parameters(model: PeftModel, report: Reporter) -> None:
+    params = parameter_counts(model)
+    share = 100 * params["trainable_parameters"] / max(params["total_parameters"], 1)
+    report(
+        "model",
+        f"Training {params['trainable_parameters']:,} of {params['total_parameters']:,} "
+        f"parameters ({share:.2f}%)",
+        params,
+    )
+
+
+def report_sample(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, spec: TrainingSpec, report: Reporter
+) -> None:
+    """Show a person what changed: the trained model's answer to the first held-out prompt
+    (else the first training prompt), beside the answer the data wants."""
+    max_new_tokens = spec.options.sample_max_new_tokens
+    if not max_new_tokens:
+        return
+    try:
+        sample = generation_sample(
+            model, tokenizer, spec.valid_file or spec.train_file, max_new_tokens
+        )
+    except Exception as exc:  # a nicety: never worth failing a trained job over
+        report.hooks.on_message(f"No generation sample: {type(exc).__name__}: {exc}"[:500])
+    else:
+        sample["source"] = "validation" if spec.valid_file else "training"
+        report("sample", f"Sample completion: {sample['completion'][:200]!r}", sample)
