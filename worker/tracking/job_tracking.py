@@ -152,7 +152,8 @@ class Tracking:
             self._call(tracker, tracker.finish, status)
 
     def _call(self, tracker: Tracker, method: Callable[..., Any], *args: Any) -> Any:
-        if tracker.key in self.stopped:
+        # After finish, a late row or report has no run to go to (W&B's would raise).
+        if tracker.key in self.stopped or (self.finished and method != tracker.finish):
             return None
         try:
             return method(*args)
