@@ -4,12 +4,15 @@ and the pitfalls: a reference equal to the policy by accident, a loss of 0, padd
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import math
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -17,9 +20,23 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
-from app.config import DEFAULT_CHAT_TEMPLATE
+from app.compat import tarfile  # filter="data" on Python 3.11.2 too
+from app.config import DEFAULT_CHAT_TEMPLATE, Settings
+from app.db import make_engine, make_sessionmaker
+from app.migrate import upgrade
+from app.models import Checkpoint, File, Job, JobEvent, Team
+from app.schemas import JobCreate
+from app.services.files import store_upload
+from app.services.jobs import create_job, pause_job, resume_job
+from app.services.teams import create_team
+from app.storage import ObjectStore, open_store
+from worker import job_training
+from worker.job_hooks import JobHooks
+from worker.job_runner import run_job
 from worker.training import dpo
 from worker.training.data import IGNORE_INDEX, chat_prompt, tokenize_chat
 from worker.training.preference import load_preferences, tokenize_pair
@@ -441,3 +458,142 @@ def test_a_dpo_run_peaks_within_a_third_more_memory_than_sft_on_the_same_data(
 
     sft, preference = peak_gb("supervised", sft_file), peak_gb("dpo", TRAIN)
     assert preference <= 1.3 * sft, (preference, sft)
+
+
+# --- a job: SFT, then DPO on its model, through the job runner on PostgreSQL and S3 -------
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fresh_postgres_url: str, s3_endpoint: str, s3_bucket: str) -> Settings:
+    upgrade(fresh_postgres_url)
+    return Settings(
+        home=tmp_path,
+        database_url=fresh_postgres_url,
+        storage_url=f"s3://{s3_bucket}/lathe",
+        s3_endpoint_url=s3_endpoint,
+        cancel_poll_seconds=0,  # see a pause at the next step
+        device="cpu",
+    )
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(settings.resolved_database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    return open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+
+
+@pytest.mark.slow
+def test_a_dpo_job_on_an_sft_jobs_model_pauses_resumes_and_publishes_rewards(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    def upload(session: Session, team: Team, path: Path) -> str:
+        data = io.BytesIO(path.read_bytes())
+        return store_upload(
+            session, store, team, path.name, "fine-tune", data, settings.max_file_bytes
+        ).id
+
+    with sessions() as session:
+        team, _ = create_team(session, "dpo")
+        chats = upload(session, team, DATA / "sample_chat_valid.jsonl")
+        sft = create_job(
+            session,
+            settings,
+            team,
+            JobCreate(
+                model="tiny-random-llama",
+                training_file=chats,
+                hyperparameters={"n_epochs": 1, "batch_size": 2},
+                seed=0,
+            ),
+        )
+    assert run_job(sft.id, settings) == "succeeded"
+
+    with sessions() as session:
+        team = session.scalar(select(Team).where(Team.name == "dpo"))
+        parent_model = session.scalar(select(Job.fine_tuned_model).where(Job.id == sft.id))
+        method = {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 8}}}
+        job = create_job(
+            session,
+            settings,
+            team,
+            JobCreate(
+                model=parent_model,
+                training_file=upload(session, team, TRAIN),
+                validation_file=upload(session, team, VALID),
+                method=method,
+                seed=0,
+            ),
+        )
+    assert (job.method, job.parent["archive"]) == ("dpo", "adapter")
+
+    # Paused once step 2 is reported (40 pairs / 8: 5 steps): the loop sees it after step 3
+    # and checkpoints it; resumed, it trains steps 4 and 5.
+    class PausingHooks(JobHooks):
+        def on_metrics(self, row: dict) -> None:
+            super().on_metrics(row)
+            if row["step"] == 2:
+                with self.sessions() as session:
+                    pause_job(session, session.get_one(Team, self.job.team_pk), self.job.id)
+
+    monkeypatch.setattr(job_training, "JobHooks", PausingHooks)
+    assert run_job(job.id, settings) == "paused"
+    monkeypatch.undo()
+    with sessions() as session:
+        resume_job(session, settings, session.get_one(Team, job.team_pk), job.id)
+    assert run_job(job.id, settings) == "succeeded"
+
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job.id))
+        timeline = list(
+            session.scalars(select(JobEvent).where(JobEvent.job_pk == job.pk).order_by(JobEvent.pk))
+        )
+        rows = [e.data for e in timeline if e.type == "metrics"]
+        checkpoints = list(
+            session.scalars(
+                select(Checkpoint)
+                .where(Checkpoint.job_pk == job.pk)
+                .order_by(Checkpoint.step_number)
+            )
+        )
+        results = {
+            f.filename: f.storage_key
+            for f in session.scalars(select(File).where(File.id.in_(job.result_files)))
+        }
+
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    from_parent = [e for e in timeline if e.message.startswith("Starting from the parent")]
+    assert len(from_parent) == 2, "each attempt fetched the parent, the reference"
+    # The SFT model is both the policy's start and the reference (fetched again for the
+    # resumed attempt): the pairs start tied.
+    assert rows[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert rows[0]["train_reward_margin"] == pytest.approx(0, abs=1e-4)
+    assert rows[-1]["valid_reward_accuracy"] > 0.5 and rows[-1]["valid_reward_margin"] > 0
+    assert [c.step_number for c in checkpoints] == [3, 5]
+    first_held_out = json.loads(VALID.read_text().splitlines()[0])
+    assert job.stats["sample"]["expected"] == first_held_out["preferred_output"][0]["content"]
+    assert {"train_reward_accuracy", "valid_reward_margin"} <= set(checkpoints[-1].metrics)
+
+    store.get_file(results["metrics.csv"], tmp_path / "metrics.csv")
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in csv_rows] == [1, 2, 3, 4, 5], "both attempts' rows"
+    assert float(csv_rows[-1]["valid_reward_accuracy"]) == rows[-1]["valid_reward_accuracy"]
+    assert csv_rows[0]["valid_accuracy"] == "", "a classifier's column stays empty"
+
+    store.get_file(results["adapter.tar.gz"], tmp_path / "adapter.tar.gz")
+    with tarfile.open(tmp_path / "adapter.tar.gz") as tar:
+        tar.extractall(tmp_path / "adapter", filter="data")
+    base = AutoModelForCausalLM.from_pretrained(settings.models_dir / "tiny-random-llama")
+    tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        assert tuned(input_ids=torch.tensor([[10, 20, 30]])).logits.shape == (1, 3, 384)

@@ -1,5 +1,5 @@
 """Training on from a fine-tuned model: a supervised run given a parent adapter starts from
-its weights and LoRA config, and saves a whole adapter on the base, loadable as any other."""
+its weights and LoRA shape, and saves a whole adapter on the base, loadable as any other."""
 
 from __future__ import annotations
 
@@ -71,17 +71,23 @@ def test_the_parent_adapters_weights_and_config_are_loaded_trainable(
 ) -> None:
     base = load_quantized_base(tiny_model, QuantSpec(), "cpu")
     config = LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
     )
-    config.task_type = "CAUSAL_LM"
     torch.manual_seed(3)
     get_peft_model(base, config).save_pretrained(tmp_path / "parent")
     saved = load_file(tmp_path / "parent" / "adapter_model.safetensors")
 
     base = load_quantized_base(tiny_model, QuantSpec(), "cpu")
-    child = add_lora(base, LoraSpec(r=8), parent=tmp_path / "parent")
+    child = add_lora(base, LoraSpec(r=8, dropout=0.2), parent=tmp_path / "parent")
 
-    assert child.peft_config["default"].r == 2, "the parent's config, not the job's"
+    config = child.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (2, 4), "the parent's shape, not the job's"
+    assert config.lora_dropout == 0.2, "the job's dropout"
+    assert not config.inference_mode
     loaded = get_peft_model_state_dict(child)
     assert set(loaded) == set(saved)
     for name, weight in saved.items():

@@ -244,11 +244,14 @@ def add_lora(
     and a new pooler get none.
 
     With `parent` (a saved adapter of an earlier job on this base) training goes on from
-    its weights, under its own LoRA config: its rank, targets, dropout and trained-in-full
-    modules are what those weights fit, so `lora` and `modules_to_save` are not used.
+    its weights, under its LoRA config: its rank, alpha, targets and trained-in-full modules
+    are what those weights fit (the API gives the job the same), and only the dropout is
+    this job's.
     """
     if parent is not None:
-        return load_parent_adapter(model, parent, classification=classification)
+        return load_parent_adapter(
+            model, parent, dropout=lora.dropout, classification=classification
+        )
     targets = lora.target_modules
     config = LoraConfig(
         r=lora.r,
@@ -264,7 +267,7 @@ def add_lora(
 
 
 def load_parent_adapter(
-    model: PreTrainedModel, parent: Path, *, classification: bool = False
+    model: PreTrainedModel, parent: Path, *, dropout: float, classification: bool = False
 ) -> PeftModel:
     """The parent's adapter on the base as the trainable adapter "default", in float32 (peft
     upcasts adapter weights by default), as a fresh one would be."""
@@ -275,7 +278,8 @@ def load_parent_adapter(
             f"the parent adapter was trained for {config.task_type}, this job trains {wanted}: "
             "a classifier and a text generator cannot continue one another"
         )
-    return PeftModel.from_pretrained(model, parent, is_trainable=True)
+    config.lora_dropout = dropout
+    return PeftModel.from_pretrained(model, parent, is_trainable=True, config=config)
 
 
 def parameter_counts(model: PeftModel) -> dict:

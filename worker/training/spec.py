@@ -85,7 +85,7 @@ class TrainingSpec:
     # dpo: how far the policy may move from the reference (higher: less far).
     beta: float = DEFAULT_BETA
     # An adapter directory (adapter_config.json + adapter_model.safetensors) of an earlier
-    # job on this base: training starts from its weights and LoRA config instead of a fresh
+    # job on this base: training starts from its weights and LoRA shape instead of a fresh
     # adapter. For dpo it is also the frozen reference; without one the reference is the
     # base alone (the adapter switched off).
     parent_adapter: Path | None = None
