@@ -310,6 +310,28 @@ def test_a_parent_adapter_is_the_policys_start_and_its_reference(
 
 
 @pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same(tiny_model: Path, tmp_path: Path) -> None:
+    # A GPU's default. TRL switches it off around each reference forward (no gradients
+    # there) and back on: the policy's steps must not notice.
+    train = first_lines(tmp_path / "train.jsonl", TRAIN, 16)
+
+    def losses(checkpointing: bool) -> list[float]:
+        options = TrainingOptions(gradient_checkpointing=checkpointing, sample_max_new_tokens=0)
+        spec = make_spec(
+            tiny_model,
+            tmp_path / str(checkpointing),
+            train_file=train,
+            valid_file=None,
+            options=options,
+        )
+        return [r["train_loss"] for r in run_training(spec, TrainingHooks()).metrics]
+
+    plain = losses(False)
+    assert len(plain) == 2 and plain[1] < plain[0]
+    assert losses(True) == pytest.approx(plain, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_a_pair_scores_the_same_alone_and_padded_in_a_batch(
     tiny_model: Path, tmp_path: Path, tokenizer: ByT5Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
