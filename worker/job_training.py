@@ -28,6 +28,7 @@ from worker.job_hooks import JobHooks
 from worker.model_cache import BaseModelUnavailable, resolve_base_model
 from worker.publish import publish
 from worker.run_outcome import MISSING, STALE
+from worker.tracking import Tracking
 from worker.training.spec import (
     DEFAULT_BETA,
     SUPERVISED,
@@ -139,19 +140,33 @@ def _train_and_publish(
                 session.commit()
         model_name = f"ft:{job.model}:{team_name}:{job.suffix or ''}:{job.id.split('-')[1][:8]}"
         hooks = JobHooks(job, settings, sessions, store, model_name, fence)
-        result = run_training(spec, hooks.training_hooks())
-        if result.stopped:  # cancelled or paused: nothing is published
-            with sessions() as session:
-                status = session.scalar(select(Job.status).where(Job.id == job_id))
-                if status == JobStatus.PAUSED:
-                    add_event(session, job.pk, f"Paused at step {result.step}; checkpoint kept")
-                    session.commit()
+        # The job's integrations (MLflow, W&B): no call of Tracking raises, so a tracking
+        # server that is down costs a warning event, never the job.
+        tracking = Tracking.for_job(job, settings, workdir)
+        hooks.start_tracking(tracking)
+        try:
+            result = run_training(spec, hooks.training_hooks())
+            if result.stopped:  # cancelled or paused: nothing is published
+                with sessions() as session:
+                    status = session.scalar(select(Job.status).where(Job.id == job_id))
+                    if status == JobStatus.PAUSED:
+                        add_event(session, job.pk, f"Paused at step {result.step}; checkpoint kept")
+                        session.commit()
+                # A paused run stays open for the attempt that resumes it.
+                tracking.finish("paused" if status == JobStatus.PAUSED else "cancelled")
                 return status or MISSING
-        if resumed_at:  # the metrics file covers the whole run, not only this attempt
-            with sessions() as session:
-                earlier = metrics_rows_up_to(session, job.pk, resumed_at)
-            result = dataclasses.replace(result, metrics=earlier + result.metrics)
-        return publish(job, sessions, store, result, workdir, model_name, fence)
+            if resumed_at:  # the metrics file covers the whole run, not only this attempt
+                with sessions() as session:
+                    earlier = metrics_rows_up_to(session, job.pk, resumed_at)
+                result = dataclasses.replace(result, metrics=earlier + result.metrics)
+            outcome = publish(job, sessions, store, result, workdir, model_name, fence)
+            if outcome == JobStatus.SUCCEEDED:
+                tracking.log_artifact(workdir / "adapter.tar.gz")  # publish wrote it there
+            tracking.finish(outcome)
+            return outcome
+        except BaseException:
+            tracking.finish("failed")
+            raise
 
 
 def _fetch_archive(store: ObjectStore, key: str, target: Path) -> Path:
