@@ -62,6 +62,9 @@ def train_or_fail(
     except BaseModelUnavailable as exc:
         fail_run(sessions, job_id, "base_model_unavailable", str(exc), fence)
         return JobStatus.FAILED
+    except ParentModelUnavailable as exc:
+        fail_run(sessions, job_id, "parent_model_unavailable", str(exc), fence)
+        return JobStatus.FAILED
     except Exception as exc:
         log.exception("job %s failed", job_id)
         fail_run(sessions, job_id, "training_failed", f"{type(exc).__name__}: {exc}", fence)
@@ -119,12 +122,7 @@ def _train_and_publish(
             # checkpoint's tarball, both flat) is where training starts, and a DPO job's
             # reference. A resumed run needs it too: its checkpoint holds the trained
             # adapter, not the reference.
-            parent_dir = _fetch_archive(store, parent["storage_key"], workdir / "parent")
-            if not (parent_dir / "adapter_config.json").is_file():
-                raise ValueError(
-                    f"the parent model's {parent.get('archive', 'adapter')} archive holds no "
-                    "adapter (no adapter_config.json)"
-                )
+            parent_dir = _fetch_parent(store, parent, workdir / "parent")
             spec = dataclasses.replace(spec, parent_adapter=parent_dir)
         resumed_at = 0
         if latest is not None:
@@ -167,6 +165,29 @@ def _train_and_publish(
         except BaseException:
             tracking.finish("failed")
             raise
+
+
+class ParentModelUnavailable(Exception):
+    """The adapter a job trains on from is gone from storage or holds no adapter."""
+
+
+def _fetch_parent(store: ObjectStore, parent: dict, target: Path) -> Path:
+    """The parent's adapter, unpacked; ParentModelUnavailable names the model and its job,
+    never the object-store key (the team does not see where storage keeps things)."""
+    where = f"{parent.get('fine_tuned_model')} (job {parent.get('job')})"
+    try:
+        parent_dir = _fetch_archive(store, parent["storage_key"], target)
+    except Exception as exc:
+        log.warning("parent archive %s unavailable: %s", parent.get("storage_key"), exc)
+        raise ParentModelUnavailable(
+            f"the adapter of {where} is no longer in storage; train from the base model, or "
+            "ask an operator to restore it"
+        ) from exc
+    if not (parent_dir / "adapter_config.json").is_file():
+        raise ParentModelUnavailable(
+            f"the {parent.get('archive', 'adapter')} of {where} holds no adapter"
+        )
+    return parent_dir
 
 
 def _fetch_archive(store: ObjectStore, key: str, target: Path) -> Path:

@@ -619,3 +619,37 @@ def test_a_dpo_job_on_an_sft_jobs_model_pauses_resumes_and_publishes_rewards(
     tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
     with torch.no_grad():
         assert tuned(input_ids=torch.tensor([[10, 20, 30]])).logits.shape == (1, 3, 384)
+
+
+@pytest.mark.slow
+def test_a_parent_adapter_gone_from_storage_fails_the_job_with_its_own_code(
+    settings: Settings, sessions: sessionmaker[Session], store: ObjectStore
+) -> None:
+    """An operator's cleanup took the parent's adapter: the job fails saying which model is
+    gone, with its own code, and never shows where storage kept it."""
+    with sessions() as session:
+        team, _ = create_team(session, "orphan")
+        chats = store_upload(
+            session,
+            store,
+            team,
+            "chat.jsonl",
+            "fine-tune",
+            io.BytesIO((DATA / "sample_chat_valid.jsonl").read_bytes()),
+            settings.max_file_bytes,
+        ).id
+        body = {"training_file": chats, "hyperparameters": {"n_epochs": 1, "batch_size": 2}}
+        sft = create_job(session, settings, team, JobCreate(model="tiny-random-llama", **body))
+    assert run_job(sft.id, settings) == "succeeded"
+    with sessions() as session:
+        team = session.scalar(select(Team).where(Team.name == "orphan"))
+        parent_model = session.scalar(select(Job.fine_tuned_model).where(Job.id == sft.id))
+        child = create_job(session, settings, team, JobCreate(model=parent_model, **body))
+        key = child.parent["storage_key"]
+    store.delete(key)
+
+    assert run_job(child.id, settings) == "failed"
+    with sessions() as session:
+        error = session.scalar(select(Job.error).where(Job.id == child.id))
+    assert error["code"] == "parent_model_unavailable"
+    assert parent_model in error["message"] and key not in error["message"]

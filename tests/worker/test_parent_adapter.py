@@ -15,7 +15,14 @@ from transformers import AutoModelForCausalLM
 from app.config import DEFAULT_CHAT_TEMPLATE
 from worker.training.qlora_model import add_lora, load_quantized_base
 from worker.training.run import run_training
-from worker.training.spec import LoraSpec, QuantSpec, TrainingHooks, TrainingOptions, TrainingSpec
+from worker.training.spec import (
+    LoraSpec,
+    QuantSpec,
+    TrainingDataError,
+    TrainingHooks,
+    TrainingOptions,
+    TrainingSpec,
+)
 from worker.training.tiny_model import ensure_tiny_random_llama
 
 CONVERSATIONS = [
@@ -141,3 +148,25 @@ def test_a_supervised_run_from_a_parent_continues_it(tiny_model: Path, tmp_path:
     assert list(tuned.peft_config) == ["default"]
     with torch.no_grad():
         assert tuned(input_ids=torch.tensor([[10, 20, 30]])).logits.shape == (1, 3, 384)
+
+
+@pytest.mark.parametrize(
+    "labels", [["cat", "dog", "eel"], ["ant", "bee"]], ids=["another count", "other names"]
+)
+def test_a_classifier_keeps_its_parents_classes(tiny_model: Path, tmp_path: Path, labels) -> None:
+    """The parent's head has one output per class of its own file: another set of labels
+    would not load (another count) or would silently mean other classes (other names).
+    The run refuses before it loads a model, naming both sets."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "classes.json").write_text(json.dumps(["cat", "dog"]))
+    data = tmp_path / "labels.jsonl"
+    rows = [{"text": f"example {i}", "label": labels[i % len(labels)]} for i in range(6)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = chat_spec(
+        tiny_model, tmp_path, data, data_format="classification", parent_adapter=parent
+    )
+    with pytest.raises(TrainingDataError) as info:
+        run_training(spec, TrainingHooks())
+    assert info.value.code == "classes_mismatch"
+    assert "['cat', 'dog']" in str(info.value) and repr(sorted(labels)) in str(info.value)

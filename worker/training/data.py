@@ -168,6 +168,21 @@ def class_names(path: Path) -> list[str]:
     return classes
 
 
+def check_parent_classes(parent_adapter: Path, classes: list[str]) -> None:
+    """A classifier trained on from another must keep its classes, in order: the parent's
+    head has one output per class of its own file, and output i would otherwise silently
+    mean another class (or, with another count, not load at all)."""
+    saved = parent_adapter / "classes.json"
+    parent_classes = json.loads(saved.read_text()) if saved.is_file() else None
+    if parent_classes != classes:
+        raise TrainingDataError(
+            "classes_mismatch",
+            f"the parent model classifies into {parent_classes!r} but this training file's "
+            f"labels are {classes!r}: a classifier trained on from another must use the same "
+            "labels; train from the base model for a new set of classes",
+        )
+
+
 @dataclass
 class TokenCounts:
     """What one file costs and what was cut: reported on the job before training starts."""

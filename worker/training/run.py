@@ -17,6 +17,7 @@ from app.domain.datasets import DatasetFormat
 from worker.training.callbacks import HooksCallback
 from worker.training.data import (
     TokenizedFile,
+    check_parent_classes,
     class_names,
     load_examples,
     load_tokenizer,
@@ -76,6 +77,8 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             f"not to max_seq_length ({spec.max_seq_length})"
         )
     classes = class_names(spec.train_file) if classification else None
+    if classes is not None and spec.parent_adapter is not None:
+        check_parent_classes(spec.parent_adapter, classes)
 
     def tokenized(path: Path) -> TokenizedFile:
         return load_examples(
