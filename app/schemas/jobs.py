@@ -170,7 +170,9 @@ Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class JobCreate(Strict):
-    model: Annotated[str, Field(min_length=1)]
+    # A base model, or a fine-tuned model or checkpoint of the team (ft:...); bounded so a
+    # name is never echoed back at any length.
+    model: Annotated[str, Field(min_length=1, max_length=512)]
     training_file: Annotated[str, Field(min_length=1)]
     validation_file: Annotated[str, Field(min_length=1)] | None = None
     hyperparameters: HyperparametersIn | None = None

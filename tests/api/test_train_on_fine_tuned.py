@@ -321,3 +321,10 @@ def test_the_adapter_an_unfinished_job_trains_on_from_cannot_be_deleted(
 
     assert team.post(f"/v1/fine_tuning/jobs/{child}/cancel").status_code == 200
     assert team.delete(f"/v1/files/{adapter_id}").status_code == 200
+
+
+def test_a_model_name_past_512_characters_is_refused_unechoed(team, chat_id) -> None:
+    resp = create(team, model="ft:" + "x" * 100_000, training_file=chat_id)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "model" and len(error["message"]) < 1000

@@ -469,3 +469,28 @@ def test_job_hooks_make_a_tracker_that_cannot_start_a_warn_event(
     with sessions() as session:
         stats = session.scalar(select(Job.stats).where(Job.id == job_id)) or {}
     assert "tracking" not in stats
+
+
+@pytest.mark.parametrize(
+    ("tracking_uri", "shown"),
+    [
+        (
+            "https://svc:s3cret@mlflow.example.com:8443/base/",
+            "https://mlflow.example.com:8443/base",
+        ),
+        ("http://token@[::1]:5000", "http://[::1]:5000"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_an_mlflow_run_url_never_shows_the_tracking_uris_credentials(
+    tracking_uri: str, shown: str
+) -> None:
+    """The URL goes to the team (job, events, dashboard): the operator's credentials in
+    LATHE_MLFLOW_TRACKING_URI stay out of it."""
+    from worker.tracking.job_facts import JobFacts
+    from worker.tracking.mlflow_tracker import MlflowTracker
+
+    facts = JobFacts(job_id="ftjob-1", team="t", base_model="m", method="supervised")
+    tracker = MlflowTracker(tracking_uri, "experiment", None, facts)
+    tracker.run_id = "abc"
+    assert tracker._run_url("3") == f"{shown}/#/experiments/3/runs/abc"

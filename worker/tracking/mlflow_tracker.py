@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from worker.tracking.job_facts import JobFacts
 
@@ -24,6 +26,10 @@ BOUNDED_HTTP = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
+
+# The adapter's upload is one PUT of the whole archive (hundreds of MB for a large model's
+# adapter, through a server that may proxy it to S3): it gets its own, longer wait.
+ARTIFACT_TIMEOUT_S = "600"
 
 # A job's end as MLflow's run status. A paused job will resume the same run (`start` finds
 # it by its lathe.job_id tag): SCHEDULED, MLflow's "waiting to run".
@@ -99,7 +105,14 @@ class MlflowTracker:
         """The run's page in MLflow's UI; only an HTTP server has one."""
         if not self.tracking_uri.startswith(("http://", "https://")):
             return None
-        base = self.tracking_uri.rstrip("/")
+        # The URL is shown to the team (job, events, dashboard): never the credentials a
+        # tracking URI may carry (https://user:password@host).
+        parts = urlsplit(self.tracking_uri.rstrip("/"))
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        base = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         return f"{base}/#/experiments/{experiment_id}/runs/{self.run_id}"
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
@@ -113,7 +126,8 @@ class MlflowTracker:
         self.client.log_dict(self.run_id, data, f"lathe/{kind}.json")
 
     def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        with _request_timeout(ARTIFACT_TIMEOUT_S):
+            self.client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str) -> None:
         self.client.set_tag(self.run_id, "lathe.status", status)
@@ -122,3 +136,19 @@ class MlflowTracker:
             self.client.update_run(self.run_id, status=run_status)
         else:
             self.client.set_terminated(self.run_id, status=run_status)
+
+
+@contextmanager
+def _request_timeout(seconds: str):
+    """MLflow's per-request timeout raised for the block, unless the operator set their
+    own (then theirs holds throughout). MLflow reads it at every request; the job process
+    logs from one thread, so nothing else sees the change."""
+    name = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+    ours = os.environ.get(name) == BOUNDED_HTTP[name]
+    if ours:
+        os.environ[name] = seconds
+    try:
+        yield
+    finally:
+        if ours:
+            os.environ[name] = BOUNDED_HTTP[name]

@@ -17,7 +17,8 @@ from worker.tracking.job_facts import JobFacts
 INIT_TIMEOUT_S = 20.0  # W&B's default: 90 s
 # The adapter is uploaded at the end; past this, W&B gives up, keeps the rest on the
 # worker's disk (`wandb sync` uploads it) and finish raises, which becomes a warning.
-FINISH_TIMEOUT_S = 300.0
+# Two minutes: the job has already succeeded, and this holds its GPU slot.
+FINISH_TIMEOUT_S = 120.0
 TAG_LIMIT = 64  # W&B's longest tag
 
 
