@@ -27,7 +27,7 @@ from app.services.events import add_event
 from app.services.training_metrics import METRICS_EVENT
 from app.storage import ObjectStore, checkpoint_key
 from worker.publish import tar_directory
-from worker.training.spec import TrainingHooks
+from worker.training.spec import STEP_FIGURES, TrainingHooks
 
 if TYPE_CHECKING:
     from worker.tracking import Tracking
@@ -35,24 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What a checkpoint's metrics hold (OpenAI's names where it has them).
-CHECKPOINT_METRICS = (
-    "step",
-    "train_loss",
-    "valid_loss",
-    "valid_mean_token_accuracy",
-    "valid_accuracy",
-    "valid_macro_f1",
-    # DPO (worker.training.callbacks.REWARD_METRICS): how often, and by how much, the
-    # chosen answer out-rewards the rejected one, and the two rewards.
-    "train_reward_accuracy",
-    "train_reward_margin",
-    "train_rewards_chosen",
-    "train_rewards_rejected",
-    "valid_reward_accuracy",
-    "valid_reward_margin",
-    "valid_rewards_chosen",
-    "valid_rewards_rejected",
-)
+CHECKPOINT_METRICS = STEP_FIGURES  # what a checkpoint keeps of its step's row
 
 
 class JobHooks:

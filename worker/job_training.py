@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import Settings
 from app.db import retry_db
+from app.domain.hyperparameters import DEFAULT_BETA
 from app.domain.jobs import JobStatus
 from app.models import Checkpoint, File, Job
 from app.services import lifecycle
@@ -30,7 +31,6 @@ from worker.publish import publish
 from worker.run_outcome import MISSING, STALE
 from worker.tracking import Tracking
 from worker.training.spec import (
-    DEFAULT_BETA,
     SUPERVISED,
     LoraSpec,
     QuantSpec,

@@ -20,27 +20,9 @@ from app.domain.jobs import JobStatus
 from app.models import File, Job
 from app.services import lifecycle
 from app.storage import ObjectStore, file_key
-from worker.training.spec import TrainingResult
+from worker.training.spec import STEP_FIGURES, TrainingResult
 
-METRICS_COLUMNS = [
-    "step",
-    "train_loss",
-    "valid_loss",
-    "valid_mean_token_accuracy",
-    "valid_accuracy",
-    "valid_macro_f1",
-    # DPO (worker.training.callbacks.REWARD_METRICS): empty for supervised jobs.
-    "train_reward_accuracy",
-    "train_reward_margin",
-    "train_rewards_chosen",
-    "train_rewards_rejected",
-    "valid_reward_accuracy",
-    "valid_reward_margin",
-    "valid_rewards_chosen",
-    "valid_rewards_rejected",
-    "learning_rate",
-    "epoch",
-]
+METRICS_COLUMNS = [*STEP_FIGURES, "learning_rate", "epoch"]
 
 
 @retry_db

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AUTO = "auto"
+# DPO's beta when a job gives none or "auto": OpenAI's and TRL's default. The API stores
+# the resolved value; the worker falls back to it for a job stored without one.
+DEFAULT_BETA = 0.1
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.config import BaseModelSpec, Settings
 from app.domain.architectures import ModelKind
 from app.domain.datasets import FORMAT_LABELS, DatasetFormat
-from app.domain.hyperparameters import resolve
+from app.domain.hyperparameters import DEFAULT_BETA, resolve
 from app.domain.ids import new_id
 from app.domain.jobs import WAITING_STATES, JobStatus, is_final
 from app.domain.memory import (
@@ -39,8 +39,6 @@ from app.services.usage import month_gpu_seconds
 
 # Fine-tuned models' and their checkpoints' names (worker/job_training.py names them).
 FINE_TUNED_PREFIX = "ft:"
-# DPO's beta when the request says "auto": the DPO paper's and TRL's default.
-DEFAULT_BETA = 0.1
 
 
 def _job_file(session: Session, team: Team, file_id: str, param: str) -> File:

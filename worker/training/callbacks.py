@@ -9,25 +9,19 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from worker.training.spec import TrainingHooks
+from worker.training.spec import REWARD_FIGURES, TrainingHooks
 
 # TRL's DPOTrainer logs these per step (and with "eval_" per evaluation); a row carries them
 # as train_<name> and valid_<name>. Rewards are beta times the policy's log-probability
 # ratio to the reference; the accuracy is the share of pairs whose chosen answer has the
 # higher reward, the margin their mean difference.
-REWARD_METRICS = {
-    "rewards/accuracies": "reward_accuracy",
-    "rewards/margins": "reward_margin",
-    "rewards/chosen": "rewards_chosen",
-    "rewards/rejected": "rewards_rejected",
-}
 
 
 def reward_metrics(logs: dict, source_prefix: str, row_prefix: str) -> dict[str, float]:
     """The reward figures of a TRL log dict, renamed for a metrics row (none outside DPO)."""
     return {
         f"{row_prefix}{name}": float(logs[f"{source_prefix}{key}"])
-        for key, name in REWARD_METRICS.items()
+        for key, name in REWARD_FIGURES.items()
         if f"{source_prefix}{key}" in logs
     }
 

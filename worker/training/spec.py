@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.domain.hyperparameters import DEFAULT_BETA
+
 ALL_LINEAR = "all-linear"
 
 
@@ -51,7 +53,6 @@ class TrainingOptions:
 
 SUPERVISED = "supervised"
 DPO = "dpo"
-DEFAULT_BETA = 0.1  # DPO's beta when the job gives none (OpenAI's and TRL's default)
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,38 @@ class TrainingSpec:
     parent_adapter: Path | None = None
 
 
+# DPO's figures as TRL logs them (rewards/..., eval_rewards/...) -> their name in a metrics
+# row, after "train_" or "valid_": how often and by how much the chosen answer out-rewards
+# the rejected one, and the two rewards.
+REWARD_FIGURES = {
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/margins": "reward_margin",
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+}
+REWARD_COLUMNS = tuple(
+    f"{side}_{name}" for side in ("train", "valid") for name in REWARD_FIGURES.values()
+)
+# The figures of a metrics row a checkpoint keeps, and (with the learning rate and epoch)
+# metrics.csv's columns, in order; a job's kind leaves the others empty.
+STEP_FIGURES = (
+    "step",
+    "train_loss",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "valid_accuracy",
+    "valid_macro_f1",
+    *REWARD_COLUMNS,
+)
+
+
 @dataclass
 class TrainingHooks:
     """Callbacks the training loop calls; the Celery task wires them to the database."""
 
     # Called after each logged step with {"step", "train_loss", "valid_loss"?, "learning_rate",
     # "epoch", "total_steps"}; a dpo run adds train_/valid_ reward_accuracy, reward_margin,
-    # rewards_chosen and rewards_rejected (worker.training.callbacks.REWARD_METRICS).
+    # rewards_chosen and rewards_rejected (REWARD_COLUMNS).
     on_metrics: Callable[[dict], None] = lambda row: None
     # Polled after every step: None goes on; "pause" stops at once and checkpoints that step
     # first, so a run resumed from it loses nothing; "cancel" (or any other truthy value)
