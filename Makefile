@@ -25,10 +25,12 @@ test: system-deps install
 test-fast: system-deps install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Lathe's trainer against the tutorial QLoRA recipe (bench/training.py); DEVICE=cuda on a
-# GPU host, with BENCH_ARGS='--model /path/to/model' for a real base model.
+# Lathe's trainers against the tutorial recipes: SFT (bench/training.py), then DPO against
+# TRL's plain DPOTrainer (bench/dpo.py); DEVICE=cuda on a GPU host, with
+# BENCH_ARGS='--model /path/to/model' for a real base model (both take the same options).
 bench: install
 	$(BIN)/python -m bench.training --device $(DEVICE) $(BENCH_ARGS)
+	$(BIN)/python -m bench.dpo --device $(DEVICE) $(BENCH_ARGS)
 
 # The service's benchmarks (bench/run.py): demo job, API latency, upload, GPU pool.
 bench-service: install

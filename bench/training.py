@@ -258,7 +258,8 @@ def dataset_info(model_path: Path, chat_template: str | None) -> dict:
     }
 
 
-def run_child(side: str, config: dict, workdir: Path) -> dict:
+def run_child(side: str, config: dict, workdir: Path, module: str = "bench.training") -> dict:
+    """Run one side in a fresh `python -m <module> --child` process: its figures."""
     config_path, result_path = workdir / "config.json", workdir / f"{side}.json"
     config_path.write_text(json.dumps(config))
     print(f"training: {side} ...", file=sys.stderr, flush=True)
@@ -267,7 +268,7 @@ def run_child(side: str, config: dict, workdir: Path) -> dict:
         [
             sys.executable,
             "-m",
-            "bench.training",
+            module,
             "--child",
             side,
             str(config_path),
@@ -281,15 +282,15 @@ def run_child(side: str, config: dict, workdir: Path) -> dict:
     return result
 
 
-def combine(results: list[dict]) -> dict:
+def combine(results: list[dict], means: tuple[str, ...] = ("train_loss", "eval_loss")) -> dict:
     """One row from a side's runs over the seeds: the median time, the highest peak memory,
-    the mean losses; each seed's figures are kept beside them."""
+    the mean of the `means` figures (losses); each seed's figures are kept beside them."""
     combined = dict(results[0])
     for key in ("train_seconds", "total_seconds"):
         combined[key] = statistics.median(r[key] for r in results)
     for key in ("peak_memory_bytes", "memory_at_train_begin_bytes"):
         combined[key] = max(r[key] for r in results)
-    for key in ("train_loss", "eval_loss"):
+    for key in means:
         combined[key] = statistics.fmean(r[key] for r in results)
         combined[f"per_seed_{key}"] = [r[key] for r in results]
     combined["per_seed_train_seconds"] = [r["train_seconds"] for r in results]
