@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from app.domain.jobs import JobStatus
 from worker.tracking.job_facts import JobFacts
 
 # MLflow's client retries a failed request 7 times with exponential backoff and waits
@@ -33,7 +34,11 @@ ARTIFACT_TIMEOUT_S = "600"
 
 # A job's end as MLflow's run status. A paused job will resume the same run (`start` finds
 # it by its lathe.job_id tag): SCHEDULED, MLflow's "waiting to run".
-RUN_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "paused": "SCHEDULED"}
+RUN_STATUS = {
+    JobStatus.SUCCEEDED: "FINISHED",
+    JobStatus.FAILED: "FAILED",
+    JobStatus.PAUSED: "SCHEDULED",
+}
 JOB_ID_TAG = "lathe.job_id"
 
 

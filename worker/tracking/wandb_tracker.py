@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from app.domain.jobs import JobStatus
 from worker.tracking.job_facts import JobFacts
 
 INIT_TIMEOUT_S = 20.0  # W&B's default: 90 s
@@ -100,8 +101,8 @@ class WandbTracker:
 
     def finish(self, status: str) -> None:
         self.run.summary["lathe/status"] = status
-        if status == "paused":
+        if status == JobStatus.PAUSED:
             # W&B's way to say the run will resume: preempting, then a non-zero exit,
             # shows the run as preempted rather than failed.
             self.run.mark_preempting()
-        self.run.finish(exit_code=0 if status == "succeeded" else 1)
+        self.run.finish(exit_code=0 if status == JobStatus.SUCCEEDED else 1)
