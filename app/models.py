@@ -198,7 +198,16 @@ class Checkpoint(Base):
     step_number: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict] = mapped_column(JSON)
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(300))
+    # The whole Trainer checkpoint (adapter, optimizer, scheduler, RNG): what resuming reads.
     storage_key: Mapped[str] = mapped_column(String(512))
+    # The adapter alone, as the team's fine-tune-results file (files.id), downloadable like
+    # the job's adapter.tar.gz. NULL for checkpoints written before 0008, and once the team
+    # deletes that file (nothing else reads it).
+    adapter_file: Mapped[str | None] = mapped_column(
+        String(40),
+        ForeignKey("files.id", ondelete="SET NULL", name="fk_checkpoints_adapter_file"),
+        index=True,
+    )
 
 
 class Worker(Base):

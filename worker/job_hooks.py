@@ -22,11 +22,11 @@ from app.config import Settings
 from app.db import RETRYABLE, retry_db
 from app.domain.ids import new_id
 from app.domain.jobs import JobStatus
-from app.models import Checkpoint, Job, now
+from app.models import Checkpoint, File, Job, now
 from app.services.events import add_event
 from app.services.training_metrics import METRICS_EVENT
 from app.storage import ObjectStore, checkpoint_key
-from worker.publish import tar_directory
+from worker.publish import result_file, tar_directory, tar_files
 from worker.training.spec import STEP_FIGURES, TrainingHooks
 
 if TYPE_CHECKING:
@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 # What a checkpoint's metrics hold (OpenAI's names where it has them).
 CHECKPOINT_METRICS = STEP_FIGURES  # what a checkpoint keeps of its step's row
+# What of a checkpoint PeftModel.from_pretrained needs: the adapter's config and weights
+# (a classifier's head among them), and which output is which class where the run says.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "classes.json")
+ADAPTER_REQUIRED = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 class JobHooks:
@@ -134,7 +138,15 @@ class JobHooks:
         tar_directory(checkpoint_dir, archive)
         self.store.put_file(key, archive)
         archive.unlink()
+        adapter = self.upload_adapter(step, checkpoint_dir)
         with self.sessions() as session:
+            # The file and the checkpoint that names it commit together. Like the checkpoint
+            # itself, neither is fenced: a pause's checkpoint is written once the job is
+            # already paused. An object whose row never commits (a crash; a retried write
+            # uploads again under a new id) is swept as an orphan (files.sweep_orphans).
+            if adapter is not None:
+                session.add(adapter)
+                session.flush()  # the row the checkpoint's foreign key names, first
             session.add(
                 Checkpoint(
                     id=new_id("ftckpt"),
@@ -143,10 +155,30 @@ class JobHooks:
                     storage_key=key,
                     fine_tuned_model_checkpoint=f"{self.model_name}:ckpt-step-{step}",
                     metrics={k: metrics[k] for k in CHECKPOINT_METRICS if k in metrics},
+                    adapter_file=adapter.id if adapter is not None else None,
                 )
             )
             add_event(session, self.job.pk, f"Checkpoint saved at step {step}")
             session.commit()
+
+    def upload_adapter(self, step: int, checkpoint_dir: Path) -> File | None:
+        """The checkpoint's adapter alone, uploaded as a file of the team's (its row, not yet
+        added), so a team can keep an earlier step than the last, without what only
+        resuming reads (the optimizer's state alone is twice the adapter's size with Adam).
+        None, with a warning, when the checkpoint holds no adapter to load."""
+        paths = [checkpoint_dir / name for name in ADAPTER_FILES]
+        paths = [path for path in paths if path.is_file()]
+        if not ADAPTER_REQUIRED <= {path.name for path in paths}:
+            log.warning("job %s: checkpoint %d holds no adapter to upload", self.job.id, step)
+            return None
+        archive = checkpoint_dir.parent / f"checkpoint-step-{step}-adapter.tar.gz"
+        try:
+            tar_files(paths, archive)
+            record = result_file(self.job, archive)
+            self.store.put_file(record.storage_key, archive)
+        finally:
+            archive.unlink(missing_ok=True)
+        return record
 
     def on_message(self, message: str) -> None:
         with self.sessions() as session:

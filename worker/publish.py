@@ -41,7 +41,7 @@ def publish(
     _write_metrics_csv(result.metrics, metrics)
     records = []
     for path in (adapter, metrics):
-        record = _result_file(job, path)
+        record = result_file(job, path)
         store.put_file(record.storage_key, path)
         records.append(record)
     with sessions() as session:
@@ -65,10 +65,14 @@ def publish(
 
 def tar_directory(directory: Path, archive: Path) -> None:
     """The directory's files, flat, gzipped (an adapter; a Trainer checkpoint)."""
+    tar_files([path for path in sorted(directory.iterdir()) if path.is_file()], archive)
+
+
+def tar_files(paths: list[Path], archive: Path) -> None:
+    """These files, flat (each under its name alone), gzipped."""
     with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(directory.iterdir()):
-            if path.is_file():
-                tar.add(path, arcname=path.name)
+        for path in paths:
+            tar.add(path, arcname=path.name)
 
 
 def _write_metrics_csv(rows: list[dict], path: Path) -> None:
@@ -79,7 +83,9 @@ def _write_metrics_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRICS_COLUMNS})
 
 
-def _result_file(job: Job, path: Path) -> File:
+def result_file(job: Job, path: Path) -> File:
+    """The row of a file the job produced (uploaded to its storage_key by the caller): the
+    team's, purpose fine-tune-results, named like `path`, with its size and SHA-256."""
     with path.open("rb") as stream:
         digest = hashlib.file_digest(stream, "sha256")
     file_id = new_id("file")

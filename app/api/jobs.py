@@ -147,3 +147,10 @@ def list_checkpoints(
 ) -> ListPage[FineTuningJobCheckpoint]:
     rows, has_more = jobs.list_checkpoints(session, team, job_id, limit, after)
     return list_page([checkpoint_object(c, job_id) for c in rows], has_more)
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}", response_model=FineTuningJobCheckpoint)
+def retrieve_checkpoint(
+    job_id: str, checkpoint_id: str, team: TeamDep, session: SessionDep
+) -> FineTuningJobCheckpoint:
+    return checkpoint_object(jobs.get_checkpoint(session, team, job_id, checkpoint_id), job_id)

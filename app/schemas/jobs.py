@@ -400,6 +400,11 @@ def event_object(event: models.JobEvent) -> FineTuningJobEvent:
 
 
 class FineTuningJobCheckpoint(ApiObject):
+    """OpenAI's checkpoint object, and Lathe's `adapter_file`: the step's adapter alone
+    (adapter_config.json, adapter_model.safetensors), a fine-tune-results file downloaded
+    from /v1/files/{id}/content. Null for a checkpoint written before Lathe kept one, and
+    once the team deleted that file."""
+
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
@@ -407,6 +412,7 @@ class FineTuningJobCheckpoint(ApiObject):
     fine_tuning_job_id: str
     metrics: dict[str, Any]
     step_number: int
+    adapter_file: str | None
 
 
 def checkpoint_object(ckpt: models.Checkpoint, job_id: str) -> FineTuningJobCheckpoint:
@@ -417,6 +423,7 @@ def checkpoint_object(ckpt: models.Checkpoint, job_id: str) -> FineTuningJobChec
         fine_tuning_job_id=job_id,
         metrics=ckpt.metrics,
         step_number=ckpt.step_number,
+        adapter_file=ckpt.adapter_file,
     )
 
 

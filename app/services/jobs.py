@@ -460,3 +460,18 @@ def list_events(session: Session, team: Team, job_id: str, limit: int, after: st
 def list_checkpoints(session: Session, team: Team, job_id: str, limit: int, after: str | None):
     job = get_job(session, team, job_id)
     return newest_first_page(session, Checkpoint, Checkpoint.job_pk == job.pk, limit, after)
+
+
+def get_checkpoint(session: Session, team: Team, job_id: str, checkpoint_id: str) -> Checkpoint:
+    """One of the team's job's checkpoints; another job's (another team's) is not found."""
+    job = get_job(session, team, job_id)
+    checkpoint = session.scalar(
+        select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.job_pk == job.pk)
+    )
+    if checkpoint is None:
+        raise NotFound(
+            f"fine-tuning job {job.id} has no checkpoint with id {checkpoint_id!r}",
+            code="checkpoint_not_found",
+            param="checkpoint_id",
+        )
+    return checkpoint
