@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     event_stream_poll_seconds: float = 0.5
     # Largest upload accepted, in bytes.
     max_file_bytes: int = 8 * 1024**3
+    # On S3 storage, GET /v1/files/{id}/content answers 307 to a presigned GetObject URL
+    # valid this many seconds, so large files flow from S3 to the client, not through the
+    # API. Clients must reach LATHE_S3_ENDPOINT_URL (or AWS) themselves. 0: off, the API
+    # streams every file (always so on local storage).
+    file_download_redirect_seconds: int = Field(default=0, ge=0, le=7 * 24 * 3600)
     # How often (seconds) the training loop re-reads the job to notice a cancel; and how
     # long a cancelled or paused job's training process may take to stop before the worker
     # kills it (a step can be slow; a hung process must not hold the GPU).

@@ -32,7 +32,17 @@ class ObjectStore(Protocol):
     def put(self, key: str, stream: BinaryIO) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def get_file(self, key: str, path: Path) -> None: ...
-    def iter_chunks(self, key: str) -> Iterator[bytes]: ...
+    def iter_chunks(self, key: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        """The object's bytes [start, stop) (to the end when stop is None), a chunk at a
+        time: a download of any size holds one chunk in memory."""
+
+    def download_url(
+        self, key: str, seconds: int, *, disposition: str, media_type: str
+    ) -> str | None:
+        """A URL that lets anyone holding it GET the object for `seconds`, answered with
+        these Content-Disposition and Content-Type; None where the store has no such URLs
+        (a local directory)."""
+
     def delete(self, key: str) -> None: ...
     def list_older(self, prefix: str, seconds: float) -> Iterator[str]:
         """Keys under `prefix` last written more than `seconds` ago."""
@@ -73,10 +83,22 @@ class LocalStore:
     def get_file(self, key: str, path: Path) -> None:
         shutil.copyfile(self._path(key), path)
 
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
         with self._path(key).open("rb") as stream:
-            while chunk := stream.read(CHUNK):
+            stream.seek(start)
+            left = None if stop is None else stop - start
+            while left is None or left > 0:
+                chunk = stream.read(CHUNK if left is None else min(CHUNK, left))
+                if not chunk:
+                    return
+                if left is not None:
+                    left -= len(chunk)
                 yield chunk
+
+    def download_url(
+        self, key: str, seconds: int, *, disposition: str, media_type: str
+    ) -> str | None:
+        return None
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -117,7 +139,11 @@ class S3Store:
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
-            config=Config(retries={"max_attempts": 8, "mode": "standard"}),
+            # SigV4 for presigned URLs too (botocore may presign with the legacy SigV2,
+            # which AWS regions opened since 2014 refuse).
+            config=Config(
+                retries={"max_attempts": 8, "mode": "standard"}, signature_version="s3v4"
+            ),
         )
         # A non-seekable upload stream is buffered a part at a time; keep few parts in flight
         # so a large upload holds ~2 x 8 MB in memory, not s3transfer's default of 10 parts.
@@ -137,12 +163,31 @@ class S3Store:
     def get_file(self, key: str, path: Path) -> None:
         self.client.download_file(self.bucket, self._key(key), str(path))
 
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+    def iter_chunks(self, key: str, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+        ranged = {}
+        if start or stop is not None:  # GetObject's Range names the last byte, not the stop
+            ranged["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **ranged)["Body"]
         try:
             yield from body.iter_chunks(CHUNK)
         finally:
             body.close()
+
+    def download_url(
+        self, key: str, seconds: int, *, disposition: str, media_type: str
+    ) -> str | None:
+        # Signed by the API's credentials, for this one object: the response headers S3 sends
+        # (the download's name and type) are part of the signature, so they cannot be changed.
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": self._key(key),
+                "ResponseContentDisposition": disposition,
+                "ResponseContentType": media_type,
+            },
+            ExpiresIn=seconds,
+        )
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

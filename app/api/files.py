@@ -7,8 +7,8 @@ from typing import Annotated
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import Message, Receive
 
@@ -21,9 +21,15 @@ from app.api.deps import (
     TeamDep,
     current_team,
 )
-from app.api.error_handlers import COMMON_ERRORS, ErrorEnvelope, error_responses
+from app.api.error_handlers import COMMON_ERRORS, ErrorEnvelope, envelope, error_responses
 from app.api.multipart import FormError, MultipartStream, boundary_of
-from app.downloads import file_response
+from app.domain.byte_ranges import (
+    Unsatisfiable,
+    if_range_allows,
+    requested_range,
+    strong_etag,
+)
+from app.downloads import content_disposition
 from app.errors import APIError, BadRequest
 from app.models import Team
 from app.schemas.common import Deleted, FileCursor, ListPage, PurposeFilter, list_page
@@ -267,6 +273,18 @@ def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> FileObjec
     return file_object(files.get_file(session, team, file_id))
 
 
+RANGE_DOC = (
+    "One byte range: `bytes=first-last`, `bytes=first-` or `bytes=-suffix` (206). Several "
+    "ranges, or a malformed header, get the whole file (200)"
+)
+IF_RANGE_DOC = (
+    "The ETag of the copy the client holds part of: the Range applies only if it is current"
+)
+_HEADER = {"schema": {"type": "string"}}
+_ETAG = {"description": "The file's SHA-256, quoted: a strong validator", **_HEADER}
+_ACCEPT_RANGES = {"description": "Always `bytes`", **_HEADER}
+
+
 @router.get(
     "/{file_id}/content",
     response_class=StreamingResponse,
@@ -274,11 +292,78 @@ def retrieve_file(file_id: str, team: TeamDep, session: SessionDep) -> FileObjec
         200: {
             "description": "The file's bytes (application/gzip for a .gz name)",
             "content": {"application/octet-stream": _BINARY, "application/gzip": _BINARY},
-        }
+            "headers": {"ETag": _ETAG, "Accept-Ranges": _ACCEPT_RANGES},
+        },
+        206: {
+            "description": "The bytes the Range asked for",
+            "content": {"application/octet-stream": _BINARY, "application/gzip": _BINARY},
+            "headers": {
+                "Content-Range": {"description": "`bytes first-last/size`", **_HEADER},
+                "ETag": _ETAG,
+                "Accept-Ranges": _ACCEPT_RANGES,
+            },
+        },
+        307: {
+            "description": "On S3 storage with LATHE_FILE_DOWNLOAD_REDIRECT_SECONDS set: a "
+            "presigned URL for the bytes, valid that long (send no API key there)",
+            "headers": {"Location": {"description": "The presigned URL", **_HEADER}, "ETag": _ETAG},
+        },
+        416: {
+            "model": ErrorEnvelope,
+            "description": "The Range starts at or past the end of the file",
+            "headers": {"Content-Range": {"description": "`bytes */size`", **_HEADER}},
+        },
     },
 )
-def file_content(file_id: str, team: TeamDep, session: SessionDep, store: StoreDep):
-    return file_response(files.get_file(session, team, file_id), store)
+def file_content(
+    file_id: str,
+    team: TeamDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    range_: Annotated[str | None, Header(alias="Range", description=RANGE_DOC)] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range", description=IF_RANGE_DOC)] = None,
+) -> Response:
+    """The file's bytes, resumable: a single Range is served from storage as a 206 (S3 reads
+    only that slice), with the file's SHA-256 as its ETag so If-Range keeps a resumed
+    download from splicing two versions. With the redirect setting on S3 storage, the
+    answer is a 307 to a presigned URL instead, and the bytes bypass the API."""
+    record = files.get_file(session, team, file_id)  # another team's file: 404, Range or not
+    etag = strong_etag(record.sha256)
+    media = "application/gzip" if record.filename.endswith(".gz") else "application/octet-stream"
+    disposition = content_disposition(record.filename)
+    if settings.file_download_redirect_seconds:
+        url = store.download_url(
+            record.storage_key,
+            settings.file_download_redirect_seconds,
+            disposition=disposition,
+            media_type=media,
+        )
+        if url is not None:  # a local store has no URLs: it streams, below
+            # The URL is a credential for this object: no cache may keep the answer.
+            headers = {"ETag": etag, "Cache-Control": "no-store"}
+            return RedirectResponse(url, status_code=307, headers=headers)
+    headers = {"Accept-Ranges": "bytes", "ETag": etag, "Content-Disposition": disposition}
+    wanted = requested_range(range_, record.bytes) if if_range_allows(if_range, etag) else None
+    if isinstance(wanted, Unsatisfiable):
+        refusal = envelope(
+            416,
+            f"the range {range_[:100]!r} starts at or past the end of the file "
+            f"({record.bytes} bytes)",
+            "invalid_request_error",
+            "range_not_satisfiable",
+            "Range",
+        )
+        refusal.headers["Content-Range"] = wanted.content_range
+        return refusal
+    if wanted is None:
+        chunks = store.iter_chunks(record.storage_key)
+        headers["Content-Length"] = str(record.bytes)
+        return StreamingResponse(chunks, media_type=media, headers=headers)
+    chunks = store.iter_chunks(record.storage_key, wanted.start, wanted.stop)
+    headers["Content-Length"] = str(wanted.length)
+    headers["Content-Range"] = wanted.content_range
+    return StreamingResponse(chunks, status_code=206, media_type=media, headers=headers)
 
 
 @router.delete("/{file_id}", response_model=Deleted)

@@ -1,4 +1,4 @@
-"""`lathe files`: upload (with a progress bar) and list."""
+"""`lathe files`: upload and download (with a progress bar; a download resumes) and list."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from app.client.downloads import download_file, part_path
 from app.client.http import ClientError, LatheClient, handles_errors
 from app.client.options import ApiKey, ApiUrl, Json
 from app.client.render import make_console, print_json
 from app.formatting import size, when
 
-files_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+files_app = typer.Typer(help="Upload, list and download files.", no_args_is_help=True)
 
 
 class _ProgressReader:
@@ -132,3 +133,34 @@ def list_files(
             when(f["created_at"]),
         )
     make_console().print(table if page["data"] else "no files")
+
+
+@files_app.command("download")
+@handles_errors
+def download(
+    file_id: Annotated[str, typer.Argument(metavar="FILE_ID")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to save it (default: ./ the file's name)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a file with a progress bar. An interrupted download leaves OUTPUT.part:
+    the same command continues it from there, and the whole is checked against the file's
+    SHA-256 before it is named OUTPUT. Prints the path."""
+    console = make_console(stderr=True)
+    with LatheClient.from_options(api_url, api_key) as client:
+        record = client.get(f"/v1/files/{file_id}")
+        target = output or Path(Path(record["filename"]).name)
+        if target.is_dir():
+            target = target / Path(record["filename"]).name
+        if target.exists() and not force:
+            raise ClientError(f"{target} exists (--force to replace it)")
+        resuming = part_path(target).is_file()
+        with transfer_progress(console) as progress:
+            download_file(client, record, target, progress)
+    verb = "resumed and checked" if resuming else "downloaded and checked"
+    console.print(f"[green]{verb}[/] {escape(record['id'])} ({size(record['bytes'])})")
+    print(target)

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import io
 import re
-import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 
+from app.client.downloads import download_file
 from app.client.files import describe_upload, transfer_progress, upload_file
-from app.client.http import ClientError, LatheClient, Unreachable, handles_errors
+from app.client.http import ClientError, LatheClient, handles_errors
 from app.client.options import ApiKey, ApiUrl, Json
 from app.client.render import (
     classification_section,
@@ -28,7 +27,6 @@ from app.client.render import (
 from app.client.watch import watch_job
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.domain.jobs import JobStatus
-from app.formatting import size
 
 
 class Method(StrEnum):
@@ -382,35 +380,22 @@ def download(
         adapter = next((r for r in records if r["filename"] == ADAPTER), None)
         if adapter is None:
             raise ClientError(f"{job_id} has no {ADAPTER} among its result files")
-        with tempfile.TemporaryFile() as tmp:
-            _fetch(client, adapter, tmp, console)
-            tmp.seek(0)
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                with tarfile.open(fileobj=tmp, mode="r:*") as tar:
-                    names = tar.getnames()
-                    # "data": no absolute paths, no escaping the directory, no devices or links out.
-                    tar.extractall(out, filter="data")
-            except (tarfile.TarError, OSError) as exc:
-                raise ClientError(f"could not unpack {ADAPTER}: {exc}") from None
+        # Beside the directory, so an interrupted download continues on the next run.
+        archive = out.resolve().with_name(f".{out.resolve().name}.{ADAPTER}")
+        with transfer_progress(console) as progress:
+            download_file(client, adapter, archive, progress)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with tarfile.open(archive, mode="r:*") as tar:
+                names = tar.getnames()
+                # "data": no absolute paths, no escaping the directory, no devices or links out.
+                tar.extractall(out, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise ClientError(f"could not unpack {ADAPTER}: {exc}") from None
+        finally:
+            archive.unlink(missing_ok=True)
     console.print(
         f"[green]adapter[/] of {job['fine_tuned_model']} in [bold]{out}[/] ({len(names)} files)"
     )
     console.print(f"  PeftModel.from_pretrained(base_model, {str(out)!r})")
     print(out)
-
-
-def _fetch(client: LatheClient, record: dict, fh: Any, console: Console) -> None:
-    try:
-        with (
-            client.stream("GET", f"/v1/files/{record['id']}/content") as resp,
-            transfer_progress(console) as progress,
-        ):
-            task = progress.add_task(f"downloading {record['filename']}", total=record["bytes"])
-            for chunk in resp.iter_bytes():
-                fh.write(chunk)
-                progress.advance(task, len(chunk))
-    except httpx.TransportError as exc:
-        raise Unreachable(f"download of {record['id']} failed: {exc}") from None
-    if fh.tell() != record["bytes"]:
-        raise ClientError(f"download of {record['id']} was cut short ({size(fh.tell())})")
