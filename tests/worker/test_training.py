@@ -499,9 +499,16 @@ def test_a_classification_job_trains_and_reports_accuracy(tiny_model: Path, tmp_
         options=TrainingOptions(eval_steps=4),
     )
     reports: dict[str, dict] = {}
+    checkpoint_classes: list = []  # what each checkpoint says its outputs are
 
     result = run_training(
-        spec, TrainingHooks(on_report=lambda kind, msg, data: reports.update({kind: data}))
+        spec,
+        TrainingHooks(
+            on_report=lambda kind, msg, data: reports.update({kind: data}),
+            on_checkpoint=lambda step, path, row: checkpoint_classes.append(
+                json.loads((path / "classes.json").read_text())
+            ),
+        ),
     )
 
     evaluated = [r for r in result.metrics if "valid_accuracy" in r]
@@ -512,6 +519,7 @@ def test_a_classification_job_trains_and_reports_accuracy(tiny_model: Path, tmp_
     assert "sample" not in reports, "no generation sample for a classifier"
     assert reports["tokens"]["classes"] == ["neg", "pos"]
     assert json.loads((result.adapter_dir / "classes.json").read_text()) == ["neg", "pos"]
+    assert checkpoint_classes == [["neg", "pos"]] * 6  # one checkpoint per epoch
     report = reports["classification"]
     assert report["step"] == 24 and report["accuracy"] == 1.0
     assert report["confusion_matrix"] == [[4, 0], [0, 4]]

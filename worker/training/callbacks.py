@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -40,8 +41,13 @@ class HooksCallback(TrainerCallback):
         validating: bool,
         checkpoint_steps: int | None,
         checkpoint_seconds: float | None = None,
+        *,
+        classes: list[str] | None = None,
     ) -> None:
         self.hooks = hooks
+        # A classifier's class names, written into every checkpoint as into the final
+        # adapter: a checkpoint's adapter says which output is which class too.
+        self.classes = classes
         self.validating = validating
         self.checkpoint_steps = checkpoint_steps
         # Also checkpoint when this much time has passed since the last one, so a long
@@ -135,5 +141,7 @@ class HooksCallback(TrainerCallback):
         # evaluation of the step come before the save, so its row is complete).
         step = state.global_step
         checkpoint_dir = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.classes is not None:
+            (checkpoint_dir / "classes.json").write_text(json.dumps(self.classes))
         row = next((r for r in reversed(self.rows) if r["step"] == step), {})
         self.hooks.on_checkpoint(step, checkpoint_dir, row)

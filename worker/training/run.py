@@ -147,7 +147,9 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             count_tokens="all" if packing else "non_padding",
         )
     )
-    callback = HooksCallback(hooks, validating, spec.checkpoint_steps, spec.checkpoint_seconds)
+    callback = HooksCallback(
+        hooks, validating, spec.checkpoint_steps, spec.checkpoint_seconds, classes=classes
+    )
     class_metrics = ClassificationMetrics(classes) if classes is not None else None
     compute_metrics = class_metrics or mean_token_accuracy
     trainer = Trainer(
