@@ -134,7 +134,7 @@ def _write(
         part.start_over(etag)
     progress_bar.update(task, completed=part.held)
     with part.path.open("ab") as out:
-        for chunk in resp.iter_bytes(READ_CHUNK):
+        for chunk in resp.iter_bytes():  # as received: a break loses no buffered bytes
             out.write(chunk)
             part.held += len(chunk)
             progress_bar.advance(task, len(chunk))

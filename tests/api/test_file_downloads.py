@@ -108,6 +108,25 @@ def test_a_range_is_the_files_slice(big_file, header: str, start: int, stop: int
     assert resp.headers["content-type"] == "application/octet-stream"
 
 
+def test_s3_is_asked_for_the_slice_only(big_file, api: TestClient) -> None:
+    """Memory and transfer stay bounded by the range: GetObject carries the Range, the API
+    does not read the object from its start and skip."""
+    owner, file_id = big_file
+    asked: list[dict] = []
+    events = api.app.state.store.client.meta.events
+
+    def record(params: dict, **_) -> None:
+        asked.append(dict(params))
+
+    events.register("provide-client-params.s3.GetObject", record)
+    try:
+        resp = content(owner, file_id, Range=f"bytes={CHUNK}-{CHUNK + 99}")
+    finally:
+        events.unregister("provide-client-params.s3.GetObject", record)
+    assert (resp.status_code, resp.content) == (206, BIG[CHUNK : CHUNK + 100])
+    assert [a.get("Range") for a in asked] == [f"bytes={CHUNK}-{CHUNK + 99}"]
+
+
 def test_a_range_past_the_end_is_416_with_the_size(big_file) -> None:
     owner, file_id = big_file
     resp = content(owner, file_id, Range=f"bytes={len(BIG)}-")
@@ -408,3 +427,56 @@ def test_cli_jobs_download_continues_the_adapters_part_and_unpacks_it(
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class _CutOff(httpx.HTTPTransport):
+    """The network failing mid-download: the content body breaks off after `after` bytes."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after = after
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        resp = super().handle_request(request)
+        if not request.url.path.endswith("/content"):
+            return resp
+        after, upstream = self.after, resp.stream
+
+        class Broken(httpx.SyncByteStream):
+            def __iter__(self):
+                sent = 0
+                for chunk in upstream:
+                    yield chunk[: after - sent]
+                    sent += len(chunk)
+                    if sent >= after:
+                        raise httpx.ReadError("connection reset by peer")
+
+            def close(self) -> None:
+                upstream.close()
+
+        return httpx.Response(resp.status_code, headers=resp.headers, stream=Broken())
+
+
+def test_a_cli_download_cut_off_keeps_its_part_and_the_next_run_finishes_it(
+    big_file, live_api, tmp_path
+) -> None:
+    from rich.progress import Progress
+
+    from app.client.config import Target
+    from app.client.downloads import download_file
+    from app.client.http import LatheClient, Unreachable
+
+    owner, file_id = big_file
+    target = tmp_path / "big.jsonl"
+    with LatheClient(Target(live_api, owner.key), transport=_CutOff(CHUNK + 1)) as client:
+        record = client.get(f"/v1/files/{file_id}")
+        with pytest.raises(Unreachable, match="run the command again"):
+            download_file(client, record, target, Progress(disable=True))
+    part = target.with_name("big.jsonl.part")
+    assert part.read_bytes() == BIG[: CHUNK + 1]
+    assert target.with_name("big.jsonl.part.etag").read_text().strip() == ETAG
+
+    result = download(live_api, owner, file_id, target)
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.output
+    assert sha(target.read_bytes()) == SHA256
