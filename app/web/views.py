@@ -211,6 +211,23 @@ def result_file(
     )
 
 
+@router.get("/jobs/{job_id}/checkpoints/{checkpoint_id}/adapter.tar.gz")
+def checkpoint_adapter(
+    team: SignedInTeam, job: TeamJob, checkpoint_id: str, session: SessionDep, store: StoreDep
+) -> Response:
+    """A checkpoint's adapter alone (its adapter_file), to keep the step that did best."""
+    try:
+        checkpoint = jobs_service.get_checkpoint(session, team, job.id, checkpoint_id)
+        if checkpoint.adapter_file is None:
+            raise PageNotFound(team, f"Checkpoint {checkpoint_id} has no adapter file.")
+        record = files_service.get_file(session, team, checkpoint.adapter_file)
+    except APIError:
+        raise PageNotFound(team, f"Job {job.id} has no checkpoint {checkpoint_id}.") from None
+    return file_response(
+        record, store, **{"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    )
+
+
 # --- the pool and usage ---------------------------------------------------------------
 
 

@@ -821,3 +821,54 @@ def test_score_chart_draws_accuracy_and_macro_f1_on_a_fixed_scale() -> None:
     assert (macro_f1.name, macro_f1.values) == ("macro_f1", [(5, 0.85)])
     assert [label for _, label in chart.y_ticks] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
     assert [(x, y) for x, y, _, _ in accuracy.marks] == accuracy.points
+
+
+def test_a_checkpoints_adapter_downloads_from_the_job_page(
+    api, browser, team, other_team, sessions
+) -> None:
+    """Each checkpoint with an adapter file links it; the link serves the team's bytes only,
+    and a checkpoint without one (written before adapter files) says none."""
+    job = create_job(team)
+    data = b"step-400 adapter bytes"
+    file_id = f"file-{uuid.uuid4().hex[:24]}"
+    api.app.state.store.put(file_key(team.id, file_id), io.BytesIO(data))
+    kept, older = f"ftckpt-{uuid.uuid4().hex[:24]}", f"ftckpt-{uuid.uuid4().hex[:24]}"
+    with sessions() as session:
+        team_pk = session.scalar(select(Team.pk).where(Team.id == team.id))
+        job_pk = session.scalar(select(Job.pk).where(Job.id == job["id"]))
+        session.add(
+            File(
+                id=file_id,
+                team_pk=team_pk,
+                filename="checkpoint-step-400-adapter.tar.gz",
+                purpose="fine-tune-results",
+                bytes=len(data),
+                sha256="0" * 64,
+                storage_key=file_key(team.id, file_id),
+            )
+        )
+        session.flush()
+        for ckpt_id, step, adapter in ((kept, 400, file_id), (older, 200, None)):
+            session.add(
+                Checkpoint(
+                    id=ckpt_id,
+                    job_pk=job_pk,
+                    step_number=step,
+                    metrics={},
+                    fine_tuned_model_checkpoint=f"ft:x:ckpt-step-{step}",
+                    storage_key=f"teams/{team.id}/jobs/{job['id']}/checkpoints/step-{step}.tar.gz",
+                    adapter_file=adapter,
+                )
+            )
+        session.commit()
+
+    page = browser.get(f"/jobs/{job['id']}").text
+    link = f"/jobs/{job['id']}/checkpoints/{kept}/adapter.tar.gz"
+    assert f'href="{link}"' in page
+    assert f"/checkpoints/{older}/adapter.tar.gz" not in page
+    resp = browser.get(link)
+    assert resp.status_code == 200 and resp.content == data
+    assert "checkpoint-step-400-adapter.tar.gz" in resp.headers["content-disposition"]
+    assert browser.get(f"/jobs/{job['id']}/checkpoints/{older}/adapter.tar.gz").status_code == 404
+    with signed_in(api, other_team.key) as other:
+        assert other.get(link).status_code == 404
