@@ -65,9 +65,12 @@ def test_embedded_server_trains_a_job(tmp_path: Path) -> None:
         assert job["status"] == "succeeded", job["error"]
         assert (tmp_path / "home" / "lathe.db").exists()
         assert (tmp_path / "home" / "models" / "tiny-random-llama" / "model.safetensors").exists()
-        # The dataset, the adapter and metrics.csv, under the team's prefix.
+        # The dataset, the adapter, metrics.csv and each checkpoint's adapter, under the
+        # team's prefix.
+        checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+        assert len(checkpoints) == 1 and checkpoints[0]["adapter_file"]
         stored = list((tmp_path / "home" / "objects" / "teams").glob("*/files/*"))
-        assert len(stored) == 3
+        assert len(stored) == 3 + len(checkpoints)
         # Stopped, the server takes its worker and the worker's pool process with it.
         server.terminate()
         server.wait(timeout=30)
