@@ -25,23 +25,23 @@ class TrainedQuantization:
     type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
     blocksize: int = TRAINED_BLOCKSIZE
-    # The dtype a base weight was cast to before it was quantized: the job's compute dtype
-    # (transformers loads with dtype=compute_dtype, then quantizes). None: the checkpoint's
-    # own dtype, which is exact for every 16-bit checkpoint (bitsandbytes scales in float32
-    # either way) and for a float32 checkpoint trained on the CPU (compute dtype float32).
+    # The job's compute dtype: transformers cast each base weight to it before quantizing,
+    # and every forward pass dequantized into it. None: float32, as on the CPU, and exact
+    # for the quantization of any 16-bit checkpoint (bitsandbytes scales in float32); a GPU
+    # job's bfloat16 dequantization differs from it by about as much as the merged weights'
+    # own rounding to 16 bits.
     dtype: torch.dtype | None = None
 
     @classmethod
     def from_spec(cls, quant: QuantSpec, *, blocksize: int = TRAINED_BLOCKSIZE):
         """From a job's QuantSpec; its compute dtype "auto" depended on the training device,
-        so it is read as the checkpoint's own dtype (see `dtype`)."""
+        so it is read as float32 (see `dtype`)."""
         dtype = None if quant.compute_dtype == "auto" else getattr(torch, quant.compute_dtype)
         return cls(quant.type, quant.double_quant, blocksize, dtype)
 
     def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as the trained 4-bit layer held it: quantized, then dequantized."""
-        if self.dtype is not None:
-            weight = weight.to(self.dtype)
+        weight = weight.to(self.dtype or torch.float32)
         packed, state = bnb_functional.quantize_4bit(
             weight,
             blocksize=self.blocksize,
