@@ -31,6 +31,7 @@ test-fast: system-deps install
 bench: install
 	$(BIN)/python -m bench.training --device $(DEVICE) $(BENCH_ARGS)
 	$(BIN)/python -m bench.dpo --device $(DEVICE) $(BENCH_ARGS)
+	$(BIN)/python -m bench.merge
 
 # The service's benchmarks (bench/run.py): demo job, API latency, upload, GPU pool.
 bench-service: install
