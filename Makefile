@@ -27,7 +27,8 @@ test-fast: system-deps install
 
 # Lathe's trainers against the tutorial recipes: SFT (bench/training.py), then DPO against
 # TRL's plain DPOTrainer (bench/dpo.py); DEVICE=cuda on a GPU host, with
-# BENCH_ARGS='--model /path/to/model' for a real base model (both take the same options).
+# BENCH_ARGS='--model /path/to/model' for a real base model (both take the same options);
+# then the merged export's fidelity and memory (bench/merge.py, CPU).
 bench: install
 	$(BIN)/python -m bench.training --device $(DEVICE) $(BENCH_ARGS)
 	$(BIN)/python -m bench.dpo --device $(DEVICE) $(BENCH_ARGS)
