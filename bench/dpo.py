@@ -23,7 +23,6 @@ pairs of each file only: a smoke run (tests/bench/test_dpo_bench.py), not a meas
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -34,10 +33,11 @@ from pathlib import Path
 from bench.training import (
     EFFECTIVE_BATCH,
     MAX_SEQ_LENGTH,
-    ROOT,
     Marks,
+    bench_arguments,
     combine,
     machine_info,
+    model_under_test,
     run_child,
 )
 
@@ -295,21 +295,9 @@ def table(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", type=Path, help="a base model directory (default: tiny)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--learning-rate", type=float)
+    parser = bench_arguments(__doc__, DEFAULT_EPOCHS, SEEDS)
     parser.add_argument("--beta", type=float, default=BETA)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument(
-        "--seeds",
-        type=lambda text: tuple(int(x) for x in text.split(",")),
-        default=SEEDS,
-        help="comma-separated; each side trains once per seed (default 42,1,2)",
-    )
     parser.add_argument("--pairs", type=int, help="only the first N pairs of each file (smoke)")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         side, config_path, result_path = args.child
@@ -317,20 +305,12 @@ def main() -> None:
         return
 
     from app.config import DEFAULT_CHAT_TEMPLATE
-    from worker.training.tiny_model import ensure_tiny_random_llama
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        if args.model is None:
-            model_path = ensure_tiny_random_llama(
-                workdir / "tiny-random-llama", DEFAULT_CHAT_TEMPLATE
-            )
-            model_name = "tiny-random-llama"
-        else:
-            model_path, model_name = args.model.resolve(), str(args.model)
-        learning_rate = args.learning_rate or (
-            TINY_LEARNING_RATE if args.model is None else MODEL_LEARNING_RATE
+        model_path, model_name, learning_rate = model_under_test(
+            args, workdir, TINY_LEARNING_RATE, MODEL_LEARNING_RATE
         )
         train_file, valid_file = str(TRAIN_FILE), str(VALID_FILE)
         if args.pairs:

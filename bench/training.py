@@ -362,20 +362,45 @@ def paired_difference(lathe: dict, recipe: dict) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_arguments(doc: str, epochs: int, seeds: tuple[int, ...]) -> argparse.ArgumentParser:
+    """The options every trainer benchmark takes (this one and bench/dpo.py), so that
+    `make bench`'s one BENCH_ARGS reaches both alike."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--model", type=Path, help="a base model directory (default: tiny)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--seeds",
         type=lambda text: tuple(int(x) for x in text.split(",")),
-        default=SEEDS,
-        help="comma-separated; each side trains once per seed (default 42,1,2,3,4)",
+        default=seeds,
+        help="comma-separated; each side trains once per seed "
+        f"(default {','.join(map(str, seeds))})",
     )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    return parser
+
+
+def model_under_test(
+    args: argparse.Namespace, workdir: Path, tiny_rate: float, model_rate: float
+) -> tuple[Path, str, float]:
+    """(directory, name, learning rate): the --model given, else the tiny random model
+    generated into workdir, with the rate each needs unless --learning-rate says."""
+    from app.config import DEFAULT_CHAT_TEMPLATE
+    from worker.training.tiny_model import ensure_tiny_random_llama
+
+    if args.model is None:
+        path = ensure_tiny_random_llama(workdir / "tiny-random-llama", DEFAULT_CHAT_TEMPLATE)
+        name = "tiny-random-llama"
+    else:
+        path, name = args.model.resolve(), str(args.model)
+    rate = args.learning_rate or (tiny_rate if args.model is None else model_rate)
+    return path, name, rate
+
+
+def main() -> None:
+    parser = bench_arguments(__doc__, DEFAULT_EPOCHS, SEEDS)
     args = parser.parse_args()
     if args.child:
         side, config_path, result_path = args.child
@@ -383,20 +408,12 @@ def main() -> None:
         return
 
     from app.config import DEFAULT_CHAT_TEMPLATE
-    from worker.training.tiny_model import ensure_tiny_random_llama
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        if args.model is None:
-            model_path = ensure_tiny_random_llama(
-                workdir / "tiny-random-llama", DEFAULT_CHAT_TEMPLATE
-            )
-            model_name = "tiny-random-llama"
-        else:
-            model_path, model_name = args.model.resolve(), str(args.model)
-        learning_rate = args.learning_rate or (
-            TINY_LEARNING_RATE if args.model is None else MODEL_LEARNING_RATE
+        model_path, model_name, learning_rate = model_under_test(
+            args, workdir, TINY_LEARNING_RATE, MODEL_LEARNING_RATE
         )
         config = {
             "device": args.device,
