@@ -15,16 +15,10 @@ beside it, then renamed), so concurrent callers and reruns are cheap and safe.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import string
-import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     BertConfig,
@@ -38,9 +32,8 @@ from transformers import (
     RobertaTokenizer,
 )
 
-from worker.training.tiny_model import is_complete
+from worker.training.tiny_model import ensure_model, seeded
 
-SEED = 0
 DATA = Path(__file__).resolve().parents[1] / "app" / "data"
 HIDDEN_SIZE = 64
 NUM_LAYERS = 2
@@ -58,8 +51,6 @@ BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # roberta-base's ids 0-4
 ROBERTA_VOCAB_SIZE = 1024  # bytes, specials and merges: the sample files' words whole
 MAX_TOKENS = 512  # as the hub tokenizers of both say (model_max_length)
-
-_generating = threading.Lock()  # seeding is process-global (see tiny_model)
 
 
 def sample_texts() -> list[str]:
@@ -97,36 +88,6 @@ def roberta_tokenizer() -> RobertaTokenizer:
     return RobertaTokenizer(vocab=model["vocab"], merges=merges, model_max_length=MAX_TOKENS)
 
 
-def _seeded(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
-    # fork_rng: seeding here must not change the random stream of whoever called us.
-    with _generating, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        return build()
-
-
-def _ensure(
-    path: Path, build: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
-) -> Path:
-    """Write the model into `path` unless it is there; whole or not at all (a rename)."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model, tokenizer = build()
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.rename(staging, path)
-        except OSError:  # another caller's rename won
-            if not is_complete(path):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
-
-
 def build_tiny_bert(path: Path, *, head_labels: int | None = None) -> Path:
     """A bert-base-uncased-shaped model in `path` (created unless already there).
 
@@ -147,11 +108,11 @@ def build_tiny_bert(path: Path, *, head_labels: int | None = None) -> Path:
             pad_token_id=tokenizer.pad_token_id,
         )
         if head_labels is None:
-            return _seeded(lambda: BertForPreTraining(config)), tokenizer
+            return seeded(lambda: BertForPreTraining(config)), tokenizer
         config.num_labels = head_labels
-        return _seeded(lambda: BertForSequenceClassification(config)), tokenizer
+        return seeded(lambda: BertForSequenceClassification(config)), tokenizer
 
-    return _ensure(path, build)
+    return ensure_model(path, build)
 
 
 def build_tiny_roberta(path: Path) -> Path:
@@ -173,6 +134,6 @@ def build_tiny_roberta(path: Path) -> Path:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        return _seeded(lambda: RobertaForMaskedLM(config)), tokenizer
+        return seeded(lambda: RobertaForMaskedLM(config)), tokenizer
 
-    return _ensure(path, build)
+    return ensure_model(path, build)

@@ -41,16 +41,16 @@ from worker.training.preference import load_preferences, typical_pair_length
 from worker.training.qlora_model import (
     add_lora,
     check_model_trains_format,
-    load_base_for_training,
     read_model_config,
     resolve_device,
 )
-from worker.training.run_stats import token_summary
 from worker.training.spec import TrainingDataError, TrainingHooks, TrainingResult, TrainingSpec
 from worker.training.trainer_setup import (
     Reporter,
+    load_base,
     report_parameters,
     report_sample,
+    report_tokens,
     train_and_measure,
     trainer_arguments,
 )
@@ -91,21 +91,10 @@ def run_dpo(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         if spec.valid_file is not None
         else None
     )
-    counts = {"train": train.counts.as_dict()}
-    if valid is not None:
-        counts["valid"] = valid.counts.as_dict()
-    report("tokens", token_summary(train, valid, max_length), counts)
+    report_tokens(report, train, valid, max_length)
 
     # 2. Model: frozen 4-bit base, the policy's LoRA adapter (the reference: see above).
-    hooks.on_message(f"Loading base model in 4-bit on {device}")
-    base = load_base_for_training(
-        spec.base_model_path,
-        spec.quant,
-        device,
-        attention=options.attention,
-        gradient_checkpointing=options.gradient_checkpointing,
-        on_message=hooks.on_message,
-    )
+    base = load_base(spec, device, hooks)
     from_parent = spec.parent_adapter is not None
     if from_parent:
         hooks.on_message("Starting from the parent model's adapter, which is also the reference")

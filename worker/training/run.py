@@ -30,7 +30,6 @@ from worker.training.qlora_model import (
     add_lora,
     check_model_trains_format,
     encoder_input_limit,
-    load_base_for_training,
     read_model_config,
     resolve_device,
 )
@@ -38,13 +37,14 @@ from worker.training.run_stats import (
     ClassificationMetrics,
     mean_token_accuracy,
     predicted_ids,
-    token_summary,
 )
 from worker.training.spec import DPO, SUPERVISED, TrainingHooks, TrainingResult, TrainingSpec
 from worker.training.trainer_setup import (
     Reporter,
+    load_base,
     report_parameters,
     report_sample,
+    report_tokens,
     train_and_measure,
     trainer_arguments,
 )
@@ -93,24 +93,10 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
 
     train = tokenized(spec.train_file)
     valid = tokenized(spec.valid_file) if spec.valid_file is not None else None
-    counts = {"train": train.counts.as_dict()}
-    if valid is not None:
-        counts["valid"] = valid.counts.as_dict()
-    if classes is not None:
-        counts["classes"] = classes
-    report("tokens", token_summary(train, valid, max_seq_length), counts)
+    report_tokens(report, train, valid, max_seq_length, **({"classes": classes} if classes else {}))
 
     # 2. Model: frozen 4-bit base, trainable LoRA adapters.
-    hooks.on_message(f"Loading base model in 4-bit on {device}")
-    base = load_base_for_training(
-        spec.base_model_path,
-        spec.quant,
-        device,
-        attention=options.attention,
-        gradient_checkpointing=options.gradient_checkpointing,
-        classes=classes,
-        on_message=hooks.on_message,
-    )
+    base = load_base(spec, device, hooks, classes)
     if classes is not None:
         # A decoder's head reads each row's last token, found by the pad token.
         base.model.config.pad_token_id = tokenizer.pad_token_id

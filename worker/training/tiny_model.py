@@ -12,10 +12,17 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    ByT5Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 SEED = 0
 
@@ -59,15 +66,21 @@ def build_tiny_random_llama(chat_template: str) -> tuple[LlamaForCausalLM, ByT5T
         bos_token_id=None,  # ByT5 has no beginning-of-sequence token
         tie_word_embeddings=False,
     )
+    return seeded(lambda: LlamaForCausalLM(config)), tokenizer
+
+
+def seeded(build: Callable[[], PreTrainedModel]) -> PreTrainedModel:
+    """A model built from the fixed seed: the same weights on every machine."""
     # fork_rng: seeding here must not change the random stream of whoever called us.
     with _generating, torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = LlamaForCausalLM(config)
-    return model, tokenizer
+        return build()
 
 
-def ensure_tiny_random_llama(path: Path, chat_template: str) -> Path:
-    """Generate the tiny model into `path` unless it is already there; returns `path`.
+def ensure_model(
+    path: Path, build: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+) -> Path:
+    """Write the model `build` makes into `path` unless it is already there; returns `path`.
 
     Two processes (the API's demo and a worker, say) may race here: each writes into its
     own temporary directory beside `path` and renames it into place, which is atomic, so
@@ -79,7 +92,7 @@ def ensure_tiny_random_llama(path: Path, chat_template: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model, tokenizer = build_tiny_random_llama(chat_template)
+        model, tokenizer = build()
         model.save_pretrained(staging)  # safetensors: transformers 5 writes nothing else
         tokenizer.save_pretrained(staging)
         try:
@@ -91,3 +104,8 @@ def ensure_tiny_random_llama(path: Path, chat_template: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def ensure_tiny_random_llama(path: Path, chat_template: str) -> Path:
+    """Generate the tiny model into `path` unless it is already there; returns `path`."""
+    return ensure_model(path, lambda: build_tiny_random_llama(chat_template))

@@ -12,11 +12,18 @@ from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
 
 from worker.training.callbacks import HooksCallback
 from worker.training.qlora_model import (
+    QuantizedBase,
+    load_base_for_training,
     parameter_counts,
     resolve_compute_dtype,
     resolve_optimizer,
 )
-from worker.training.run_stats import generation_sample, throughput, throughput_summary
+from worker.training.run_stats import (
+    generation_sample,
+    throughput,
+    throughput_summary,
+    token_summary,
+)
 from worker.training.spec import TrainingHooks, TrainingSpec
 
 
@@ -99,6 +106,31 @@ def train_and_measure(
     tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_begin
     stats = throughput(tokens, seconds, device)
     report("throughput", throughput_summary(stats), stats)
+
+
+def report_tokens(report: Reporter, train, valid, max_length: int, **extra) -> None:
+    """What each file costs in tokens and what was cut, before the first step (supervised
+    files and preference pairs alike: both carry TokenCounts)."""
+    counts = {"train": train.counts.as_dict()}
+    if valid is not None:
+        counts["valid"] = valid.counts.as_dict()
+    report("tokens", token_summary(train, valid, max_length), {**counts, **extra})
+
+
+def load_base(
+    spec: TrainingSpec, device: str, hooks: TrainingHooks, classes: list[str] | None = None
+) -> QuantizedBase:
+    """The frozen 4-bit base with the job's attention and checkpointing options."""
+    hooks.on_message(f"Loading base model in 4-bit on {device}")
+    return load_base_for_training(
+        spec.base_model_path,
+        spec.quant,
+        device,
+        attention=spec.options.attention,
+        gradient_checkpointing=spec.options.gradient_checkpointing,
+        classes=classes,
+        on_message=hooks.on_message,
+    )
 
 
 def report_parameters(model: PeftModel, report: Reporter) -> None:
