@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,12 @@ from transformers import AutoModelForCausalLM
 
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker
-from app.migrate import upgrade
 from app.models import Checkpoint, File, Job
 from app.schemas import JobCreate
 from app.services.files import store_upload
 from app.services.jobs import create_job
 from app.services.teams import create_team
-from app.storage import ObjectStore, open_store, team_prefix
+from app.storage import ObjectStore, team_prefix
 from worker.job_hooks import JobHooks
 from worker.job_runner import run_job
 
@@ -38,28 +35,9 @@ ADAPTER = {"adapter_config.json", "adapter_model.safetensors"}
 
 
 @pytest.fixture
-def settings(tmp_path: Path, fresh_postgres_url: str, s3_endpoint: str, s3_bucket: str) -> Settings:
-    upgrade(fresh_postgres_url)
-    return Settings(
-        home=tmp_path,
-        database_url=fresh_postgres_url,
-        storage_url=f"s3://{s3_bucket}/lathe",
-        s3_endpoint_url=s3_endpoint,
-        device="cpu",
-        checkpoint_every_steps=2,
-    )
-
-
-@pytest.fixture
-def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(settings.resolved_database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def store(settings: Settings) -> ObjectStore:
-    return open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+def settings(settings: Settings) -> Settings:
+    """The job world's, checkpointing every 2 steps."""
+    return settings.model_copy(update={"checkpoint_every_steps": 2})
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import math
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -26,14 +25,12 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import DEFAULT_CHAT_TEMPLATE, Settings
-from app.db import make_engine, make_sessionmaker
-from app.migrate import upgrade
 from app.models import Checkpoint, File, Job, JobEvent, Team
 from app.schemas import JobCreate
 from app.services.files import store_upload
 from app.services.jobs import create_job, pause_job, resume_job
 from app.services.teams import create_team
-from app.storage import ObjectStore, open_store
+from app.storage import ObjectStore
 from worker import job_training
 from worker.job_hooks import JobHooks
 from worker.job_runner import run_job
@@ -483,31 +480,6 @@ def test_a_dpo_run_peaks_within_a_third_more_memory_than_sft_on_the_same_data(
 
 
 # --- a job: SFT, then DPO on its model, through the job runner on PostgreSQL and S3 -------
-
-
-@pytest.fixture
-def settings(tmp_path: Path, fresh_postgres_url: str, s3_endpoint: str, s3_bucket: str) -> Settings:
-    upgrade(fresh_postgres_url)
-    return Settings(
-        home=tmp_path,
-        database_url=fresh_postgres_url,
-        storage_url=f"s3://{s3_bucket}/lathe",
-        s3_endpoint_url=s3_endpoint,
-        cancel_poll_seconds=0,  # see a pause at the next step
-        device="cpu",
-    )
-
-
-@pytest.fixture
-def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(settings.resolved_database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def store(settings: Settings) -> ObjectStore:
-    return open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
 
 
 @pytest.mark.slow

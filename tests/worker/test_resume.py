@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,12 @@ from transformers import AutoModelForCausalLM
 
 from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import Settings
-from app.db import make_engine, make_sessionmaker
-from app.migrate import upgrade
 from app.models import Checkpoint, File, Job, JobEvent, Team
 from app.schemas import JobCreate
 from app.services.files import store_upload
 from app.services.jobs import create_job, pause_job, resume_job
 from app.services.teams import create_team
-from app.storage import ObjectStore, open_store
+from app.storage import ObjectStore
 from worker import job_training
 from worker.job_hooks import JobHooks
 from worker.job_runner import run_job
@@ -42,31 +39,6 @@ RESUMABLE = {
     "rng_state.pth",
     "trainer_state.json",
 }
-
-
-@pytest.fixture
-def settings(tmp_path: Path, fresh_postgres_url: str, s3_endpoint: str, s3_bucket: str) -> Settings:
-    upgrade(fresh_postgres_url)
-    return Settings(
-        home=tmp_path,
-        database_url=fresh_postgres_url,
-        storage_url=f"s3://{s3_bucket}/lathe",
-        s3_endpoint_url=s3_endpoint,
-        cancel_poll_seconds=0,  # see a pause at the next step
-        device="cpu",
-    )
-
-
-@pytest.fixture
-def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(settings.resolved_database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def store(settings: Settings) -> ObjectStore:
-    return open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
 
 
 def pause_after_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
