@@ -39,6 +39,7 @@ from bench.training import (
     machine_info,
     model_under_test,
     run_child,
+    train_lathe,
 )
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -110,42 +111,15 @@ def reward_metrics(config: dict, adapter_dir: Path) -> dict:
 
 
 def run_lathe(config: dict, output_dir: Path, mark: Marks) -> dict:
-    from worker.training.run import run_training
-    from worker.training.spec import TrainingHooks, TrainingSpec
-
-    def on_message(message: str) -> None:
-        if message.startswith("Training for"):  # the Trainer's on_train_begin
-            mark("begin")
-        elif message.startswith("Saved the adapter"):
-            mark("end")
-
-    # The required fields, batch_size, method and beta; everything else is Lathe's default.
-    # No validation file: neither side evaluates while training, the common evaluator does.
-    spec = TrainingSpec(
-        base_model_path=Path(config["model_path"]),
-        chat_template=config["chat_template"],
+    return train_lathe(
+        config,
+        output_dir,
+        mark,
         data_format="preference",
         train_file=Path(config["train_file"]),
-        valid_file=None,
-        output_dir=output_dir,
-        n_epochs=config["epochs"],
-        batch_size=EFFECTIVE_BATCH,
-        learning_rate=config["learning_rate"],
-        max_seq_length=MAX_SEQ_LENGTH,
-        seed=config["seed"],
-        device=config["device"],
         method="dpo",
         beta=config["beta"],
     )
-    result = run_training(spec, TrainingHooks(on_message=on_message))
-    losses = [row["train_loss"] for row in result.metrics if "train_loss" in row]
-    return {
-        "adapter_dir": str(result.adapter_dir),
-        "train_loss": losses[-1],
-        "steps": result.step,
-        "lathe_trained_tokens": result.trained_tokens,
-        "lathe_throughput_report": result.reports.get("throughput"),
-    }
 
 
 def run_recipe(config: dict, output_dir: Path, mark: Marks) -> dict:

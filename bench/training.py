@@ -120,7 +120,11 @@ def eval_loss(config: dict, adapter_dir: Path | None) -> float:
     return total / count
 
 
-def run_lathe(config: dict, output_dir: Path, mark: Marks) -> dict:
+def train_lathe(config: dict, output_dir: Path, mark: Marks, **fields) -> dict:
+    """Lathe's trainer on `config`'s model, seed and rate, marking train begin and end: the
+    required fields, batch_size and `fields` (data_format, train_file; method, beta);
+    everything else Lathe's default. No validation file: neither side evaluates while
+    training, the common evaluator does afterwards. Shared with bench/dpo.py."""
     from worker.training.run import run_training
     from worker.training.spec import TrainingHooks, TrainingSpec
 
@@ -130,13 +134,9 @@ def run_lathe(config: dict, output_dir: Path, mark: Marks) -> dict:
         elif message.startswith("Saved the adapter"):
             mark("end")
 
-    # The required fields and batch_size; everything else is Lathe's default. No validation
-    # file: neither side evaluates while training, the common evaluator does afterwards.
     spec = TrainingSpec(
         base_model_path=Path(config["model_path"]),
         chat_template=config["chat_template"],
-        data_format="chat",
-        train_file=TRAIN_FILE,
         valid_file=None,
         output_dir=output_dir,
         n_epochs=config["epochs"],
@@ -145,6 +145,7 @@ def run_lathe(config: dict, output_dir: Path, mark: Marks) -> dict:
         max_seq_length=MAX_SEQ_LENGTH,
         seed=config["seed"],
         device=config["device"],
+        **fields,
     )
     result = run_training(spec, TrainingHooks(on_message=on_message))
     losses = [row["train_loss"] for row in result.metrics if "train_loss" in row]
@@ -155,6 +156,10 @@ def run_lathe(config: dict, output_dir: Path, mark: Marks) -> dict:
         "lathe_trained_tokens": result.trained_tokens,
         "lathe_throughput_report": result.reports.get("throughput"),
     }
+
+
+def run_lathe(config: dict, output_dir: Path, mark: Marks) -> dict:
+    return train_lathe(config, output_dir, mark, data_format="chat", train_file=TRAIN_FILE)
 
 
 def run_recipe(config: dict, output_dir: Path, mark: Marks) -> dict:
