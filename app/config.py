@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -144,6 +145,12 @@ class Settings(BaseSettings):
     checkpoint_every_seconds: float | None = 600.0
     # Device the worker trains on: "auto" picks cuda when present.
     device: str = "auto"
+    # Exports (docs/exports.md): the GPU class they run on when the request names none
+    # (unset: any class with a free slot; a "cpu" class keeps them off the GPUs, since a
+    # merge streams on the CPU), and the size of the merged folder's safetensors shards,
+    # which bounds the worker's memory during a merge.
+    export_gpu_class: str | None = None
+    export_shard_bytes: int = Field(default=2 * 1024**3, ge=1024**2)
 
     # --- Base models from object storage (an s3:// `path` in base_models) ---
     # Each worker host downloads such a model once into this directory (unset:
@@ -152,6 +159,12 @@ class Settings(BaseSettings):
     # the least recently used models not in use are evicted first.
     model_cache_dir: Path | None = None
     model_cache_max_gb: float = 200.0
+
+    # --- GGUF exports (docs/exports.md#gguf) ---
+    # llama.cpp's converter (convert_hf_to_gguf.py, its conversion/ and gguf-py/ packages),
+    # which `make install` and Dockerfile.gpu extract from the pinned llama-cpp-python
+    # source distribution into the environment's share/llama.cpp.
+    llama_cpp_dir: Path = Field(default_factory=lambda: Path(sys.prefix) / "share" / "llama.cpp")
 
     # --- The GPU pool ---
     # Classes the pool is declared to have (name -> GPU memory in GB). Workers announce

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from fastapi import FastAPI
 
-from app.api import admin, base_models, files, health, jobs, pool, webhooks
+from app.api import admin, base_models, exports, files, health, jobs, pool, webhooks
 from app.api.error_handlers import install_error_handlers
 from app.api.event_stream import EventHub
 from app.background import SchedulerThread
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     install_metrics(app)  # GET /metrics and HTTP latency, outside the rate limit (app/metrics.py)
     app.add_middleware(RequestContextMiddleware)  # log ids and the access log (app/logs.py)
-    for module in (health, files, jobs, base_models, pool, admin, webhooks):
+    for module in (health, files, jobs, exports, base_models, pool, admin, webhooks):
         app.include_router(module.router)
     app.include_router(dashboard)  # the web dashboard at / (app/web, docs/dashboard.md)
     install_page_handlers(app)

@@ -99,6 +99,18 @@ class Job(Base):
     training_file: Mapped[str] = mapped_column(String(40))
     validation_file: Mapped[str | None] = mapped_column(String(40))
     status: Mapped[str] = mapped_column(String(32), index=True)
+    # Pool work of two kinds: "fine_tune" (a training job, /v1/fine_tuning/jobs) and
+    # "export" (a fine-tuned model written out as merged weights or GGUF, an ftexp- id,
+    # /v1/fine_tuning/jobs/{id}/exports; app.services.exports). Both are scheduled,
+    # metered and cancelled alike; the jobs API shows fine-tunes only.
+    kind: Mapped[str] = mapped_column(String(16), default="fine_tune", server_default="fine_tune")
+    # An export's job (the fine-tune it writes out) and its request: {"format", "dtype",
+    # "quantization", "base_weights", "checkpoint" (ftckpt- id or None), "step_number"}.
+    # The adapter it reads is in `parent`, as for a job training on from a fine-tuned model.
+    source_job_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.pk", ondelete="CASCADE", name="fk_jobs_source_job"), index=True
+    )
+    export: Mapped[dict | None] = mapped_column(JSON)
     # "supervised" or "dpo" (preference pairs); the training file's format agrees with it.
     method: Mapped[str] = mapped_column(
         String(16), default="supervised", server_default="supervised"

@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, TeamDep
 from app.api.error_handlers import COMMON_ERRORS, error_responses
-from app.domain.jobs import JobStatus
+from app.domain.jobs import JobKind, JobStatus
 from app.errors import NotFound
 from app.models import Job
 from app.schemas.jobs import Model, ModelList
@@ -21,7 +21,11 @@ def _all_models(session: SessionDep, settings: SettingsDep, team: TeamDep) -> li
     base = [Model(id=name, created=0, owned_by="lathe", kind=kind) for name, kind in kinds.items()]
     tuned = session.execute(
         select(Job.fine_tuned_model, Job.finished_at, Job.model)
-        .where(Job.team_pk == team.pk, Job.status == JobStatus.SUCCEEDED.value)
+        .where(
+            Job.team_pk == team.pk,
+            Job.kind == JobKind.FINE_TUNE,
+            Job.status == JobStatus.SUCCEEDED.value,
+        )
         .order_by(Job.pk.desc())
     )
     return base + [

@@ -68,3 +68,11 @@ def check_transition(current: JobStatus, target: JobStatus) -> None:
 
 def is_final(status: JobStatus) -> bool:
     return status in FINAL_STATES
+
+
+class JobKind(StrEnum):
+    """What a unit of pool work does: trains (a fine-tuning job) or writes a trained model
+    out (an export). Both go through the states above."""
+
+    FINE_TUNE = "fine_tune"
+    EXPORT = "export"

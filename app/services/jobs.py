@@ -14,7 +14,7 @@ from app.domain.architectures import ModelKind
 from app.domain.datasets import FORMAT_LABELS, DatasetFormat
 from app.domain.hyperparameters import DEFAULT_BETA, resolve
 from app.domain.ids import new_id
-from app.domain.jobs import WAITING_STATES, JobStatus, is_final
+from app.domain.jobs import WAITING_STATES, JobKind, JobStatus, is_final
 from app.domain.memory import (
     adapted_matrices,
     eligible_classes,
@@ -375,7 +375,9 @@ def check_new_job_quota(
 
 
 def get_job(session: Session, team: Team, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.team_pk == team.pk))
+    job = session.scalar(
+        select(Job).where(Job.id == job_id, Job.team_pk == team.pk, Job.kind == JobKind.FINE_TUNE)
+    )
     if job is None:
         raise NotFound(
             f"no fine-tuning job with id {job_id!r}",
@@ -386,7 +388,8 @@ def get_job(session: Session, team: Team, job_id: str) -> Job:
 
 
 def list_jobs(session: Session, team: Team, limit: int, after: str | None):
-    return newest_first_page(session, Job, Job.team_pk == team.pk, limit, after)
+    scope = (Job.team_pk == team.pk) & (Job.kind == JobKind.FINE_TUNE)
+    return newest_first_page(session, Job, scope, limit, after)
 
 
 def not_cancellable(job: Job, param: str = "fine_tuning_job_id") -> Conflict:

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.domain.ids import new_id
-from app.domain.jobs import JobStatus
+from app.domain.jobs import JobKind, JobStatus
 from app.errors import BadRequest, NotFound
 from app.models import Job, Team, Webhook, WebhookDelivery, now
 from app.services.egress import (
@@ -199,9 +199,10 @@ def list_deliveries(session: Session, team: Team, webhook_id: str, limit: int) -
 
 def enqueue_job_outcome(session: Session, job: Job, status: JobStatus) -> None:
     """Outbox rows for every webhook of the job's team that wants this outcome. No commit:
-    called inside the transition that finished the job."""
+    called inside the transition that finished the job. Exports send none: their
+    outcome is on the export and its events (docs/exports.md)."""
     event_type = EVENT_TYPES.get(status)
-    if event_type is None:
+    if event_type is None or job.kind == JobKind.EXPORT:
         return
     hooks = session.scalars(select(Webhook).where(Webhook.team_pk == job.team_pk)).all()
     for webhook in hooks:
