@@ -1,5 +1,6 @@
-"""`lathe jobs`: create, list, get, watch, cancel, pause, resume and download. The commands
-only; what they draw is in app/client/render.py."""
+"""`lathe jobs`: create, list, get, watch, cancel, pause, resume and download; the export
+commands (export, exports, export-download, export-cancel) are app/client/exports.py's. The
+commands only; what they draw is in app/client/render.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from app.client import exports
 from app.client.downloads import download_file
 from app.client.files import describe_upload, transfer_progress, upload_file
 from app.client.http import ClientError, LatheClient, handles_errors
@@ -399,3 +401,10 @@ def download(
     )
     console.print(f"  PeftModel.from_pretrained(base_model, {str(out)!r})")
     print(out)
+
+
+# Exports of a job's model (app/client/exports.py), next to the job commands.
+jobs_app.command("export")(handles_errors(exports.export))
+jobs_app.command("exports")(handles_errors(exports.list_exports))
+jobs_app.command("export-download")(handles_errors(exports.download))
+jobs_app.command("export-cancel")(handles_errors(exports.cancel_export))

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from app.domain.jobs import JobStatus
 from app.domain.workers import WorkerState
-from app.formatting import duration, number, when
+from app.formatting import duration, number, size, when
 
 STATUS_STYLE = {
     JobStatus.VALIDATING_FILES: "cyan",
@@ -323,3 +323,55 @@ def classification_section(stats: dict) -> list[RenderableType]:
         confusion.add_row(Text(name, style="bold"), *cells)
     section += [Text("confusion matrix: rows the true class, columns the predicted one"), confusion]
     return section
+
+
+def export_options_text(export: dict) -> str:
+    """ "merged, bfloat16, NF4 base" or "gguf, q8_0, original base", and the checkpoint's
+    step when the export is of a checkpoint."""
+    if export.get("format") == "gguf":
+        parts = ["gguf", str(export.get("quantization") or "-")]
+    else:
+        parts = ["merged", str(export.get("dtype") or "-")]
+    parts.append("NF4 base" if export.get("base_weights", "nf4") == "nf4" else "original base")
+    if export.get("step_number") is not None:
+        parts.append(f"step {export['step_number']}")
+    return ", ".join(parts)
+
+
+def export_size_text(export: dict) -> str:
+    files = export.get("files") or []
+    total = sum(f.get("bytes") or 0 for f in files)
+    return f"{len(files)} file{'' if len(files) == 1 else 's'}, {size(total)}"
+
+
+def exports_table(exports: list[dict]) -> Table:
+    """`lathe jobs exports`: one row an export, newest first."""
+    table = Table("id", "options", "status", "files", "model", "created", "finished")
+    for e in exports:
+        table.add_row(
+            e["id"],
+            escape(export_options_text(e)),
+            status_text(e["status"]),
+            _export_files_cell(e),
+            escape(e.get("model") or "-"),
+            when(e.get("created_at")),
+            when(e.get("finished_at")),
+        )
+    return table
+
+
+def export_table(export: dict) -> Table:
+    """A finished export's files: its name in the folder, size and file id."""
+    table = Table("file", "size", "file id")
+    for f in export.get("files") or []:
+        table.add_row(Text(str(f["filename"])), size(f.get("bytes")), f["id"])
+    return table
+
+
+def _export_files_cell(export: dict) -> str:
+    if export.get("files"):
+        return export_size_text(export)
+    error = export.get("error") if isinstance(export.get("error"), dict) else None
+    if error:
+        return f"[red]{escape(str(error.get('code') or 'error'))}[/]"
+    return "-"

@@ -126,9 +126,9 @@ def watch_job(
                     eta=f"ETA {duration(eta)}" if eta is not None else "",
                 )
                 if step_lines or data.get("valid_loss") is not None:
-                    _line(progress.console, event)
+                    event_line(progress.console, event)
                 continue
-            _line(progress.console, event)
+            event_line(progress.console, event)
             message = event.get("message", "")
             if message.startswith("Fine-tuning job started"):
                 rate.first = None  # a new attempt: time paused or queued is not step time
@@ -150,7 +150,7 @@ def watch_job(
     return job, EXIT_CODES.get(job["status"], EXIT_API_ERROR)
 
 
-def _line(console: Console, event: dict) -> None:
+def event_line(console: Console, event: dict) -> None:
     style = LEVEL_STYLE.get(event.get("level", "info"))
     text = event.get("message", "")
     data = event.get("data") or {}

@@ -25,6 +25,9 @@ NOTICES = {
     "cancelled": ("ok", "The job was cancelled."),
     "not_cancellable": ("error", "The job has already ended; it cannot be cancelled."),
     "bad_csrf": ("error", "The form had expired; reload the page and try again."),
+    "export_created": ("ok", "The export is queued; its files are listed below once it succeeds."),
+    "export_cancelled": ("ok", "The export was cancelled."),
+    "export_not_cancellable": ("error", "The export has already ended; it cannot be cancelled."),
 }
 HEADERS = {
     # No script at all, styles only from the dashboard's own file, no framing.
@@ -59,6 +62,7 @@ _env.filters.update(
     duration=partial(formatting.duration, missing=DASH),
     value=partial(formatting.option_text, missing=DASH),
     fixed=_fixed,
+    size=partial(formatting.size, missing=DASH),
 )
 
 

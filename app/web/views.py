@@ -15,11 +15,13 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.domain.jobs import FINAL_STATES, JobStatus
 from app.downloads import file_response
 from app.errors import APIError, Conflict
 from app.http_deps import SessionDep, SettingsDep, StoreDep
 from app.models import Job, Team
+from app.services import exports as exports_service
 from app.services import files as files_service
 from app.services import jobs as jobs_service
 from app.services.admin_keys import admin_for_key
@@ -32,7 +34,16 @@ from app.services.usage import metered_jobs, usage_for
 from app.web import auth
 from app.web.chart import loss_chart, reward_accuracy_chart, reward_margin_chart, score_chart
 from app.web.classification import classification_view
-from app.web.deps import JobId, MaybeTeam, PageNotFound, SignedInTeam, TeamJob, job_not_found
+from app.web.deps import (
+    JobId,
+    MaybeTeam,
+    PageNotFound,
+    SignedInTeam,
+    TeamJob,
+    job_not_found,
+    team_job,
+)
+from app.web.exports import FormChoices, export_request, export_rows
 from app.web.lineage import lineage_view
 from app.web.pages import HERE, base_path, notice, redirect, render
 from app.web.tracking import trackers_view
@@ -41,6 +52,7 @@ ACTIVE = {JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value, JobStatus.RU
 FINAL = {s.value for s in FINAL_STATES}
 REFRESH_SECONDS = 5
 EVENTS_SHOWN = 100
+EXPORTS_SHOWN = 50
 JOBS_PER_PAGE = 50
 _PERIOD = re.compile(r"^\d{4}-\d{2}$")
 
@@ -136,16 +148,47 @@ def _team_job_or_none(session: Session, team: Team, job_id: str) -> Job | None:
 
 @router.get("/jobs/{job_id}")
 def job_page(
-    request: Request, team: SignedInTeam, job: TeamJob, session: SessionDep, settings: SettingsDep
+    request: Request,
+    team: SignedInTeam,
+    job: TeamJob,
+    session: SessionDep,
+    settings: SettingsDep,
+    checkpoint: str | None = None,
 ) -> Response:
+    return _job_page(request, team, job, session, settings, checkpoint=checkpoint)
+
+
+def _job_page(
+    request: Request,
+    team: Team,
+    job: Job,
+    session: Session,
+    settings: Settings,
+    *,
+    status_code: int = 200,
+    export_error: str | None = None,
+    checkpoint: str | None = None,
+) -> Response:
+    """The job page; `export_error`: why the export form's request was refused (the
+    page is then the form's answer); `checkpoint`: the one the export forms preselect."""
     events, event_count = timeline(session, job.pk, EVENTS_SHOWN)
     checkpoints, _ = jobs_service.list_checkpoints(session, team, job.id, 100, None)
     place = job_position(session, settings, job) if job.status == JobStatus.QUEUED else None
     rows = metrics_rows(session, job.pk)
     stats = job.stats if isinstance(job.stats, dict) else {}
+    export_list, _ = exports_service.list_exports(session, team, job.id, EXPORTS_SHOWN, None)
+    exports = export_rows(
+        export_list, job.id, exports_service.export_files(session, team, export_list)
+    )
+    refresh = None
+    if job.status in ACTIVE:
+        refresh = REFRESH_SECONDS
+    elif any(e.cancellable for e in exports):
+        refresh = REFRESH_SECONDS * 2  # slower: the page has the export forms on it
     return render(
         request,
         "job.html",
+        status_code,
         team=team,
         job=job,
         stats=stats,
@@ -165,7 +208,12 @@ def job_page(
         place=place,
         results=files_service.result_files(session, team, job),
         cancellable=job.status not in FINAL,
-        refresh=REFRESH_SECONDS if job.status in ACTIVE else None,
+        exports=exports,
+        exportable=job.status == JobStatus.SUCCEEDED,
+        export_choices=FormChoices(),
+        export_error=export_error,
+        chosen_checkpoint=checkpoint if any(c.id == checkpoint for c in checkpoints) else None,
+        refresh=refresh,
         refresh_url=f"{base_path(request)}/jobs/{job.id}",  # drops a ?notice= on reload
         notice=notice(request),
     )
@@ -226,6 +274,96 @@ def checkpoint_adapter(
     return file_response(
         record, store, **{"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
     )
+
+
+# --- exports ----------------------------------------------------------------------------
+
+
+@router.post("/jobs/{job_id}/exports")
+def create_export(
+    request: Request,
+    team: SignedInTeam,
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    format: Annotated[str, Form()] = "",
+    dtype: Annotated[str, Form()] = "",
+    quantization: Annotated[str, Form()] = "",
+    base_weights: Annotated[str, Form()] = "",
+    checkpoint: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    """The export forms: queue the export as POST /v1/fine_tuning/jobs/{id}/exports does
+    and go back to the job page; a refused request is that page again with the reason."""
+    if not auth.csrf_ok(request, csrf):
+        return redirect(request, f"/jobs/{job_id}?notice=bad_csrf")
+    job = team_job(job_id, team, session)  # another team's job: the 404 page
+    body = export_request(format, dtype, quantization, base_weights, checkpoint)
+    if isinstance(body, str):
+        return _job_page(request, team, job, session, settings, status_code=400, export_error=body)
+    try:
+        exports_service.create_export(session, settings, team, job.id, body)
+    except APIError as exc:
+        session.rollback()  # what the refused request held (the team's lock) goes
+        job = team_job(job_id, team, session)
+        return _job_page(
+            request,
+            team,
+            job,
+            session,
+            settings,
+            status_code=exc.status_code,
+            export_error=exc.message,
+            checkpoint=checkpoint or None,
+        )
+    return redirect(request, f"/jobs/{job_id}?notice=export_created#exports")
+
+
+@router.post("/jobs/{job_id}/exports/{export_id}/cancel")
+def cancel_export(
+    request: Request,
+    team: SignedInTeam,
+    job_id: JobId,
+    export_id: str,
+    session: SessionDep,
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    if not auth.csrf_ok(request, csrf):
+        return redirect(request, f"/jobs/{job_id}?notice=bad_csrf")
+    try:
+        exports_service.cancel_export(session, team, job_id, export_id)
+    except Conflict:
+        return redirect(request, f"/jobs/{job_id}?notice=export_not_cancellable#exports")
+    except APIError:
+        raise _export_not_found(team, job_id, export_id) from None
+    return redirect(request, f"/jobs/{job_id}?notice=export_cancelled#exports")
+
+
+@router.get("/jobs/{job_id}/exports/{export_id}/files/{file_id}")
+def export_file(
+    team: SignedInTeam,
+    job: TeamJob,
+    export_id: str,
+    file_id: str,
+    session: SessionDep,
+    store: StoreDep,
+) -> Response:
+    """One file of one of the job's exports (a safetensors shard, config.json, the .gguf,
+    the Modelfile), streamed from object storage: the team's export's file only."""
+    try:
+        export = exports_service.get_export(session, team, job.id, export_id)
+        if file_id not in (export.result_files or []):
+            raise PageNotFound(team, f"Export {export_id} has no file {file_id}.")
+        record = files_service.get_file(session, team, file_id)  # the team-prefix check
+    except APIError:
+        raise _export_not_found(team, job.id, export_id) from None
+    return file_response(
+        record, store, **{"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    )
+
+
+def _export_not_found(team: Team, job_id: str, export_id: str) -> PageNotFound:
+    return PageNotFound(team, f"Job {job_id} of team {team.name} has no export {export_id}.")
 
 
 # --- the pool and usage ---------------------------------------------------------------
