@@ -4,9 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEVICE ?= cpu
 
+# llama.cpp's GGUF converter (worker/export/gguf.py): convert_hf_to_gguf.py and its conversion/
+# and gguf-py/ packages, taken from the source distribution of the llama-cpp-python that
+# pyproject.toml pins (pip builds the package itself from that sdist: minutes on a fresh
+# machine, then pip's wheel cache) and extracted once into the venv, where app.config's
+# llama_cpp_dir looks. A new pin names a new stamp, so the next `make install` extracts again.
+LLAMA_CPP_PYTHON := $(shell sed -n 's/^ *"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+LLAMA_CPP_DIR := $(VENV)/share/llama.cpp
+LLAMA_CPP_STAMP := $(LLAMA_CPP_DIR)/.llama-cpp-python-$(LLAMA_CPP_PYTHON)
+
 .PHONY: install demo test test-fast bench bench-service bench-load lint serve worker clean system-deps python-venv
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(LLAMA_CPP_STAMP)
 
 # torch is pinned to the CPU build here; Dockerfile.gpu installs the CUDA build.
 $(VENV)/.installed: pyproject.toml | python-venv
@@ -15,6 +24,20 @@ $(VENV)/.installed: pyproject.toml | python-venv
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[worker,dev]'
 	touch $@
+
+# The converter, extracted as described above (LLAMA_CPP_DIR).
+$(LLAMA_CPP_STAMP): | $(VENV)/.installed
+	rm -rf $(LLAMA_CPP_DIR) $(LLAMA_CPP_DIR).partial
+	mkdir -p $(LLAMA_CPP_DIR).partial/sdist
+	$(BIN)/pip download -q --no-deps --no-binary :all: --dest $(LLAMA_CPP_DIR).partial/sdist \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(LLAMA_CPP_DIR).partial/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz \
+		-C $(LLAMA_CPP_DIR).partial --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+		'*/vendor/llama.cpp/gguf-py/*'
+	rm -rf $(LLAMA_CPP_DIR).partial/sdist
+	touch $(LLAMA_CPP_DIR).partial/$(notdir $@)
+	mv $(LLAMA_CPP_DIR).partial $(LLAMA_CPP_DIR)
 
 demo: install
 	$(BIN)/lathe demo
