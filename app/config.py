@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     # merge streams on the CPU), and the size of the merged folder's safetensors shards,
     # which bounds the worker's memory during a merge.
     export_gpu_class: str | None = None
-    export_shard_bytes: int = Field(default=2 * 1024**3, ge=1024**2)
+    export_shard_bytes: int = Field(default=2 * 1024**3, ge=64 * 1024)
 
     # --- Base models from object storage (an s3:// `path` in base_models) ---
     # Each worker host downloads such a model once into this directory (unset:

@@ -19,7 +19,7 @@ from app.compat import tarfile  # filter="data" on Python 3.11.2 too
 from app.config import Settings
 from app.db import retry_db
 from app.domain.hyperparameters import DEFAULT_BETA
-from app.domain.jobs import JobStatus
+from app.domain.jobs import JobKind, JobStatus
 from app.models import Checkpoint, File, Job
 from app.services import lifecycle
 from app.services.events import add_event
@@ -45,15 +45,18 @@ log = logging.getLogger(__name__)
 def train_or_fail(
     job_id: str, settings: Settings, sessions: sessionmaker[Session], attempt: int | None = None
 ) -> str:
-    """Train and publish a claimed job; any error fails it with the cause."""
+    """Train and publish a claimed job, or write out a claimed export
+    (worker.job_export); any error fails it with the cause."""
     with sessions() as session:
-        worker, current = session.execute(
-            select(Job.worker, Job.attempt).where(Job.id == job_id)
+        worker, current, kind = session.execute(
+            select(Job.worker, Job.attempt, Job.kind).where(Job.id == job_id)
         ).one()
     if attempt is not None and attempt != current:
         return STALE  # re-claimed by another attempt before this process started
     fence = lifecycle.run_fence(worker, current)
     store = open_store(settings.resolved_storage_url, settings.s3_endpoint_url)
+    if kind == JobKind.EXPORT:
+        return _export_or_fail(job_id, settings, sessions, store, fence)
     try:
         return _train_and_publish(job_id, settings, sessions, store, fence)
     except TrainingDataError as exc:  # the data, not the worker: say what to change
@@ -71,14 +74,49 @@ def train_or_fail(
         return JobStatus.FAILED
 
 
+def _export_or_fail(
+    job_id: str,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    store: ObjectStore,
+    fence: tuple,
+) -> str:
+    from worker.export.adapter_weights import AdapterMergeError
+    from worker.export.gguf import GgufUnsupported
+    from worker.job_export import export_and_publish
+
+    try:
+        return export_and_publish(job_id, settings, sessions, store, fence)
+    except GgufUnsupported as exc:  # the model, not the worker: say so
+        code, message = "unsupported_export_for_model", str(exc)
+    except AdapterMergeError as exc:
+        code, message = "adapter_mismatch", str(exc)
+    except BaseModelUnavailable as exc:
+        code, message = "base_model_unavailable", str(exc)
+    except ParentModelUnavailable as exc:
+        code, message = "adapter_unavailable", str(exc)
+    except Exception as exc:
+        log.exception("export %s failed", job_id)
+        code, message = "export_failed", f"{type(exc).__name__}: {exc}"
+    fail_run(sessions, job_id, code, message, fence, what="Export")
+    return JobStatus.FAILED
+
+
 @retry_db
 def fail_run(
-    sessions: sessionmaker[Session], job_id: str, code: str, message: str, fence: tuple
+    sessions: sessionmaker[Session],
+    job_id: str,
+    code: str,
+    message: str,
+    fence: tuple,
+    what: str = "Training",
 ) -> None:
     """Fail the run's job with `code` and `message`, unless it no longer holds the job."""
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id))
-        lifecycle.fail(session, job, code, message[:1000], fence=fence)
+        lifecycle.fail(
+            session, job, code, message[:1000], fence=fence, event=f"{what} failed: {message}"
+        )
         session.commit()
 
 

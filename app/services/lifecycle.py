@@ -18,7 +18,7 @@ from typing import Literal
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.domain.jobs import JobStatus, sources_of
+from app.domain.jobs import JobKind, JobStatus, sources_of
 from app.models import File, Job, Worker, now
 from app.services.events import add_event
 from app.services.usage import record_gpu_seconds
@@ -112,11 +112,12 @@ def claim(session: Session, job: Job, *, worker: str, token: int | None) -> bool
     still the job's (None: any); the worker's registry row shows the job. False when the
     job was cancelled or paused meanwhile, or the task is a stale or duplicate delivery."""
     token_fence = () if token is None else (Job.dispatch_token == token,)
+    what = "Export" if job.kind == JobKind.EXPORT else "Fine-tuning job"
     claimed = transition(
         session,
         job,
         JobStatus.RUNNING,
-        f"Fine-tuning job started on worker {worker}",
+        f"{what} started on worker {worker}",
         fence=(Job.status == JobStatus.QUEUED.value, *token_fence),
         worker=worker,
         attempt=job.attempt + 1,
@@ -238,6 +239,22 @@ def succeed(
         fence=fence,
         fine_tuned_model=model_name,
         trained_tokens=trained_tokens,
+        result_files=result_files,
+        finished_at=now(),
+        estimated_finish=None,
+    )
+
+
+def finish_export(
+    session: Session, job: Job, *, result_files: list[str], message: str, fence: tuple = ()
+) -> bool:
+    """running -> succeeded for an export: its files; it names no model of its own."""
+    return transition(
+        session,
+        job,
+        JobStatus.SUCCEEDED,
+        message,
+        fence=fence,
         result_files=result_files,
         finished_at=now(),
         estimated_finish=None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,16 @@ from safetensors import safe_open
 from worker.export.adapter_weights import AdapterMergeError, LoraAdapter
 from worker.export.merge_plan import plan_merge
 from worker.export.shard_writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
+from worker.export.stopping import ExportStopped
 from worker.export.trained_quantization import TrainedQuantization
 from worker.training.data import load_tokenizer
 
 BASE_WEIGHTS = ("nf4", "original")
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GENERATION_CONFIG = "generation_config.json"
+# A SentencePiece vocabulary's own model: transformers 5 saves only tokenizer.json, and
+# llama.cpp's converter needs this file for the pieces' scores (worker/export/gguf.py).
+SENTENCEPIECE_MODEL = "tokenizer.model"
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,16 @@ def merge_adapter(
     chat_template: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     device: str = "cpu",
+    should_stop: Callable[[], bool] | None = None,
 ) -> MergeResult:
     """Write `base_dir` + `adapter_dir` merged into `out_dir` (absent or empty).
 
     `quant` is how the job quantized the base (TrainedQuantization.from_spec(job's
     QuantSpec)); `chat_template` the one the job trained with when it was not the
     tokenizer's own. `device` is where the arithmetic runs ("cuda" is faster for big
-    models; the result is written from the CPU either way).
+    models; the result is written from the CPU either way). `should_stop` is asked before
+    each tensor: True raises ExportStopped, leaving `out_dir` partly written (the caller's
+    temporary folder).
     """
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
@@ -85,6 +93,8 @@ def merge_adapter(
                 name = plan.sources[key][0]
                 if name in adapter.full:  # trained in full: the adapter's copy wins
                     continue
+                if should_stop is not None and should_stop():
+                    raise ExportStopped("the merge was stopped")
                 # One tensor at a time, the file opened for it alone: a mapped shard's
                 # pages would otherwise stay resident (and counted) until it is closed.
                 with safe_open(base_dir / shard, framework="pt") as f:
@@ -122,7 +132,8 @@ def write_metadata(
     base_dir: Path, out_dir: Path, config, dtype: str, chat_template: str | None
 ) -> None:
     """config.json (in the merged dtype, without any quantization), the tokenizer the job
-    trained with (its chat template, a pad token), the base's generation config."""
+    trained with (its chat template, a pad token; a SentencePiece model file as the base
+    has it), the base's generation config."""
     tokenizer = load_tokenizer(base_dir, chat_template)
     config.dtype = OUTPUT_DTYPES[dtype]
     classifier = config.architectures[0].endswith("ForSequenceClassification")
@@ -131,8 +142,9 @@ def write_metadata(
         config.pad_token_id = tokenizer.pad_token_id
     config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    if (base_dir / GENERATION_CONFIG).is_file():
-        shutil.copyfile(base_dir / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
+    for name in (GENERATION_CONFIG, SENTENCEPIECE_MODEL):
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, out_dir / name)
 
 
 __all__ = ["BASE_WEIGHTS", "AdapterMergeError", "MergeResult", "merge_adapter"]
