@@ -43,6 +43,27 @@ FULL_ACTIVATION_FACTOR = 34
 bytes per hidden value in bf16 (Korthikanti et al., 2022, with the MLP at ~2.7x hidden and
 without the attention scores, which SDPA does not keep)."""
 
+SDPA_MASK_BYTES = 3
+"""Bytes per query-key pair of a materialised attention mask: a packed row (or a padded
+batch) under SDPA gets a boolean 4D mask (1 byte), which the kernel takes as an additive
+bias in the compute dtype (2 bytes). Quadratic in the row's length; flash-attention and
+flex attention take the sequence boundaries instead and need none."""
+
+EAGER_SCORE_BYTES = 6
+"""Bytes per query-key pair and head of eager attention: the fp32 scores (4) and the bf16
+probabilities kept for the backward pass (2), in every layer unless checkpointed."""
+
+HEAD_DIM = 128
+"""The usual attention head size (Llama, Mistral, Qwen): heads = hidden / 128."""
+
+FUSED_LOSS_CHUNK_FACTOR = 8
+"""Bytes per token and hidden value of a fused linear cross-entropy (Liger): the logits are
+computed chunk by chunk and never held for the whole batch; what remains is about an fp32
+hidden-sized gradient and chunk per token (4 + 4)."""
+
+VARLEN_ATTENTION = frozenset({"flash_attention_2", "flex_attention"})
+"""Attention implementations that take packed rows' boundaries and build no quadratic mask."""
+
 
 def adapted_matrices(target_modules: list[str], kind: ModelKind | str = ModelKind.CAUSAL) -> int:
     """How many weight matrices per layer get an adapter: named modules one each (a name
@@ -136,6 +157,10 @@ def estimate_memory_gb(
     gradient_checkpointing: bool = True,
     overhead_gb: float = 0.5,
     classification: bool = False,
+    micro_batch_tokens: int | None = None,
+    packed: bool = False,
+    attention: str = "sdpa",
+    fused_loss: bool = False,
 ) -> MemoryEstimate:
     """Peak GPU memory for QLoRA training of `shape`, term by term.
 
@@ -145,6 +170,14 @@ def estimate_memory_gb(
     absorbs that. A classifier (`classification`) computes a few class scores instead of
     the vocabulary's logits, and trains its head in full: a hidden x hidden layer (BERT's
     pooler, RoBERTa's dense) and the small output layer, counted as one hidden².
+
+    Activations are those of one micro-batch: `micro_batch_tokens` tokens (training.
+    micro_batch_tokens; at least one seq_len example, at most the whole batch), or without
+    it the whole batch of batch_size x seq_len. A `packed` micro-batch is one row of all its
+    tokens, padded ones are rows of seq_len: under "sdpa" or "eager" `attention` either
+    costs a mask (and eager its scores) quadratic in the row's length; "flash_attention_2"
+    and "flex_attention" cost none. `fused_loss` (Liger's fused linear cross-entropy) never
+    holds the vocabulary's logits.
     """
     for name, value in (
         ("lora_r", lora_r),
@@ -162,19 +195,96 @@ def estimate_memory_gb(
     head_params = shape.hidden_size**2 if classification else 0
     lora_bytes = (lora_params + head_params) * LORA_BYTES_PER_PARAM
 
-    tokens = batch_size * seq_len
+    if micro_batch_tokens is not None and micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+    tokens = micro_tokens(batch_size, seq_len, micro_batch_tokens)
     factor = CHECKPOINTED_ACTIVATION_FACTOR if gradient_checkpointing else FULL_ACTIVATION_FACTOR
     layer_bytes = tokens * shape.hidden_size * shape.num_layers * factor
     # Logits are upcast to fp32 for the loss, and their gradient is the same size. A
     # classifier's few class scores per example are too small to count.
-    logits_bytes = 0 if classification else tokens * shape.vocab_size * 4 * 2
+    # Liger's fused loss holds a chunk of them at a time: about an fp32 hidden per token.
+    if classification:
+        logits_bytes = 0
+    elif fused_loss:
+        logits_bytes = tokens * shape.hidden_size * FUSED_LOSS_CHUNK_FACTOR
+    else:
+        logits_bytes = tokens * shape.vocab_size * 4 * 2
+    attention_bytes = attention_mask_bytes(
+        shape,
+        tokens=tokens,
+        row_length=tokens if packed else seq_len,
+        attention=attention,
+        gradient_checkpointing=gradient_checkpointing,
+    )
 
     return MemoryEstimate(
         base_weights_gb=base_bytes / GB,
         lora_gb=lora_bytes / GB,
-        activations_gb=(layer_bytes + logits_bytes) / GB,
+        activations_gb=(layer_bytes + logits_bytes + attention_bytes) / GB,
         overhead_gb=overhead_gb,
     )
+
+
+def micro_tokens(batch_size: int, seq_len: int, micro_batch_tokens: int | None) -> int:
+    """The tokens of one micro-batch: the budget, but never less than one example of seq_len
+    (a micro-batch holds at least one) nor more than the whole batch."""
+    whole = batch_size * seq_len
+    if micro_batch_tokens is None:
+        return whole
+    return min(whole, max(seq_len, micro_batch_tokens))
+
+
+def attention_mask_bytes(
+    shape: ModelShape,
+    *,
+    tokens: int,
+    row_length: int,
+    attention: str,
+    gradient_checkpointing: bool,
+) -> int:
+    """What attention costs beyond the layer activations: nothing for a varlen kernel; a
+    materialised mask per row for SDPA; the scores of every head (and layer, without
+    checkpointing) for eager."""
+    if attention in VARLEN_ATTENTION:
+        return 0
+    rows = max(1, tokens // row_length)
+    pairs = rows * row_length**2
+    if attention == "eager":
+        heads = max(1, shape.hidden_size // HEAD_DIM)
+        layers = 1 if gradient_checkpointing else shape.num_layers
+        return pairs * heads * EAGER_SCORE_BYTES * layers
+    return pairs * SDPA_MASK_BYTES
+
+
+def token_budget(
+    shape: ModelShape,
+    memory_gb: float,
+    *,
+    seq_len: int,
+    batch_size: int,
+    headroom: float = 0.9,
+    **settings,
+) -> int:
+    """The most tokens a micro-batch may hold on a GPU of `memory_gb` (training.
+    micro_batch_tokens "auto" on a GPU): the largest count whose estimate stays within
+    `headroom` of the memory, between one seq_len example and the whole batch. `settings`
+    are estimate_memory_gb's other keywords (lora_r, target_modules, packed, ...)."""
+
+    def fits(tokens: int) -> bool:
+        estimate = estimate_memory_gb(
+            shape, batch_size=batch_size, seq_len=seq_len, micro_batch_tokens=tokens, **settings
+        )
+        return estimate.total_gb <= memory_gb * headroom
+
+    low, high = seq_len, batch_size * seq_len
+    if not fits(low):
+        return low  # one example is the least a micro-batch can hold
+    if fits(high):
+        return high
+    while high - low > 1:  # fits(low) and not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def fitting_classes(needed_gb: float, classes: Mapping[str, float]) -> list[str]:

@@ -10,8 +10,10 @@ from app.domain.memory import (
     adapted_matrices,
     estimate_memory_gb,
     fitting_classes,
+    micro_tokens,
     parameters_from_shape,
     shape_from_parameters,
+    token_budget,
 )
 
 SEVEN_B = shape_from_parameters(7_000_000_000)
@@ -123,3 +125,74 @@ def test_parameters_from_a_config_shape_match_the_known_models() -> None:
         "causal", hidden_size=4096, num_layers=32, vocab_size=32000, intermediate_size=11008
     )
     assert 6.5e9 <= llama <= 7e9  # Llama 2 7B: 6.74B
+
+
+# --- the GPU levers (training.micro_batch_tokens, attention, liger) ----------------------
+
+LLAMA_8B = ModelShape(
+    parameters=8_000_000_000,
+    hidden_size=4096,
+    num_layers=32,
+    vocab_size=128256,
+    intermediate_size=14336,
+)
+LEVER_SETTINGS = {"lora_r": 16, "target_modules": 7, "batch_size": 16, "seq_len": 2048}
+
+
+def levers(**overrides) -> float:
+    return estimate_memory_gb(LLAMA_8B, **(LEVER_SETTINGS | overrides)).activations_gb
+
+
+@pytest.mark.parametrize(
+    ("budget", "tokens"),
+    [
+        (None, 16 * 2048),  # no budget: the whole batch at once
+        (8192, 8192),
+        (100, 2048),  # a micro-batch holds at least one example
+        (10**7, 16 * 2048),  # and at most the batch
+    ],
+)
+def test_micro_batch_tokens_size_the_activations(budget: int | None, tokens: int) -> None:
+    assert micro_tokens(16, 2048, budget) == tokens
+    per_token = levers(micro_batch_tokens=4096) / 4096
+    assert levers(micro_batch_tokens=budget) == pytest.approx(per_token * tokens, rel=1e-9)
+
+
+def test_fused_loss_drops_the_vocabulary_logits() -> None:
+    tokens = LEVER_SETTINGS["batch_size"] * LEVER_SETTINGS["seq_len"]
+    saved = (levers() - levers(fused_loss=True)) * 1024**3
+    # fp32 logits and their gradient over 128k entries, less a hidden-sized chunk per token.
+    assert saved == pytest.approx(tokens * (128256 * 8 - 4096 * 8), rel=1e-9)
+    assert levers(fused_loss=True) < levers() / 2
+
+
+def test_a_packed_row_under_sdpa_costs_a_quadratic_mask_and_varlen_kernels_none() -> None:
+    row = 16 * 2048
+    plain = levers(packed=True, attention="flash_attention_2")
+    assert levers(packed=True, attention="flex_attention") == plain
+    sdpa = levers(packed=True, attention="sdpa") - plain
+    assert sdpa * 1024**3 == pytest.approx(3 * row**2)
+    # Padded rows of seq_len under SDPA: one mask per row, 16 x 2048², far less.
+    padded = levers(attention="sdpa") - levers(attention="flex_attention")
+    assert padded * 1024**3 == pytest.approx(3 * 16 * 2048**2)
+    # Eager keeps the scores of its 32 heads (4096 / 128); one layer at a time when checkpointed.
+    eager = levers(packed=True, attention="eager", gradient_checkpointing=True) - plain
+    assert eager * 1024**3 == pytest.approx(6 * 32 * row**2)
+
+
+def test_token_budget_is_the_largest_micro_batch_that_fits() -> None:
+    settings = {"lora_r": 16, "target_modules": 7, "packed": True, "attention": "flex_attention"}
+    budget = token_budget(LLAMA_8B, 80, seq_len=2048, batch_size=256, **settings)
+
+    def total(tokens: int) -> float:
+        return estimate_memory_gb(
+            LLAMA_8B, batch_size=256, seq_len=2048, micro_batch_tokens=tokens, **settings
+        ).total_gb
+
+    assert 2048 < budget < 256 * 2048
+    assert total(budget) <= 0.9 * 80 < total(budget + 1)
+    fused = token_budget(LLAMA_8B, 80, seq_len=2048, batch_size=256, fused_loss=True, **settings)
+    assert fused > 2 * budget, "without the logits far more tokens fit"
+    # Bounded by one example and by the whole batch.
+    assert token_budget(LLAMA_8B, 6, seq_len=2048, batch_size=256, **settings) == 2048
+    assert token_budget(LLAMA_8B, 1000, seq_len=2048, batch_size=4, **settings) == 4 * 2048
