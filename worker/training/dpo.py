@@ -106,7 +106,10 @@ def run_dpo(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     # A micro-batch of m pairs is 2m sequences (chosen, then rejected) padded to the longest:
     # m is sized so that they hold about max_seq_length tokens, the packed supervised
     # path's budget, so a DPO step needs about the activation memory of an SFT step.
-    micro = micro_batch_size(spec.batch_size, 2 * typical_pair_length(train.examples), max_length)
+    # An explicit training.micro_batch_tokens replaces that budget ("auto" keeps it).
+    budget = spec.options.micro_batch_tokens
+    budget = max_length if budget == "auto" else int(budget)
+    micro = micro_batch_size(spec.batch_size, 2 * typical_pair_length(train.examples), budget)
     args = DPOConfig(
         **trainer_arguments(
             spec,

@@ -12,8 +12,10 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments, set_seed
 
+from app.domain.architectures import kind_from_config
 from app.domain.classification import report_summary
 from app.domain.datasets import DatasetFormat
+from app.domain.memory import adapted_matrices
 from worker.training.callbacks import HooksCallback
 from worker.training.data import (
     TokenizedFile,
@@ -26,6 +28,13 @@ from worker.training.data import (
     typical_length,
 )
 from worker.training.dpo import run_dpo
+from worker.training.levers import (
+    model_shape,
+    resolve_attention,
+    resolve_liger,
+    resolve_micro_batch_tokens,
+    transformers_globals_kept,
+)
 from worker.training.qlora_model import (
     add_lora,
     check_model_trains_format,
@@ -56,6 +65,11 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         return run_dpo(spec, hooks)
     if spec.method != SUPERVISED:
         raise ValueError(f"unknown training method {spec.method!r}")
+    with transformers_globals_kept():  # Liger's module-wide patches end with the run
+        return run_supervised(spec, hooks)
+
+
+def run_supervised(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     device = resolve_device(spec.device)
     options = spec.options
     classification = spec.data_format == DatasetFormat.CLASSIFICATION
@@ -95,8 +109,12 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     valid = tokenized(spec.valid_file) if spec.valid_file is not None else None
     report_tokens(report, train, valid, max_seq_length, **({"classes": classes} if classes else {}))
 
-    # 2. Model: frozen 4-bit base, trainable LoRA adapters.
-    base = load_base(spec, device, hooks, classes)
+    # 2. Model: frozen 4-bit base, trainable LoRA adapters; the GPU levers resolved.
+    attention = resolve_attention(options.attention, device, packed=packing)
+    liger = resolve_liger(
+        options.liger, device, model_config.get("model_type"), causal_lm=not classification
+    )
+    base = load_base(spec, device, hooks, classes, attention=attention, liger=liger)
     if classes is not None:
         # A decoder's head reads each row's last token, found by the pad token.
         base.model.config.pad_token_id = tokenizer.pad_token_id
@@ -113,13 +131,35 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
 
     # 3. Train, or go on training from a checkpoint of an earlier run.
     validating = valid is not None
-    # A packed row's attention is quadratic in its length (SDPA builds a block-diagonal mask
-    # over the whole row), so a batch is trained as micro-batches of about max_seq_length
-    # tokens with gradient accumulation: the same optimizer steps and loss (the Trainer
-    # normalises over the whole accumulated batch), bounded activation memory.
-    micro = micro_batch_size(spec.batch_size, typical_length(train.examples), max_seq_length)
-    if not packing:
-        micro = spec.batch_size
+    # A batch is trained as micro-batches of at most micro_batch_tokens tokens with gradient
+    # accumulation: the same optimizer steps and loss (the Trainer normalises over the whole
+    # accumulated batch's trained tokens), bounded activation memory. "auto" sizes them from
+    # the memory estimate on a GPU; on the CPU a packed one holds about max_seq_length tokens
+    # (SDPA's block-diagonal mask is quadratic in a packed row's length) and a padded batch
+    # is trained whole.
+    checkpointing = options.gradient_checkpointing
+    budget = resolve_micro_batch_tokens(
+        options.micro_batch_tokens,
+        device,
+        max_seq_length=max_seq_length,
+        batch_size=spec.batch_size,
+        packed=packing,
+        shape=model_shape(model_config),
+        lora_r=spec.lora.r,
+        target_modules=adapted_matrices(
+            list(spec.lora.target_modules), kind_from_config(model_config)
+        ),
+        double_quant=spec.quant.double_quant,
+        gradient_checkpointing=device == "cuda" if checkpointing is None else checkpointing,
+        classification=classification,
+        attention=attention,
+        fused_loss=liger,
+    )
+    micro = (
+        spec.batch_size
+        if budget is None
+        else micro_batch_size(spec.batch_size, typical_length(train.examples), budget)
+    )
     args = TrainingArguments(
         **trainer_arguments(
             spec,
@@ -145,7 +185,7 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             tokenizer,
             packing=packing,
             classification=classification,
-            flash=options.attention == "flash_attention_2",
+            flash=attention == "flash_attention_2",
         ),
         train_dataset=train.examples,
         eval_dataset=valid.examples if valid is not None else None,
@@ -154,7 +194,14 @@ def run_training(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         compute_metrics=compute_metrics if validating else None,
         preprocess_logits_for_metrics=predicted_ids if validating else None,
     )
-    train_and_measure(trainer, callback, spec, device, report)
+    levers = {
+        "attention": attention,
+        "liger": liger,
+        "micro_batch_tokens": budget,
+        "micro_batch": micro,
+        "gradient_accumulation_steps": spec.batch_size // micro,
+    }
+    train_and_measure(trainer, callback, spec, device, report, levers)
     stopped = callback.stop_reason is not None
     final_report = None
     if class_metrics is not None and class_metrics.last_report is not None and not stopped:

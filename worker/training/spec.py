@@ -46,7 +46,16 @@ class TrainingOptions:
     packing: bool = True  # padding-free batches (causal LM only)
     gradient_checkpointing: bool | None = None  # None: on a GPU yes, on the CPU no
     optimizer: str = "auto"  # auto: paged_adamw_8bit on a GPU, adamw_torch on the CPU
-    attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # auto: on a GPU with packed rows flash_attention_2 where installed, else flex_attention
+    # (no quadratic mask); sdpa otherwise (worker.training.levers.resolve_attention).
+    attention: str = "auto"  # auto | sdpa | eager | flash_attention_2 | flex_attention
+    # Liger's Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); auto: on a
+    # GPU for the model types Liger covers, never on the CPU.
+    liger: bool | str = "auto"
+    # Tokens one micro-batch may hold (a batch is trained as micro-batches with gradient
+    # accumulation); auto: on a GPU the most the memory estimate fits, on the CPU about
+    # max_seq_length packed (a padded batch whole).
+    micro_batch_tokens: int | str = "auto"
     eval_steps: int | None = None  # None: about ten evaluations over the run
     sample_max_new_tokens: int = 64  # generation sample at the end of a chat job; 0: none
 

@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
 
 from worker.training.callbacks import HooksCallback
+from worker.training.levers import apply_liger, resolve_attention
 from worker.training.qlora_model import (
     QuantizedBase,
     load_base_for_training,
@@ -89,9 +90,15 @@ def trainer_arguments(
 
 
 def train_and_measure(
-    trainer: Trainer, callback: HooksCallback, spec: TrainingSpec, device: str, report: Reporter
+    trainer: Trainer,
+    callback: HooksCallback,
+    spec: TrainingSpec,
+    device: str,
+    report: Reporter,
+    levers: dict | None = None,
 ) -> None:
-    """Train (from spec.resume_from when set) and report this run's throughput."""
+    """Train (from spec.resume_from when set) and report this run's throughput, with the
+    levers it ran with (attention, liger, micro-batch sizing) beside the figures."""
     # With tqdm off the Trainer prints every log dict instead; the hooks are our log.
     trainer.remove_callback(PrinterCallback)
     # Resuming loads the adapter weights into the LoRA model (PeftModel.load_adapter), the
@@ -104,7 +111,7 @@ def train_and_measure(
     trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_begin
-    stats = throughput(tokens, seconds, device)
+    stats = {**throughput(tokens, seconds, device), **(levers or {})}
     report("throughput", throughput_summary(stats), stats)
 
 
@@ -118,19 +125,33 @@ def report_tokens(report: Reporter, train, valid, max_length: int, **extra) -> N
 
 
 def load_base(
-    spec: TrainingSpec, device: str, hooks: TrainingHooks, classes: list[str] | None = None
+    spec: TrainingSpec,
+    device: str,
+    hooks: TrainingHooks,
+    classes: list[str] | None = None,
+    *,
+    attention: str | None = None,
+    liger: bool = False,
 ) -> QuantizedBase:
-    """The frozen 4-bit base with the job's attention and checkpointing options."""
-    hooks.on_message(f"Loading base model in 4-bit on {device}")
-    return load_base_for_training(
+    """The frozen 4-bit base with the job's attention and checkpointing options, and
+    Liger's kernels when `liger` (resolved by the caller: worker.training.levers).
+    `attention` is the resolved implementation; None: the option's, packed rows unknown."""
+    if attention is None:
+        attention = resolve_attention(spec.options.attention, device, packed=False)
+    hooks.on_message(f"Loading base model in 4-bit on {device} ({attention} attention)")
+    base = load_base_for_training(
         spec.base_model_path,
         spec.quant,
         device,
-        attention=spec.options.attention,
+        attention=attention,
         gradient_checkpointing=spec.options.gradient_checkpointing,
         classes=classes,
         on_message=hooks.on_message,
     )
+    if liger:
+        apply_liger(base.model)
+        hooks.on_message("Liger kernels on: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE")
+    return base
 
 
 def report_parameters(model: PeftModel, report: Reporter) -> None:
