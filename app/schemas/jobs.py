@@ -90,7 +90,18 @@ class TrainingIn(Strict):
     optimizer: Literal[
         "auto", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"
     ] = "auto"
-    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # auto: on a GPU with packing, a kernel that takes packed rows' boundaries and builds no
+    # quadratic mask (flash_attention_2 where installed, else PyTorch's flex_attention);
+    # sdpa otherwise. Provisional until the GPU check measures it (docs/training.md).
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    # Liger's Triton kernels: fused linear cross-entropy (a vocabulary's logits are never
+    # held whole), RMSNorm, SwiGLU, RoPE. auto: on a GPU for supervised causal LMs of the
+    # types Liger covers; true needs a GPU. Provisional until measured.
+    liger: bool | Auto = "auto"
+    # Tokens one micro-batch may hold (a batch is trained as micro-batches with gradient
+    # accumulation: same steps, same loss). auto: on a GPU the most the memory estimate fits
+    # on it; on the CPU about max_seq_length when packed, a padded batch whole.
+    micro_batch_tokens: Annotated[int, Field(ge=1, le=4_194_304)] | Auto = "auto"
     # Evaluate the validation file every this many steps (and at every epoch end);
     # None: about ten times over the run.
     eval_steps: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
