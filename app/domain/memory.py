@@ -287,6 +287,25 @@ def token_budget(
     return low
 
 
+def lever_settings(training: Mapping[str, object], *, classification: bool = False) -> dict:
+    """estimate_memory_gb's keywords for a job's stored training options (TrainingIn), as a
+    GPU runs them, erring large: "auto" attention on packed rows is a varlen kernel (flash
+    or flex: no mask either way); "auto" Liger may not apply (a model type it lacks), so
+    only `true` drops the logits; an "auto" micro-batch is counted as the whole batch, the
+    most a GPU that fits it will hold, a given one as given."""
+    packed = training.get("packing", True) is not False and not classification
+    attention = str(training.get("attention", "sdpa"))
+    if attention == "auto":
+        attention = "flex_attention" if packed else "sdpa"
+    budget = training.get("micro_batch_tokens", "auto")
+    return {
+        "packed": packed,
+        "attention": attention,
+        "fused_loss": training.get("liger") is True and not classification,
+        "micro_batch_tokens": budget if isinstance(budget, int) else None,
+    }
+
+
 def fitting_classes(needed_gb: float, classes: Mapping[str, float]) -> list[str]:
     """GPU class names with at least `needed_gb` of memory, smallest first (ties by name).
 

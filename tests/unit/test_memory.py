@@ -10,6 +10,7 @@ from app.domain.memory import (
     adapted_matrices,
     estimate_memory_gb,
     fitting_classes,
+    lever_settings,
     micro_tokens,
     parameters_from_shape,
     shape_from_parameters,
@@ -196,3 +197,32 @@ def test_token_budget_is_the_largest_micro_batch_that_fits() -> None:
     # Bounded by one example and by the whole batch.
     assert token_budget(LLAMA_8B, 6, seq_len=2048, batch_size=256, **settings) == 2048
     assert token_budget(LLAMA_8B, 1000, seq_len=2048, batch_size=4, **settings) == 4 * 2048
+
+
+def test_lever_settings_read_a_jobs_training_options_erring_large() -> None:
+    defaults = {"packing": True, "attention": "auto", "liger": "auto", "micro_batch_tokens": "auto"}
+    assert lever_settings(defaults) == {
+        "packed": True,
+        "attention": "flex_attention",  # flash or flex on a GPU: no quadratic mask either way
+        "fused_loss": False,  # auto may not apply to the model: the logits are counted
+        "micro_batch_tokens": None,  # auto: the whole batch, if the GPU holds it
+    }
+    chosen = defaults | {"attention": "sdpa", "liger": True, "micro_batch_tokens": 4096}
+    assert lever_settings(chosen) == {
+        "packed": True,
+        "attention": "sdpa",
+        "fused_loss": True,
+        "micro_batch_tokens": 4096,
+    }
+    padded = lever_settings(defaults | {"packing": False})
+    assert padded["attention"] == "sdpa" and not padded["packed"]
+    classifier = lever_settings(defaults | {"liger": True}, classification=True)
+    assert not classifier["packed"] and not classifier["fused_loss"]
+    assert lever_settings({}) == {
+        "packed": True,
+        "attention": "sdpa",  # a job stored before the option kept its default
+        "fused_loss": False,
+        "micro_batch_tokens": None,
+    }
+    # The keywords go straight into the estimate.
+    estimate_memory_gb(LLAMA_8B, **LEVER_SETTINGS, **lever_settings(chosen))
