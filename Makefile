@@ -57,6 +57,14 @@ bench: install
 	$(BIN)/python -m bench.dpo --device $(DEVICE) $(BENCH_ARGS)
 	$(BIN)/python -m bench.merge
 
+# The prepared GPU check (docs/gpu.md): the wheels the GPU image lacks into .whl/ with the
+# 64 MiB size check, then the same script's dry run here on the CPU. On the GPU machine,
+# with .whl carried: bash bench/gpu_check.sh (results in $OUT).
+.PHONY: gpu-check
+gpu-check: install
+	bash bench/gpu_wheels.sh
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh --dry-run
+
 # The service's benchmarks (bench/run.py): demo job, API latency, upload, GPU pool.
 bench-service: install
 	$(BIN)/python -m bench.run --device $(DEVICE)

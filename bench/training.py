@@ -142,7 +142,7 @@ def train_lathe(config: dict, output_dir: Path, mark: Marks, **fields) -> dict:
         n_epochs=config["epochs"],
         batch_size=EFFECTIVE_BATCH,
         learning_rate=config["learning_rate"],
-        max_seq_length=MAX_SEQ_LENGTH,
+        max_seq_length=config.get("max_seq_length", MAX_SEQ_LENGTH),
         seed=config["seed"],
         device=config["device"],
         **fields,
@@ -159,7 +159,8 @@ def train_lathe(config: dict, output_dir: Path, mark: Marks, **fields) -> dict:
 
 
 def run_lathe(config: dict, output_dir: Path, mark: Marks) -> dict:
-    return train_lathe(config, output_dir, mark, data_format="chat", train_file=TRAIN_FILE)
+    train_file = Path(config.get("train_file", TRAIN_FILE))
+    return train_lathe(config, output_dir, mark, data_format="chat", train_file=train_file)
 
 
 def run_recipe(config: dict, output_dir: Path, mark: Marks) -> dict:
@@ -169,7 +170,7 @@ def run_recipe(config: dict, output_dir: Path, mark: Marks) -> dict:
     return train_recipe(
         model_path=Path(config["model_path"]),
         chat_template=config["chat_template"],
-        train_file=TRAIN_FILE,
+        train_file=Path(config.get("train_file", TRAIN_FILE)),
         output_dir=output_dir,
         device=config["device"],
         n_epochs=config["epochs"],
@@ -187,7 +188,9 @@ def child(side: str, config_path: Path, result_path: Path) -> None:
         run = run_lathe if side == "lathe" else run_recipe
         result = run(config, Path(tmp), mark)
         result.update(mark.figures())
-        result["eval_loss"] = eval_loss(config, Path(result.pop("adapter_dir")))
+        adapter_dir = Path(result.pop("adapter_dir"))
+        if config.get("eval", True):  # bench/gpu_check.py times training alone
+            result["eval_loss"] = eval_loss(config, adapter_dir)
     result_path.write_text(json.dumps(result))
 
 
