@@ -244,6 +244,14 @@ def test_liger_module_wide_patches_end_with_the_run() -> None:
     assert modeling_llama.apply_rotary_pos_emb is original
     assert modeling_llama.LlamaMLP is not object
 
+    # A modeling module first imported during the run is put back too, once apply_liger
+    # has said it patches it (as if it were not loaded on entry).
+    with transformers_globals_kept():
+        levers._kept[-1].pop(modeling_llama.__name__)
+        levers.keep_module(modeling_llama.__name__)
+        modeling_llama.apply_rotary_pos_emb = lambda *args: args
+    assert modeling_llama.apply_rotary_pos_emb is original
+
 
 # --- flex attention: the packed row's document mask ---------------------------------------
 

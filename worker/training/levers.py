@@ -87,6 +87,7 @@ def apply_liger(model: PreTrainedModel) -> None:
     model_type = model.config.model_type
     if model_type not in LIGER_MODEL_TYPES:
         raise ValueError(f"Liger's kernels do not cover model type {model_type!r}")
+    keep_module(type(model).__module__)
     _apply_liger_kernel_to_instance(
         model=model,
         rope=True,
@@ -97,25 +98,42 @@ def apply_liger(model: PreTrainedModel) -> None:
     )
 
 
+# The globals of transformers.models modules to put back, one snapshot per open
+# transformers_globals_kept, by module name.
+_kept: list[dict[str, dict]] = []
+
+
 @contextmanager
 def transformers_globals_kept() -> Iterator[None]:
     """Undo, on exit, what Liger patches module-wide.
 
     Liger's RoPE (and the classes it swaps for models built later) is set on the model's
     modeling module, not the instance: left there, the worker's next job would get Liger's
-    kernels whatever it asked for. Every loaded transformers.models module's globals are
-    put back as they were.
+    kernels whatever it asked for. Every transformers.models module loaded on entry, and
+    any that apply_liger patches after (one first imported during the run), is put back as
+    it was.
     """
-    names = [n for n in sys.modules if n.startswith("transformers.models.")]
-    saved = {n: dict(vars(sys.modules[n])) for n in names}
+    saved = {
+        name: dict(vars(module))
+        for name, module in list(sys.modules.items())
+        if name.startswith("transformers.models.")
+    }
+    _kept.append(saved)
     try:
         yield
     finally:
+        _kept.pop()
         for name, before in saved.items():
             module_vars = vars(sys.modules[name])
             for key, value in before.items():
                 if module_vars.get(key) is not value:
                     module_vars[key] = value
+
+
+def keep_module(name: str) -> None:
+    """Have the open transformers_globals_kept put module `name` back too."""
+    if _kept and name not in _kept[-1]:
+        _kept[-1][name] = dict(vars(sys.modules[name]))
 
 
 def model_shape(config: dict) -> ModelShape | None:
