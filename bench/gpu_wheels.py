@@ -24,6 +24,7 @@ import argparse
 import base64
 import hashlib
 import importlib.metadata
+import json
 import re
 import subprocess
 import sys
@@ -138,6 +139,80 @@ def trim_bitsandbytes(wheel: Path) -> int:
     return before - wheel.stat().st_size
 
 
+IMAGE_PACKAGES = ROOT / "bench" / "gpu_image_packages.txt"
+# What bench/gpu_check.py runs on the device imports these (and tests/gpu).
+GPU_MODULES = (
+    "worker.training.run",
+    "worker.registry",
+    "app.domain.memory",
+    "bench.training",
+    "bench.recipe",
+    "bench.gpu_check",
+    "tests.gpu.test_training_cuda",
+    "tests.gpu.test_packing_cuda",
+    "tests.gpu.test_hardware_cuda",
+    "tests.gpu.test_memory_estimate_cuda",
+)
+# Run in a fresh interpreter: every top-level module that Lathe's own code (app, worker,
+# bench, tests) imports itself, as it imports GPU_MODULES. What those packages import in
+# turn is their own affair: transformers, say, imports wandb only where it is installed.
+_DIRECT_IMPORTS = """
+import builtins, importlib, json, sys
+own = ("app", "worker", "bench", "tests")
+original, found = builtins.__import__, set()
+def spy(name, globals=None, locals=None, fromlist=(), level=0):
+    importer = (globals or {}).get("__name__") or ""
+    if level == 0 and importer.split(".")[0] in own:
+        found.add(name.split(".")[0])
+    return original(name, globals, locals, fromlist, level)
+builtins.__import__ = spy
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+print(json.dumps(sorted(found - set(sys.stdlib_module_names) - set(own))))
+"""
+
+
+def image_packages() -> set[str]:
+    lines = IMAGE_PACKAGES.read_text().splitlines()
+    return {normalise(line) for line in lines if line.strip() and not line.startswith("#")}
+
+
+def uncovered() -> dict[str, str]:
+    """Distributions the GPU path needs that neither the image nor the carried wheels give:
+    {name: what needs it}. Lathe's direct imports, then the requirements of every carried
+    wheel, recursively (an image package's own requirements are the image's affair)."""
+    from packaging.requirements import Requirement
+
+    found = subprocess.run(
+        [sys.executable, "-c", _DIRECT_IMPORTS, *GPU_MODULES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    modules = json.loads(found.stdout.strip().splitlines()[-1])
+    owners = importlib.metadata.packages_distributions()
+    image = image_packages()
+    carried = {normalise(spec.split("==")[0]) for spec in requirements()}
+    queue = [(normalise(owners.get(m, [m])[0]), f"import {m}") for m in modules]
+    missing, seen = {}, set()
+    while queue:
+        name, why = queue.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in image:
+            continue
+        if name not in carried:
+            missing[name] = why
+            continue
+        for line in importlib.metadata.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                queue.append((normalise(requirement.name), f"{name} requires it"))
+    return missing
+
+
 def tree_bytes(root: Path = ROOT) -> int:
     """What travels besides carried paths: tracked and untracked-not-ignored files."""
     listed = subprocess.run(
@@ -172,6 +247,9 @@ def main() -> None:
         for wheel in WHEELS.glob("bitsandbytes-*.whl"):
             saved = trim_bitsandbytes(wheel)
             print(f"{wheel.name}: CUDA 13 and CPU libraries only ({saved / 2**20:.1f} MiB less)")
+    missing = uncovered()
+    for name, why in sorted(missing.items()):
+        print(f"not on the image and not carried: {name} ({why})")
     tree, wheels, listing = size_report(WHEELS)
     for name, size in listing:
         print(f"{size / 2**20:8.2f} MiB  {name}")
@@ -182,6 +260,8 @@ def main() -> None:
     )
     if total > LIMIT_BYTES:
         raise SystemExit("over the device tool's 64 MiB: carry less")
+    if missing:
+        raise SystemExit("the GPU path imports what would not be there: add it to the wheels")
 
 
 if __name__ == "__main__":

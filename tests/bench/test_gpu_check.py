@@ -101,3 +101,22 @@ def test_trimming_bitsandbytes_keeps_cuda_13_and_cpu_and_a_true_record(tmp_path:
             name, digest, size = line.split(",")
             assert int(size) == len(z.read(name)), name
         assert record[-1] == "bitsandbytes-0.0.0.dist-info/RECORD,,"
+
+
+@pytest.mark.slow
+def test_the_gpu_path_imports_nothing_the_image_and_the_wheels_lack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert gpu_wheels.uncovered() == {}
+
+    # The control: without two of the wheels, both are named, one as Lathe's own import
+    # (worker.registry), one as a carried wheel's requirement (datasets needs dill).
+    carried = gpu_wheels.requirements()
+    monkeypatch.setattr(
+        gpu_wheels,
+        "requirements",
+        lambda: [r for r in carried if not r.startswith(("sqlalchemy==", "dill=="))],
+    )
+    missing = gpu_wheels.uncovered()
+    assert set(missing) == {"sqlalchemy", "dill"}
+    assert missing["sqlalchemy"] == "import sqlalchemy"
