@@ -99,8 +99,8 @@ class TrainingIn(Strict):
     # types Liger covers; true needs a GPU. Provisional until measured.
     liger: bool | Auto = "auto"
     # Tokens one micro-batch may hold (a batch is trained as micro-batches with gradient
-    # accumulation: same steps, same loss). auto: on a GPU the most the memory estimate fits
-    # on it; on the CPU about max_seq_length when packed, a padded batch whole.
+    # accumulation: same steps, same loss). auto: about max_seq_length when packed, a padded
+    # batch whole; on a GPU no more than the memory estimate fits. Provisional until measured.
     micro_batch_tokens: Annotated[int, Field(ge=1, le=4_194_304)] | Auto = "auto"
     # Evaluate the validation file every this many steps (and at every epoch end);
     # None: about ten times over the run.

@@ -132,7 +132,9 @@ def test_asking_for_liger_where_it_cannot_run_is_an_error() -> None:
         resolve_liger(True, "cuda", "bert")
 
 
-def test_auto_micro_batch_tokens_on_a_gpu_come_from_the_memory_estimate() -> None:
+def test_auto_micro_batch_tokens_on_a_gpu_are_bounded_by_the_memory_estimate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     shape = model_shape(
         {
             "model_type": "llama",
@@ -144,27 +146,33 @@ def test_auto_micro_batch_tokens_on_a_gpu_come_from_the_memory_estimate() -> Non
     )
     assert isinstance(shape, ModelShape) and 7e9 < shape.parameters < 9e9
 
-    def budget(memory_gb: float, **estimate) -> int | None:
+    def budget(memory_gb: float, packed: bool = True, **estimate) -> int | None:
         settings = {"lora_r": 16, "target_modules": 7, "attention": "flex_attention"}
         return resolve_micro_batch_tokens(
             "auto",
             "cuda",
             max_seq_length=2048,
             batch_size=64,
-            packed=True,
+            packed=packed,
             shape=shape,
             memory_gb=memory_gb,
             **(settings | estimate),
         )
 
+    # Packed: AUTO_PACKED_ROWS rows of max_seq_length (provisional), if the GPU holds them.
+    assert budget(141) == budget(24) == levers.AUTO_PACKED_ROWS * 2048
+    monkeypatch.setattr(levers, "AUTO_PACKED_ROWS", 64)
     h200, l4 = budget(141), budget(24)
-    assert 2048 < l4 < h200 <= 64 * 2048
+    assert 2048 < l4 < h200 <= 64 * 2048, "the estimate bounds what is wanted"
     assert budget(24, fused_loss=True) > 2 * l4, "Liger's loss frees the logits' memory"
+    # Padded: the whole batch where it fits, else what fits.
+    assert budget(1000, packed=False) is None
+    assert 2048 < budget(24, packed=False) < 64 * 2048
     # Without a shape (a config that names it otherwise) a GPU sizes as the CPU does.
     assert model_shape({"n_embd": 768}) is None
     assert (
         resolve_micro_batch_tokens("auto", "cuda", max_seq_length=2048, batch_size=64, packed=True)
-        == 2048
+        == 64 * 2048
     )
 
 

@@ -165,6 +165,14 @@ def gpu_memory_gb() -> float:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GB
 
 
+# A packed micro-batch under "auto" holds about this many max_seq_length rows' tokens.
+# Provisional: 1 is the sizing from before the option, the one issue 15's peak-memory
+# targets are measured against (a larger micro-batch is faster only until the GPU's
+# matrix units are busy, and costs activation memory all the way); the GPU check's sweep
+# of explicit micro_batch_tokens is to set it.
+AUTO_PACKED_ROWS = 1
+
+
 def resolve_micro_batch_tokens(
     option: int | str,
     device: str,
@@ -178,23 +186,27 @@ def resolve_micro_batch_tokens(
 ) -> int | None:
     """How many tokens one micro-batch may hold; None: the whole batch at once.
 
-    A number is taken as given. "auto" on the CPU is today's sizing: a packed
-    micro-batch of about max_seq_length tokens, a padded batch whole. On a GPU it is the
-    most the memory estimate fits on this GPU (app.domain.memory.token_budget, with the
-    run's attention, checkpointing and loss as `estimate` keywords), for a model whose
-    shape the config gives; else as on the CPU.
+    A number is taken as given. "auto": a packed micro-batch of AUTO_PACKED_ROWS x
+    max_seq_length tokens, a padded batch whole; on a GPU, no more than the memory estimate
+    fits on it (app.domain.memory.token_budget, with the run's attention, checkpointing
+    and loss as `estimate` keywords) when the config gives the model's shape. A micro-batch
+    holds at least one example whatever the budget.
     """
     if option != AUTO:
         return int(option)
-    if device == "cuda" and shape is not None:
-        if memory_gb is None:
-            memory_gb = gpu_memory_gb()
-        return token_budget(
-            shape,
-            memory_gb,
-            seq_len=max_seq_length,
-            batch_size=batch_size,
-            packed=packed,
-            **estimate,
-        )
-    return max_seq_length if packed else None
+    wanted = AUTO_PACKED_ROWS * max_seq_length if packed else None
+    if device != "cuda" or shape is None:
+        return wanted
+    if memory_gb is None:
+        memory_gb = gpu_memory_gb()
+    fits = token_budget(
+        shape,
+        memory_gb,
+        seq_len=max_seq_length,
+        batch_size=batch_size,
+        packed=packed,
+        **estimate,
+    )
+    if wanted is None:
+        return None if fits >= batch_size * max_seq_length else fits
+    return min(wanted, fits)

@@ -133,10 +133,10 @@ def run_supervised(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     validating = valid is not None
     # A batch is trained as micro-batches of at most micro_batch_tokens tokens with gradient
     # accumulation: the same optimizer steps and loss (the Trainer normalises over the whole
-    # accumulated batch's trained tokens), bounded activation memory. "auto" sizes them from
-    # the memory estimate on a GPU; on the CPU a packed one holds about max_seq_length tokens
-    # (SDPA's block-diagonal mask is quadratic in a packed row's length) and a padded batch
-    # is trained whole.
+    # accumulated batch's trained tokens), bounded activation memory. "auto": a packed one
+    # holds about max_seq_length tokens (SDPA's block-diagonal mask is quadratic in a packed
+    # row's length), a padded batch is trained whole; on a GPU, no more than the memory
+    # estimate fits.
     checkpointing = options.gradient_checkpointing
     budget = resolve_micro_batch_tokens(
         options.micro_batch_tokens,

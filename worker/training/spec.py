@@ -53,8 +53,8 @@ class TrainingOptions:
     # GPU for the model types Liger covers, never on the CPU.
     liger: bool | str = "auto"
     # Tokens one micro-batch may hold (a batch is trained as micro-batches with gradient
-    # accumulation); auto: on a GPU the most the memory estimate fits, on the CPU about
-    # max_seq_length packed (a padded batch whole).
+    # accumulation); auto: about max_seq_length packed, a padded batch whole, on a GPU no
+    # more than the memory estimate fits (worker.training.levers).
     micro_batch_tokens: int | str = "auto"
     eval_steps: int | None = None  # None: about ten evaluations over the run
     sample_max_new_tokens: int = 64  # generation sample at the end of a chat job; 0: none
