@@ -51,7 +51,9 @@ def test_the_dry_run_writes_every_part_and_figure(tmp_path: Path) -> None:
         assert part["status"] == "ok", (name, part.get("error_tail"))
         assert part["seconds"] <= part["budget_seconds"] + 5
     tests = report["parts"]["gpu-tests"]["result"]
-    assert tests["passed"] and "skipped" in tests["summary"], "no CUDA here: all skipped"
+    counts = tests["counts"]
+    assert tests["passed"] and counts["skipped"] == counts["tests"] > 0, "no CUDA: all skipped"
+    assert "tests/gpu/test_training_cuda.py::" in (out / "gpu-check.log").read_text()
     for shape in gpu_check.DRY_SHAPES:
         bench = report["parts"][f"bench-{shape}"]["result"]
         assert set(bench["figures"]) == FIGURES
