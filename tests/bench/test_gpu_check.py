@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -122,3 +123,24 @@ def test_the_gpu_path_imports_nothing_the_image_and_the_wheels_lack(
     missing = gpu_wheels.uncovered()
     assert set(missing) == {"sqlalchemy", "dill"}
     assert missing["sqlalchemy"] == "import sqlalchemy"
+
+
+def test_a_part_past_its_budget_is_killed_with_its_children(tmp_path: Path) -> None:
+    # A bench part's training children hold the GPU: the whole process group goes.
+    pidfile = tmp_path / "child.pid"
+    ran = gpu_check.run_group(["bash", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=3)
+
+    assert ran["timed_out"] and ran["seconds"] < 30
+    child = int(pidfile.read_text())
+
+    def alive() -> bool:  # a zombie (state Z) is dead, only not yet reaped by init
+        stat = Path(f"/proc/{child}/stat")
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling the kernel for the killed child, not synchronising
+    assert not alive(), "the grandchild outlived the timeout"
