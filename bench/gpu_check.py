@@ -245,7 +245,7 @@ def training_subset(path: Path, conversations: int | None) -> Path:
 
 
 def model_shape(model_path: Path):
-    from app.domain.memory import ModelShape, parameters_from_shape
+    from app.domain.memory import ModelShape
 
     config = json.loads((model_path / "config.json").read_text())
     kw = dict(
@@ -265,7 +265,7 @@ def model_shape(model_path: Path):
     # 4·N counts the matrices a token goes through: every block and the output head, not
     # the embedding lookup.
     matmul_parameters = config["num_hidden_layers"] * block + config["vocab_size"] * h
-    return ModelShape(parameters=parameters, **kw), matmul_parameters, parameters_from_shape
+    return ModelShape(parameters=parameters, **kw), matmul_parameters
 
 
 def target(value: float | None, op: str, bound: float, applies: bool = True) -> dict:
@@ -316,7 +316,7 @@ def part_bench(name: str, device: str, workdir: Path, dry_run: bool, bf16_flops:
             runs[side]["tokens_per_second"] = real_tokens / runs[side]["train_seconds"]
         except subprocess.CalledProcessError as error:
             runs[side] = {"error": f"exit status {error.returncode} (gpu-check.log)"}
-    shape, matmul_parameters, _ = model_shape(model_path)
+    shape, matmul_parameters = model_shape(model_path)
     lora = LoraSpec()
     estimate = estimate_memory_gb(
         shape,
