@@ -318,6 +318,8 @@ def part_bench(name: str, device: str, workdir: Path, dry_run: bool, bf16_flops:
             runs[side] = {"error": f"exit status {error.returncode} (gpu-check.log)"}
     shape, matmul_parameters = model_shape(model_path)
     lora = LoraSpec()
+    # As app.services.jobs.job_memory_gb estimates a job (the figure that routes it): keep
+    # the two alike when the service passes more (micro_batch_tokens, packed, fused_loss).
     estimate = estimate_memory_gb(
         shape,
         lora_r=lora.r,

@@ -95,6 +95,7 @@ def test_the_estimate_is_not_below_the_measured_peak(
 
     shape, _ = model_shape(mid_model)
     lora = LoraSpec()
+    # As app.services.jobs.job_memory_gb estimates such a job (bench/gpu_check.py alike).
     estimate = estimate_memory_gb(
         shape,
         lora_r=lora.r,
