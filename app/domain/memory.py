@@ -287,22 +287,34 @@ def token_budget(
     return low
 
 
-def lever_settings(training: Mapping[str, object], *, classification: bool = False) -> dict:
+AUTO_PACKED_ROWS = 1
+"""A packed micro-batch under training.micro_batch_tokens "auto" holds about this many
+max_seq_length rows' tokens (the worker's sizing, worker.training.levers). Provisional: 1 is
+the sizing from before the option, the one issue 15's peak-memory targets were set against
+(a larger micro-batch is faster only until the GPU's matrix units are busy, and costs
+activation memory all the way); the GPU check's sweep of explicit values is to set it."""
+
+
+def lever_settings(
+    training: Mapping[str, object], *, seq_len: int, classification: bool = False
+) -> dict:
     """estimate_memory_gb's keywords for a job's stored training options (TrainingIn), as a
     GPU runs them, erring large: "auto" attention on packed rows is a varlen kernel (flash
     or flex: no mask either way); "auto" Liger may not apply (a model type it lacks), so
-    only `true` drops the logits; an "auto" micro-batch is counted as the whole batch, the
-    most a GPU that fits it will hold, a given one as given."""
+    only `true` drops the logits; an "auto" micro-batch is what the worker wants (packed,
+    AUTO_PACKED_ROWS rows of seq_len; padded, the whole batch), a given one as given."""
     packed = training.get("packing", True) is not False and not classification
     attention = str(training.get("attention", "sdpa"))
     if attention == "auto":
         attention = "flex_attention" if packed else "sdpa"
     budget = training.get("micro_batch_tokens", "auto")
+    if not isinstance(budget, int):
+        budget = AUTO_PACKED_ROWS * seq_len if packed else None
     return {
         "packed": packed,
         "attention": attention,
         "fused_loss": training.get("liger") is True and not classification,
-        "micro_batch_tokens": budget if isinstance(budget, int) else None,
+        "micro_batch_tokens": budget,
     }
 
 

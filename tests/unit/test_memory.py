@@ -6,6 +6,7 @@ import pytest
 
 from app.domain.architectures import ModelKind
 from app.domain.memory import (
+    AUTO_PACKED_ROWS,
     ModelShape,
     adapted_matrices,
     estimate_memory_gb,
@@ -201,28 +202,34 @@ def test_token_budget_is_the_largest_micro_batch_that_fits() -> None:
 
 def test_lever_settings_read_a_jobs_training_options_erring_large() -> None:
     defaults = {"packing": True, "attention": "auto", "liger": "auto", "micro_batch_tokens": "auto"}
-    assert lever_settings(defaults) == {
+    assert lever_settings(defaults, seq_len=2048) == {
         "packed": True,
         "attention": "flex_attention",  # flash or flex on a GPU: no quadratic mask either way
         "fused_loss": False,  # auto may not apply to the model: the logits are counted
-        "micro_batch_tokens": None,  # auto: the whole batch, if the GPU holds it
+        "micro_batch_tokens": AUTO_PACKED_ROWS * 2048,  # what the worker wants
     }
     chosen = defaults | {"attention": "sdpa", "liger": True, "micro_batch_tokens": 4096}
-    assert lever_settings(chosen) == {
+    assert lever_settings(chosen, seq_len=2048) == {
         "packed": True,
         "attention": "sdpa",
         "fused_loss": True,
         "micro_batch_tokens": 4096,
     }
-    padded = lever_settings(defaults | {"packing": False})
+    padded = lever_settings(defaults | {"packing": False}, seq_len=2048)
     assert padded["attention"] == "sdpa" and not padded["packed"]
-    classifier = lever_settings(defaults | {"liger": True}, classification=True)
+    assert padded["micro_batch_tokens"] is None, "auto: a padded batch whole"
+    classifier = lever_settings(defaults | {"liger": True}, seq_len=512, classification=True)
     assert not classifier["packed"] and not classifier["fused_loss"]
-    assert lever_settings({}) == {
+    # A job stored before the options kept sdpa; its packed micro-batch is one row.
+    assert lever_settings({}, seq_len=1024) == {
         "packed": True,
-        "attention": "sdpa",  # a job stored before the option kept its default
+        "attention": "sdpa",
         "fused_loss": False,
-        "micro_batch_tokens": None,
+        "micro_batch_tokens": AUTO_PACKED_ROWS * 1024,
     }
-    # The keywords go straight into the estimate.
-    estimate_memory_gb(LLAMA_8B, **LEVER_SETTINGS, **lever_settings(chosen))
+    # The keywords go straight into the estimate: a packed default job needs one row's
+    # activations, not the whole batch's.
+    whole = estimate_memory_gb(LLAMA_8B, **LEVER_SETTINGS)
+    levers = lever_settings(defaults, seq_len=2048)
+    default = estimate_memory_gb(LLAMA_8B, **LEVER_SETTINGS, **levers)
+    assert default.activations_gb < whole.activations_gb / 8

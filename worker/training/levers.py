@@ -16,7 +16,13 @@ import torch
 from transformers import PreTrainedModel
 
 from app.domain.architectures import kind_from_config
-from app.domain.memory import GB, ModelShape, parameters_from_shape, token_budget
+from app.domain.memory import (
+    AUTO_PACKED_ROWS,
+    GB,
+    ModelShape,
+    parameters_from_shape,
+    token_budget,
+)
 
 AUTO = "auto"
 
@@ -163,14 +169,6 @@ def model_shape(config: dict) -> ModelShape | None:
 def gpu_memory_gb() -> float:
     """The current GPU's memory, in GiB."""
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GB
-
-
-# A packed micro-batch under "auto" holds about this many max_seq_length rows' tokens.
-# Provisional: 1 is the sizing from before the option, the one issue 15's peak-memory
-# targets are measured against (a larger micro-batch is faster only until the GPU's
-# matrix units are busy, and costs activation memory all the way); the GPU check's sweep
-# of explicit micro_batch_tokens is to set it.
-AUTO_PACKED_ROWS = 1
 
 
 def resolve_micro_batch_tokens(
