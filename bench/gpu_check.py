@@ -166,13 +166,15 @@ def part_env(device: str, workdir: Path) -> dict:
 
 
 def part_tests(device: str, workdir: Path, out: Path) -> dict:
-    """pytest -m gpu on tests/gpu; --confcutdir keeps tests/conftest.py (Postgres, S3) out.
+    """pytest -m gpu on tests/gpu and the levers' GPU tests; --confcutdir keeps
+    tests/conftest.py (Postgres, S3) out.
     Its output goes straight to the log, so a part killed at its budget still shows which
     test it was in; the summary comes from the JUnit file."""
     import xml.etree.ElementTree as ET
 
     junit = out / "gpu-tests.xml"
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-v", "-rA"]
+    paths = ["tests/gpu", "tests/worker/test_levers_gpu.py"]  # the levers' own GPU tests
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", *paths, "-v", "-rA"]
     command += ["--confcutdir=tests/gpu", "-p", "no:cacheprovider", f"--basetemp={workdir}/pt"]
     command += [f"--junitxml={junit}", "--durations=0"]
     env = {**os.environ, "GPU_CHECK_OUT": str(out)}  # memory-estimate.json goes there

@@ -65,7 +65,9 @@ def test_training_options_default_are_kept_and_shown(team, train_id) -> None:
         "packing": True,
         "gradient_checkpointing": "auto",
         "optimizer": "auto",
-        "attention": "sdpa",
+        "attention": "auto",
+        "liger": "auto",
+        "micro_batch_tokens": "auto",
         "eval_steps": None,
         "sample_max_new_tokens": 64,
     }
