@@ -51,11 +51,13 @@ test-fast: system-deps install
 # Lathe's trainers against the tutorial recipes: SFT (bench/training.py), then DPO against
 # TRL's plain DPOTrainer (bench/dpo.py); DEVICE=cuda on a GPU host, with
 # BENCH_ARGS='--model /path/to/model' for a real base model (both take the same options);
-# then the merged export's fidelity and memory (bench/merge.py, CPU).
+# then the merged export's fidelity and memory (bench/merge.py, CPU), and the whole export's
+# memory and time, merge and GGUF, every process (bench/export.py, CPU).
 bench: install
 	$(BIN)/python -m bench.training --device $(DEVICE) $(BENCH_ARGS)
 	$(BIN)/python -m bench.dpo --device $(DEVICE) $(BENCH_ARGS)
 	$(BIN)/python -m bench.merge
+	$(BIN)/python -m bench.export
 
 # The prepared GPU check (docs/gpu.md): the wheels the GPU image lacks into .whl/ with the
 # 64 MiB size check, then the same script's dry run here on the CPU. On the GPU machine,

@@ -43,20 +43,25 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
 
-def realistic_config(layers: int):
+def realistic_config(layers: int, **overrides):
+    """The realistic shapes (hidden 2048, intermediate 5632, vocabulary 32000); `overrides`
+    replace any of LlamaConfig's settings (bench/export.py's token ids, its --quick shapes)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    settings = dict(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=4, initializer_range=0.02,
         tie_word_embeddings=False, max_position_embeddings=2048, pad_token_id=0, eos_token_id=1,
         bos_token_id=None,
     )  # fmt: skip
+    settings.update(overrides)
+    return LlamaConfig(**settings)
 
 
-def write_random_llama(path: Path, layers: int) -> int:
+def write_random_llama(path: Path, layers: int, *, tokenizer=None, **overrides) -> int:
     """A random bfloat16 Llama written tensor by tensor (the model is never built whole),
-    with the demo's byte tokenizer and chat template; returns its parameter count."""
+    with `tokenizer` (unset: the demo's byte tokenizer and chat template); `overrides` go to
+    realistic_config. Returns its parameter count."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -64,7 +69,7 @@ def write_random_llama(path: Path, layers: int) -> int:
     from app.config import DEFAULT_CHAT_TEMPLATE
     from worker.training.tiny_model import ByT5Tokenizer
 
-    config = realistic_config(layers)
+    config = realistic_config(layers, **overrides)
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(0)
@@ -95,25 +100,30 @@ def write_random_llama(path: Path, layers: int) -> int:
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     config.dtype = torch.bfloat16
     config.save_pretrained(path)
-    tokenizer = ByT5Tokenizer()
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer is None:
+        tokenizer = ByT5Tokenizer()
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     return count
 
 
 def write_random_adapter(
-    path: Path, base: Path, layers: int, *, r: int = 8, alpha: int = 16
+    path: Path, base: Path, layers: int, *, r: int = 8, alpha: int = 16, **overrides
 ) -> float:
-    """A peft LoRA adapter with random non-zero A and B on every block linear; returns the
-    update's RMS relative to the base weights' (0.02)."""
+    """A peft LoRA adapter with random non-zero A and B on every block linear of the model
+    realistic_config(layers, **overrides) describes; returns the update's RMS relative to
+    the base weights' (0.02)."""
     import torch
     from safetensors.torch import save_file
 
-    config = realistic_config(layers)
+    config = realistic_config(layers, **overrides)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     shapes = {
-        "self_attn.q_proj": (2048, 2048), "self_attn.k_proj": (256, 2048),
-        "self_attn.v_proj": (256, 2048), "self_attn.o_proj": (2048, 2048),
-        "mlp.gate_proj": (5632, 2048), "mlp.up_proj": (5632, 2048), "mlp.down_proj": (2048, 5632),
+        "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
     }  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     tensors = {}
