@@ -312,6 +312,10 @@ def job_memory_gb(
         # The estimate is for a GPU, where "auto" turns checkpointing on.
         gradient_checkpointing=training.gradient_checkpointing is not False,
         classification=classification,
+        # The levers' terms (memory.lever_settings: one micro-batch, the attention's mask)
+        # wait for the GPU check's measurements; until then the estimate keeps its earlier
+        # form: the whole batch's activations and no attention mask.
+        attention="flash_attention_2",
     ).total_gb
 
 

@@ -323,8 +323,14 @@ def test_a_stop_kills_the_converter_and_leaves_nothing(merged: Path, tmp_path: P
     me = psutil.Process()
     seen: list[int] = []
 
+    def command_line(process: psutil.Process) -> list[str]:
+        try:
+            return process.cmdline()
+        except psutil.Error:  # another test's child, gone or a zombie meanwhile
+            return []
+
     def should_stop() -> bool:
-        seen.extend(c.pid for c in me.children() if str(CHILD) in c.cmdline())
+        seen.extend(c.pid for c in me.children() if str(CHILD) in command_line(c))
         return len(seen) > 0  # stop once the converter is running
 
     started = time.monotonic()
