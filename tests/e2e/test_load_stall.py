@@ -25,7 +25,7 @@ from tests.e2e.conftest import DATA, free_port
 pytestmark = pytest.mark.slow
 
 STREAMS, FILE_GETS, JOB_GETS = 100, 120, 80
-HEALTHZ_WITHIN_S = 3.0  # generous for a shared 2-core machine; the stall took 30 s
+HEALTHZ_WITHIN_S = 10.0  # the stall took 30 s; a loaded 2-core CI machine has seen 5.7 s
 
 
 def serve(env: dict[str, str], log_path: Path) -> Iterator[str]:
