@@ -7,7 +7,10 @@ first served, so one team submitting a hundred jobs cannot starve a team that su
 
 * A team's *charge* is its recent GPU usage plus what it is using now::
 
-      charge = recent_gpu_seconds + sum(max(elapsed, dispatch_charge) for each running job)
+      charge = recent_gpu_seconds
+               + sum(max(elapsed, dispatch_charge) * gpus for each running job)
+
+  A job on N GPUs for T seconds costs N*T GPU-seconds (and a dispatch N*dispatch_charge).
 
   ``recent_gpu_seconds`` is the usage of the team's ended jobs, decayed with a half-life (see
   `decayed_usage`), so old usage is gradually forgiven. ``dispatch_charge`` (default 300 s)
@@ -54,6 +57,11 @@ class QueuedJob:
     """Epoch seconds."""
     eligible: frozenset[str]
     """The GPU classes this job may run on (large enough, and allowed for the team)."""
+    gpus: int = 1
+    """GPUs of one host it needs, all at once (app.domain.placement)."""
+    expected_seconds: float | None = None
+    """How long it is expected to hold them (None: the pool's typical job); backfill
+    decides with it whether the job ends before a reservation."""
 
 
 @dataclass
@@ -65,6 +73,9 @@ class TeamShare:
     """Decayed usage of the team's ended jobs (see `decayed_usage`)."""
     running: list[float] = field(default_factory=list)
     """Elapsed seconds of each job the team has running or dispatched now."""
+    running_gpus: list[int] = field(default_factory=list)
+    """GPUs each of those jobs holds, in the same order (missing entries: 1). N GPUs for T
+    seconds cost N*T."""
     max_running: int | None = None
     """Quota: at most this many jobs running or dispatched at once (None: no limit)."""
 
@@ -91,8 +102,10 @@ class _Team:
         if not share.weight > 0:
             raise ValueError(f"team {team} has weight {share.weight}; weights must be > 0")
         self.weight = float(share.weight)
+        sizes = [*share.running_gpus, *[1] * (len(share.running) - len(share.running_gpus))]
         self.charge = share.recent_gpu_seconds + sum(
-            max(elapsed, dispatch_charge) for elapsed in share.running
+            max(elapsed, dispatch_charge) * gpus
+            for elapsed, gpus in zip(share.running, sizes, strict=False)
         )
         self.running = len(share.running)
         self.max_running = share.max_running
@@ -176,7 +189,7 @@ def _fill(
         team_jobs.next += 1
         taken.add(index)
         picked.append(job)
-        team.charge += dispatch_charge
+        team.charge += dispatch_charge * job.gpus
         team.running += 1
         if team_jobs.next == len(team_jobs.jobs) or (respect_quota and team.full):
             continue
