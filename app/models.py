@@ -53,6 +53,8 @@ class Team(Base):
     # 100 team rows, not every job's history.
     usage_gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     usage_updated_at: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # False: an administrator's mark; the scheduler never preempts this team's jobs.
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
 
 
 class ApiKey(Base):
@@ -166,6 +168,18 @@ class Job(Base):
     started_at: Mapped[int | None] = mapped_column(BigInteger)
     finished_at: Mapped[int | None] = mapped_column(BigInteger)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
+    # Multi-GPU: the GPUs of one host the job asks for (gang: all at once), "ddp" or
+    # "fsdp" (resolved at creation), the device indexes on its worker it holds from its
+    # claim to the end of its run, and the worker whose own queue its dispatch went to.
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    parallelism: Mapped[str | None] = mapped_column(String(8))
+    devices: Mapped[list | None] = mapped_column(JSON)
+    dispatched_worker: Mapped[str | None] = mapped_column(String(200))
+    # Preemption: times the scheduler paused the job for another team, when it last did
+    # (set while the job waits to resume automatically), and an administrator's mark.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    preempted_at: Mapped[int | None] = mapped_column(BigInteger)
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
 
     team: Mapped[Team] = relationship()
 
@@ -223,7 +237,7 @@ class Checkpoint(Base):
 
 
 class Worker(Base):
-    """One GPU worker (a Celery worker process bound to one GPU) and its heartbeat."""
+    """One worker host (a Celery worker process managing the host's GPUs) and its heartbeat."""
 
     __tablename__ = "workers"
 
@@ -235,6 +249,8 @@ class Worker(Base):
     memory_gb: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16), default=WorkerState.ACTIVE)
     current_job: Mapped[str | None] = mapped_column(String(40))
+    # The host's GPUs: it runs jobs on them side by side, a multi-GPU job on several.
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     jobs_done: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[int] = mapped_column(BigInteger, default=now)
     last_seen: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,71 @@
+"""Multi-GPU jobs and preemption: a job's GPU count and parallelism, the devices of its
+worker it holds, preemption counts and marks, and each worker's GPU count
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-20 10:00:00
+
+A worker row is now a host with `gpus` devices (1 for every row before this one); a job
+asks for `gpus` of one host (gang: all at once), holds `devices` (indexes on its worker)
+from its claim to the end of its run, and is dispatched to one worker's own queue
+(`dispatched_worker`). `preemptions` counts the times the scheduler paused it for another
+team, `preempted_at` marks a job paused that way (resumed automatically), and
+`preemptible` on a job or a team is an administrator's mark.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("gpus", sa.Integer(), nullable=False, server_default="1"))
+        batch_op.add_column(sa.Column("parallelism", sa.String(length=8), nullable=True))
+        batch_op.add_column(sa.Column("devices", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("dispatched_worker", sa.String(length=200), nullable=True))
+        batch_op.add_column(
+            sa.Column("preemptions", sa.Integer(), nullable=False, server_default="0")
+        )
+        batch_op.add_column(sa.Column("preempted_at", sa.BigInteger(), nullable=True))
+        batch_op.add_column(
+            sa.Column("preemptible", sa.Boolean(), nullable=False, server_default=sa.true())
+        )
+    with op.batch_alter_table("teams", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("preemptible", sa.Boolean(), nullable=False, server_default=sa.true())
+        )
+    with op.batch_alter_table("workers", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("gpus", sa.Integer(), nullable=False, server_default="1"))
+    # Runs in progress hold their worker's only device.
+    op.execute(
+        sa.text(
+            "UPDATE jobs SET devices = '[0]' WHERE status IN ('running', 'paused', 'cancelled')"
+            " AND worker IS NOT NULL AND id IN (SELECT current_job FROM workers"
+            " WHERE current_job IS NOT NULL)"
+        )
+    )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("workers", schema=None) as batch_op:
+        batch_op.drop_column("gpus")
+    with op.batch_alter_table("teams", schema=None) as batch_op:
+        batch_op.drop_column("preemptible")
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        for column in (
+            "preemptible",
+            "preempted_at",
+            "preemptions",
+            "dispatched_worker",
+            "devices",
+            "parallelism",
+            "gpus",
+        ):
+            batch_op.drop_column(column)
