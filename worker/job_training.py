@@ -31,11 +31,13 @@ from worker.publish import publish
 from worker.run_outcome import MISSING, STALE
 from worker.tracking import Tracking
 from worker.training.spec import (
+    DDP,
     SUPERVISED,
     LoraSpec,
     QuantSpec,
     TrainingDataError,
     TrainingOptions,
+    TrainingResult,
     TrainingSpec,
 )
 
@@ -58,7 +60,7 @@ def train_or_fail(
     if kind == JobKind.EXPORT:
         return _export_or_fail(job_id, settings, sessions, store, fence)
     try:
-        return _train_and_publish(job_id, settings, sessions, store, fence)
+        return _train_and_publish(job_id, settings, sessions, store, fence, (worker, current))
     except TrainingDataError as exc:  # the data, not the worker: say what to change
         fail_run(sessions, job_id, exc.code, str(exc), fence)
         return JobStatus.FAILED
@@ -126,8 +128,10 @@ def _train_and_publish(
     sessions: sessionmaker[Session],
     store: ObjectStore,
     fence: tuple,
+    claimed: tuple[str, int],
 ) -> str:
-    from worker.training.run import run_training  # torch is imported from here on
+    """`claimed`: the (worker, attempt) the fence is made of, which a run on several
+    devices hands to its rank 0 (worker.job_rank)."""
 
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id))
@@ -179,9 +183,19 @@ def _train_and_publish(
         # The job's integrations (MLflow, W&B): no call of Tracking raises, so a tracking
         # server that is down costs a warning event, never the job.
         tracking = Tracking.for_job(job, settings, workdir)
-        hooks.start_tracking(tracking)
         try:
-            result = run_training(spec, hooks.training_hooks())
+            if spec.world_size > 1:
+                try:
+                    result = _train_on_devices(spec, workdir, job, claimed, model_name, settings)
+                finally:
+                    # Rank 0 ran the job's tracking runs; they go on here (the trackers
+                    # find them by the job's id) for the adapter and the outcome.
+                    tracking.start()
+            else:
+                from worker.training.run import run_training  # torch is imported from here
+
+                hooks.start_tracking(tracking)
+                result = run_training(spec, hooks.training_hooks())
             if result.stopped:  # cancelled or paused: nothing is published
                 with sessions() as session:
                     status = session.scalar(select(Job.status).where(Job.id == job_id))
@@ -203,6 +217,23 @@ def _train_and_publish(
         except BaseException:
             tracking.finish("failed")
             raise
+
+
+def _train_on_devices(
+    spec: TrainingSpec,
+    workdir: Path,
+    job: Job,
+    claimed: tuple[str, int],
+    model_name: str,
+    settings: Settings,
+) -> TrainingResult:
+    """Train on job.gpus devices, one rank each (worker.job_rank): rank 0 reports to the
+    job and writes checkpoints as this process would; its result comes back here."""
+    from worker.job_rank import train_on_ranks
+
+    return train_on_ranks(
+        spec, workdir, job_id=job.id, claimed=claimed, model_name=model_name, settings=settings
+    )
 
 
 class ParentModelUnavailable(Exception):
@@ -274,6 +305,8 @@ def _training_spec(
         checkpoint_seconds=settings.checkpoint_every_seconds,
         method=method,
         beta=_beta(hp.get("beta")),
+        world_size=getattr(job, "gpus", None) or 1,
+        parallelism=getattr(job, "parallelism", None) or DDP,
     )
 
 

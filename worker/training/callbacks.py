@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from worker.training.distributed import agree, barrier, is_main_rank
 from worker.training.spec import REWARD_FIGURES, TrainingHooks
 
 # TRL's DPOTrainer logs these per step (and with "eval_" per evaluation); a row carries them
@@ -33,6 +34,11 @@ class HooksCallback(TrainerCallback):
     Which steps are checkpointed is decided here (epoch ends, every `checkpoint_steps`, a
     pause); the saving is the Trainer's own (`control.should_save`: adapter, optimizer,
     scheduler, RNG and trainer state), and `on_save` hands the directory to the hooks.
+
+    With several ranks (worker.training.distributed) every rank runs this callback: rank 0's
+    hooks alone reach the job, the stop and a time-based checkpoint are rank 0's answers
+    broadcast to all (so all stop and save at the same step), and a checkpoint is handed on
+    once every rank has written its part.
     """
 
     def __init__(
@@ -67,7 +73,8 @@ class HooksCallback(TrainerCallback):
         self.hooks.on_message(message)
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
-        reason = self.hooks.should_stop()
+        # One collective a step, on every rank (a no-op in a single process).
+        reason, due = agree(self.hooks.should_stop(), self.checkpoint_due(state))
         if reason == "pause":
             # Keep what was trained: this step is checkpointed. It is evaluated only if an
             # uninterrupted run would evaluate it too (the flow callback already said so):
@@ -82,7 +89,7 @@ class HooksCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_evaluate = False  # stop now, not after a pass over the valid set
             control.should_save = False  # not even a save_steps checkpoint on this step
-        elif self.checkpoint_due(state):
+        elif due:
             self.checkpoint_here(control, evaluate=self.validating)
         return control
 
@@ -137,6 +144,11 @@ class HooksCallback(TrainerCallback):
 
     def on_save(self, args, state: TrainerState, control: TrainerControl, **kwargs):
         self.last_checkpoint = time.monotonic()
+        # Every rank writes its part of the checkpoint (its RNG state; with FSDP its shard
+        # of the optimizer): it is complete once all are here.
+        barrier()
+        if not is_main_rank():
+            return
         # Called right after Trainer._save_checkpoint wrote this directory (logging and
         # evaluation of the step come before the save, so its row is complete).
         step = state.global_step

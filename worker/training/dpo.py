@@ -51,6 +51,8 @@ from worker.training.trainer_setup import (
     report_parameters,
     report_sample,
     report_tokens,
+    sample_here,
+    save_adapter,
     train_and_measure,
     trainer_arguments,
 )
@@ -109,7 +111,7 @@ def run_dpo(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     # An explicit training.micro_batch_tokens replaces that budget ("auto" keeps it).
     budget = spec.options.micro_batch_tokens
     budget = max_length if budget == "auto" else int(budget)
-    micro = micro_batch_size(spec.batch_size, 2 * typical_pair_length(train.examples), budget)
+    micro = micro_batch_size(spec.rank_batch_size, 2 * typical_pair_length(train.examples), budget)
     args = DPOConfig(
         **trainer_arguments(
             spec,
@@ -119,6 +121,7 @@ def run_dpo(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             validating=validating,
             sampling="random",
             count_tokens="non_padding",  # both sequences of a pair, prompt included
+            model=policy,
         ),
         beta=spec.beta,
         loss_type=["sigmoid"],  # the DPO paper's loss
@@ -151,11 +154,11 @@ def run_dpo(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
     # 4. Save the policy's adapter alone (not the reference): adapter_config.json +
     # adapter_model.safetensors, a full adapter on the base, as a supervised job's.
     adapter_dir = spec.output_dir / "adapter"
-    policy.save_pretrained(adapter_dir, selected_adapters=["default"])
-    hooks.on_message("Saved the adapter")
+    if save_adapter(trainer, policy, adapter_dir, selected_adapters=["default"]):
+        hooks.on_message("Saved the adapter")
 
     # 5. Show a person what changed: the trained model answers a held-out prompt.
-    if not stopped:
+    if not stopped and sample_here(trainer):
         report_sample(policy, tokenizer, spec, report)
     return TrainingResult(
         adapter_dir=adapter_dir,

@@ -136,6 +136,7 @@ def load_base_for_training(
     gradient_checkpointing: bool | None = None,
     classes: list[str] | None = None,
     on_message: Callable[[str], None] = lambda message: None,
+    sharded: bool = False,
 ) -> QuantizedBase:
     """The base model with its linear layers in 4-bit, frozen and ready for adapters.
 
@@ -144,6 +145,11 @@ def load_base_for_training(
     head, and any linear layer the checkpoint does not hold at the model's shape, stays out
     of quantization (worker.training.checkpoint_layout); a head of another size is replaced,
     and `on_message` says so.
+
+    `sharded` (FSDP across GPUs): the packed 4-bit weights are stored in the compute dtype
+    instead of uint8 (bnb_4bit_quant_storage, as Answer.AI's FSDP-QLoRA, TRL and axolotl
+    do), so FSDP can flatten them with the other parameters into one shardable buffer of a
+    single dtype. The bytes, and the quantization, are the same.
     """
     compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
     if classes is not None:
@@ -176,6 +182,7 @@ def load_base_for_training(
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         llm_int8_skip_modules=layout.keep_full_precision,
     )
     model, loading_info = auto_class.from_pretrained(
@@ -211,6 +218,17 @@ def load_base_for_training(
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     return QuantizedBase(model, new)
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> list[str]:
+    """The model's repeated transformer block classes (LlamaDecoderLayer, ...): FSDP's units
+    of wrapping, one all-gather each. transformers names them in `_no_split_modules` (what
+    must stay on one device); those the model actually contains, in the order found."""
+    names: list[str] = []
+    for module in model.modules():
+        names.extend(getattr(module, "_no_split_modules", None) or [])
+    present = {type(module).__name__ for module in model.modules()}
+    return list(dict.fromkeys(name for name in names if name in present))
 
 
 def keep_cpu_weights_trainable(model: PreTrainedModel) -> None:

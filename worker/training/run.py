@@ -54,6 +54,8 @@ from worker.training.trainer_setup import (
     report_parameters,
     report_sample,
     report_tokens,
+    sample_here,
+    save_adapter,
     train_and_measure,
     trainer_arguments,
 )
@@ -142,7 +144,7 @@ def run_supervised(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         options.micro_batch_tokens,
         device,
         max_seq_length=max_seq_length,
-        batch_size=spec.batch_size,
+        batch_size=spec.rank_batch_size,
         packed=packing,
         shape=model_shape(model_config),
         lora_r=spec.lora.r,
@@ -155,10 +157,11 @@ def run_supervised(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         attention=attention,
         fused_loss=liger,
     )
+    # With several ranks (spec.world_size) each trains its share of the batch so.
     micro = (
-        spec.batch_size
+        spec.rank_batch_size
         if budget is None
-        else micro_batch_size(spec.batch_size, typical_length(train.examples), budget)
+        else micro_batch_size(spec.rank_batch_size, typical_length(train.examples), budget)
     )
     args = TrainingArguments(
         **trainer_arguments(
@@ -171,6 +174,7 @@ def run_supervised(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
             sampling="random" if packing else "group_by_length",
             # A packed batch has no padding at all (and no attention mask to count it by).
             count_tokens="all" if packing else "non_padding",
+            model=model,
         )
     )
     callback = HooksCallback(
@@ -199,7 +203,7 @@ def run_supervised(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         "liger": liger,
         "micro_batch_tokens": budget,
         "micro_batch": micro,
-        "gradient_accumulation_steps": spec.batch_size // micro,
+        "gradient_accumulation_steps": spec.rank_batch_size // micro,
     }
     train_and_measure(trainer, callback, spec, device, report, levers)
     stopped = callback.stop_reason is not None
@@ -212,16 +216,18 @@ def run_supervised(spec: TrainingSpec, hooks: TrainingHooks) -> TrainingResult:
         report("classification", report_summary(final_report), final_report)
 
     # 4. Save the adapter: adapter_config.json + adapter_model.safetensors.
+    # With several ranks, rank 0 writes it (gathered first under FSDP).
     adapter_dir = spec.output_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    if classes is not None:  # which output is which class, for whoever loads the adapter
-        (adapter_dir / "classes.json").write_text(json.dumps(classes))
-    if final_report is not None:
-        (adapter_dir / "classification_report.json").write_text(json.dumps(final_report))
-    hooks.on_message("Saved the adapter")
+    if save_adapter(trainer, model, adapter_dir):
+        if classes is not None:  # which output is which class, for whoever loads the adapter
+            (adapter_dir / "classes.json").write_text(json.dumps(classes))
+        if final_report is not None:
+            (adapter_dir / "classification_report.json").write_text(json.dumps(final_report))
+        hooks.on_message("Saved the adapter")
 
-    # 5. Show a person what changed: the trained model answers a held-out prompt.
-    if spec.data_format == DatasetFormat.CHAT and not stopped:
+    # 5. Show a person what changed: the trained model answers a held-out prompt (rank 0's
+    # whole model; a sharded one cannot generate alone).
+    if spec.data_format == DatasetFormat.CHAT and not stopped and sample_here(trainer):
         report_sample(model, tokenizer, spec, report)
     return TrainingResult(
         adapter_dir=adapter_dir,

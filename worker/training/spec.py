@@ -63,6 +63,12 @@ class TrainingOptions:
 SUPERVISED = "supervised"
 DPO = "dpo"
 
+# How a run on several GPUs splits the work (worker.training.distributed): "ddp" keeps a
+# whole copy of the 4-bit model on each GPU and averages the adapters' gradients; "fsdp"
+# shards the model's parameters (4-bit weights included) across the GPUs.
+DDP = "ddp"
+FSDP = "fsdp"
+
 
 @dataclass(frozen=True)
 class TrainingSpec:
@@ -99,6 +105,20 @@ class TrainingSpec:
     # adapter. For dpo it is also the frozen reference; without one the reference is the
     # base alone (the adapter switched off).
     parent_adapter: Path | None = None
+    # Training processes (ranks), one per GPU of one host; 1: a single process, no launcher.
+    # batch_size is the global batch: each rank trains batch_size // world_size examples
+    # a step, so the API only accepts a batch size divisible by the GPU count.
+    world_size: int = 1
+    parallelism: str = DDP  # ddp | fsdp, with world_size > 1
+
+    @property
+    def rank_batch_size(self) -> int:
+        """The examples each rank trains per optimizer step."""
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over {self.world_size} GPUs"
+            )
+        return self.batch_size // self.world_size
 
 
 # DPO's figures as TRL logs them (rewards/..., eval_rewards/...) -> their name in a metrics

@@ -11,9 +11,11 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
 
 from worker.training.callbacks import HooksCallback
+from worker.training.distributed import barrier, ddp_backend, is_main_rank
 from worker.training.levers import apply_liger, resolve_attention
 from worker.training.qlora_model import (
     QuantizedBase,
+    decoder_layer_classes,
     load_base_for_training,
     parameter_counts,
     resolve_compute_dtype,
@@ -25,7 +27,7 @@ from worker.training.run_stats import (
     throughput_summary,
     token_summary,
 )
-from worker.training.spec import TrainingHooks, TrainingSpec
+from worker.training.spec import FSDP, TrainingHooks, TrainingSpec
 
 
 class Reporter:
@@ -49,11 +51,13 @@ def trainer_arguments(
     validating: bool,
     sampling: str,
     count_tokens: str,
+    model: PeftModel | None = None,
 ) -> dict:
     """TrainingArguments' keywords for this run (TRL's configs take them too).
 
     A batch of spec.batch_size examples is trained as micro-batches of `micro_batch` with
     gradient accumulation: the same optimizer steps and loss, bounded activation memory.
+    With several ranks each trains its share of the batch (spec.rank_batch_size) so.
     """
     compute_dtype = resolve_compute_dtype(spec.quant.compute_dtype, device)
     total_steps = math.ceil(examples / spec.batch_size) * spec.n_epochs
@@ -61,7 +65,7 @@ def trainer_arguments(
         output_dir=str(spec.output_dir / "trainer"),
         num_train_epochs=spec.n_epochs,
         per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=spec.batch_size // micro_batch,
+        gradient_accumulation_steps=spec.rank_batch_size // micro_batch,
         per_device_eval_batch_size=micro_batch,
         learning_rate=spec.learning_rate,
         seed=spec.seed,
@@ -86,7 +90,67 @@ def trainer_arguments(
         fp16=device == "cuda" and compute_dtype == torch.float16,
         train_sampling_strategy=sampling,
         include_num_input_tokens_seen=count_tokens,
+        **distributed_arguments(spec, device, model),
     )
+
+
+def distributed_arguments(spec: TrainingSpec, device: str, model: PeftModel | None) -> dict:
+    """The Trainer's own data parallelism, for a run of several ranks (none for one).
+
+    DDP: a whole model per rank, the adapters' gradients averaged. The loss of a step is
+    normalised over the tokens of the whole global batch (average_tokens_across_devices
+    sums them over the ranks), so it equals a single process's on the same batch.
+
+    FSDP (QLoRA on models too large for one device): the decoder layers are wrapped and
+    sharded, their 4-bit weights too, which FSDP can flatten because they are stored in the
+    compute dtype (load_base_for_training's quant_storage); the Trainer adds peft's policy
+    that wraps the trainable LoRA layers apart, and sets FSDP's mixed precision to the
+    storage dtype. FSDP1 with use_orig_params: frozen and trainable parameters share the
+    wrapped layers. Full state dicts: every checkpoint (and the final adapter) holds the whole
+    adapter, gathered on rank 0, as a single process's does.
+    """
+    if spec.world_size <= 1:
+        return {}
+    arguments = dict(
+        ddp_backend=ddp_backend(device),
+        ddp_find_unused_parameters=False,  # every LoRA weight has a gradient each step
+        average_tokens_across_devices=True,
+    )
+    if spec.parallelism == FSDP:
+        wrap = decoder_layer_classes(model) if model is not None else []
+        arguments.update(
+            fsdp="full_shard auto_wrap",
+            fsdp_config={
+                "version": 1,
+                "transformer_layer_cls_to_wrap": wrap or None,
+                "use_orig_params": True,
+                "sync_module_states": True,
+                # Each rank quantizes the base while loading it onto its own device
+                # (device_map), so the host's RAM never holds more than a shard at a time;
+                # loading on rank 0 alone and broadcasting is for unquantized models.
+                "cpu_ram_efficient_loading": False,
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        )
+    return arguments
+
+
+def save_adapter(
+    trainer: Trainer, model: PeftModel, adapter_dir, selected_adapters: list[str] | None = None
+) -> bool:
+    """Save the trained adapter (adapter_config.json + adapter_model.safetensors); True in
+    the process that wrote it. A single process, and rank 0 of a DDP run (every rank holds
+    the same adapter), save it as it is; with FSDP every rank takes part in gathering the
+    sharded adapter and rank 0 writes it. The other ranks wait until it is written."""
+    extra = {"selected_adapters": selected_adapters} if selected_adapters else {}
+    if trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective
+        if is_main_rank():
+            model.save_pretrained(adapter_dir, state_dict=state_dict, **extra)
+    elif is_main_rank():
+        model.save_pretrained(adapter_dir, **extra)
+    barrier()
+    return is_main_rank()
 
 
 def train_and_measure(
@@ -113,6 +177,12 @@ def train_and_measure(
     tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_begin
     stats = {**throughput(tokens, seconds, device), **(levers or {})}
     report("throughput", throughput_summary(stats), stats)
+
+
+def sample_here(trainer: Trainer) -> bool:
+    """Whether this process generates the run's sample: a single process, or rank 0 of a
+    DDP run (a whole model); under FSDP no rank holds the whole model, so no sample."""
+    return is_main_rank() and not trainer.is_fsdp_enabled
 
 
 def report_tokens(report: Reporter, train, valid, max_length: int, **extra) -> None:
@@ -147,6 +217,7 @@ def load_base(
         gradient_checkpointing=spec.options.gradient_checkpointing,
         classes=classes,
         on_message=hooks.on_message,
+        sharded=spec.world_size > 1 and spec.parallelism == FSDP,
     )
     if liger:
         apply_liger(base.model)
