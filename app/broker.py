@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 
 from celery import Celery
 
@@ -12,11 +13,20 @@ from app.config import Settings
 
 TRAIN_TASK = "lathe.train_job"
 QUEUE_PREFIX = "lathe.gpu."
+WORKER_QUEUE_PREFIX = "lathe.worker."
 
 
 def class_queue(gpu_class: str) -> str:
-    """Each GPU class has its own queue; every worker of the class consumes it."""
+    """Each GPU class has its own queue; every worker of the class consumes it (tasks sent
+    before dispatches named a worker, and by hand)."""
     return QUEUE_PREFIX + gpu_class
+
+
+def worker_queue(worker_id: str) -> str:
+    """Each worker host's own queue: the scheduler places a job on one host (all of a
+    multi-GPU job's GPUs on the same one) and sends it there. Characters a transport
+    might read specially (dots, slashes) become underscores."""
+    return WORKER_QUEUE_PREFIX + re.sub(r"[^A-Za-z0-9@_-]", "_", worker_id)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -25,7 +35,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,  # a job's message is acked only when the task ends...
         task_reject_on_worker_lost=True,  # ...and requeued if its process dies
         worker_prefetch_multiplier=1,  # an idle GPU never has a second job reserved
-        worker_concurrency=1,  # one job per GPU
+        worker_concurrency=1,  # `lathe worker` sets one pool process per GPU of its host
         # No worker_max_tasks_per_child: each job trains in a subprocess of its own
         # (worker.job_process), which returns all GPU memory when it exits, while the pool
         # process stays warm, so a freed slot takes its next task at once.
@@ -54,14 +64,14 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-def send_training_task(celery: Celery, job_id: str, token: int, gpu_class: str) -> None:
-    """Sent by the scheduler only when a slot of `gpu_class` is free (late dispatch)."""
-    celery.send_task(TRAIN_TASK, args=[job_id, token], queue=class_queue(gpu_class))
+def send_training_task(celery: Celery, job_id: str, token: int, worker_id: str) -> None:
+    """Sent by the scheduler only when the worker has the job's GPUs free (late dispatch)."""
+    celery.send_task(TRAIN_TASK, args=[job_id, token], queue=worker_queue(worker_id))
 
 
-def tasks_in_broker(celery: Celery, gpu_classes: list[str]) -> set[tuple[str, int]] | None:
-    """(job id, dispatch token) of each training task the broker holds: waiting in a class queue, or
-    delivered to a worker and not yet acknowledged. None where the transport cannot be
+def tasks_in_broker(celery: Celery, queues: list[str]) -> set[tuple[str, int]] | None:
+    """(job id, dispatch token) of each training task the broker holds: waiting in one of
+    `queues`, or delivered to a worker and not yet acknowledged. None where the transport cannot be
     inspected (the embedded file-system queue): then only the dispatch timeout applies.
 
     Used to notice messages the broker lost (a Redis restart without persistence, a
@@ -73,7 +83,7 @@ def tasks_in_broker(celery: Celery, gpu_classes: list[str]) -> set[tuple[str, in
     with celery.connection_for_read() as conn:
         channel = conn.default_channel
         client = channel.client
-        raw = [m for name in gpu_classes for m in client.lrange(class_queue(name), 0, -1)]
+        raw = [m for name in queues for m in client.lrange(name, 0, -1)]
         raw += [json.loads(v)[0] for v in client.hvals(channel.unacked_key)]
     for message in raw:
         body = json.loads(message) if isinstance(message, (bytes, str)) else message

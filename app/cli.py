@@ -149,7 +149,8 @@ def worker(
     name: str = typer.Option(None, help="Worker id (default: lathe-CLASS-PID@HOST)."),
     loglevel: str = typer.Option("INFO"),
 ) -> None:
-    """Run a Celery GPU worker for one GPU: one job at a time, each in a fresh process."""
+    """Run a Celery worker for this host's GPUs: one pool process per GPU, each job in a
+    fresh process (a multi-GPU job's ranks on the GPUs it holds)."""
     from app.lifetime import die_with_parent
 
     # Started by `lathe serve` (embedded): a cold shutdown when the server is gone, then
@@ -162,7 +163,7 @@ def worker(
     get_settings.cache_clear()
     settings = get_settings()
 
-    from app.broker import class_queue
+    from app.broker import class_queue, worker_queue
     from worker.registry import default_worker_id, resolve_hardware
 
     hardware = resolve_hardware(settings)
@@ -178,19 +179,20 @@ def worker(
     install_celery_logging(settings.log_format)
 
     console.print(
-        f"worker {worker_id}: class {hardware.gpu_class}, {hardware.memory_gb} GB "
-        f"({hardware.gpu_name}), queue {class_queue(hardware.gpu_class)}"
+        f"worker {worker_id}: {hardware.gpus} x class {hardware.gpu_class}, "
+        f"{hardware.memory_gb} GB ({hardware.gpu_name}), queue {worker_queue(worker_id)}"
     )
     celery.worker_main(
         [
             "worker",
             f"--loglevel={loglevel}",
-            "--concurrency=1",
+            # One pool process per GPU: jobs side by side, a multi-GPU job in one of them.
+            f"--concurrency={hardware.gpus}",
             "--pool=prefork",
             "-O",
             "fair",
             "-Q",
-            class_queue(hardware.gpu_class),
+            f"{worker_queue(worker_id)},{class_queue(hardware.gpu_class)}",
             "-n",
             worker_id,
             "--without-gossip",

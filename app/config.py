@@ -172,9 +172,11 @@ class Settings(BaseSettings):
     # (announced ever, live or not), and accepted unchecked while no class is known.
     # Unset: none, except the embedded default, which declares its own worker's "cpu".
     gpu_classes: dict[str, float] | None = None
-    # This worker's class, memory (GB) and name; detected from the GPU when unset.
+    # This worker's class, memory (GB), GPU count and name; detected when unset (GPUs: the
+    # devices nvidia-smi lists, within CUDA_VISIBLE_DEVICES; a CPU worker: 1).
     worker_gpu_class: str | None = None
     worker_memory_gb: float | None = None
+    worker_gpus: int | None = Field(None, ge=1, le=64)
     worker_name: str | None = None
     # Workers heartbeat this often; one silent for `worker_lease_seconds` is lost and its
     # running job goes back in line.
@@ -198,6 +200,15 @@ class Settings(BaseSettings):
     dispatch_charge_seconds: float = 300.0
     # Used for estimated start times until the pool has finished jobs to learn from.
     typical_job_seconds: float = 600.0
+    # Preemption by fair share (docs/scheduling.md): a team below its share whose job has
+    # waited `preemption_wait_seconds` takes GPUs from a team above its share. The job
+    # paused for it checkpoints at its next step and resumes automatically; a job is
+    # preempted at most `preemption_max_per_job` times and never within
+    # `preemption_min_run_seconds` of its start or last resume.
+    preemption_enabled: bool = True
+    preemption_wait_seconds: float = Field(900.0, ge=0)
+    preemption_max_per_job: int = Field(3, ge=0)
+    preemption_min_run_seconds: float = Field(1800.0, ge=0)
     default_quotas: QuotaDefaults = Field(default_factory=QuotaDefaults)
 
     # --- Monitoring (docs/operations.md#monitoring) ---

@@ -129,6 +129,7 @@ class DatabaseCollector:
                     *self._queue(session),
                     *self._workers(session),
                     self._team_usage(session),
+                    self._preemptions(session),
                 ]
             up = 1.0
         except Exception as exc:  # the database is away: say so, keep the scrape
@@ -293,6 +294,24 @@ class DatabaseCollector:
         )
         for team_id, name, seconds in sorted(rows, key=lambda r: r[1]):
             family.add_metric([name, team_id], float(seconds))
+        return family
+
+    def _preemptions(self, session: Session) -> Metric:
+        """Jobs paused by the scheduler for another team (app.services.preemptions), per
+        team of the preempted job: the sum of the jobs' own counts, which only grow."""
+        rows = session.execute(
+            select(Team.id, Team.name, func.coalesce(func.sum(Job.preemptions), 0))
+            .select_from(Team)
+            .outerjoin(Job, Job.team_pk == Team.pk)
+            .group_by(Team.pk, Team.id, Team.name)
+        ).all()
+        family = CounterMetricFamily(
+            "lathe_preemptions",
+            "Times the scheduler preempted a team's jobs for fair share",
+            labels=["team", "team_id"],
+        )
+        for team_id, name, count in sorted(rows, key=lambda r: r[1]):
+            family.add_metric([name, team_id], float(count))
         return family
 
 

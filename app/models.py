@@ -173,7 +173,7 @@ class Job(Base):
     # claim to the end of its run, and the worker whose own queue its dispatch went to.
     gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     parallelism: Mapped[str | None] = mapped_column(String(8))
-    devices: Mapped[list | None] = mapped_column(JSON)
+    devices: Mapped[list | None] = mapped_column(JSON(none_as_null=True))  # NULL: holds none
     dispatched_worker: Mapped[str | None] = mapped_column(String(200))
     # Preemption: times the scheduler paused the job for another team, when it last did
     # (set while the job waits to resume automatically), and an administrator's mark.

@@ -8,7 +8,7 @@ import os
 
 from celery.signals import worker_ready, worker_shutdown
 
-from app.broker import class_queue, make_celery
+from app.broker import class_queue, make_celery, worker_queue
 from app.config import get_settings
 
 celery = make_celery(get_settings())
@@ -26,17 +26,18 @@ def _start_heartbeat(sender=None, **_) -> None:
     settings = get_settings()
     hardware = resolve_hardware(settings)
     worker_id = os.environ["LATHE_WORKER_ID"]
-    queue = class_queue(hardware.gpu_class)
+    queues = (worker_queue(worker_id), class_queue(hardware.gpu_class))
 
     def on_drain(resume: bool = False) -> None:
         # Broadcast control: handled on the worker's own event loop, not this thread.
-        try:
-            if resume:
-                celery.control.add_consumer(queue, destination=[worker_id], reply=False)
-            else:
-                celery.control.cancel_consumer(queue, destination=[worker_id], reply=False)
-        except Exception:
-            log.exception("could not %s consuming %s", "resume" if resume else "stop", queue)
+        for queue in queues:
+            try:
+                if resume:
+                    celery.control.add_consumer(queue, destination=[worker_id], reply=False)
+                else:
+                    celery.control.cancel_consumer(queue, destination=[worker_id], reply=False)
+            except Exception:
+                log.exception("could not %s consuming %s", "resume" if resume else "stop", queue)
 
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     _heartbeat = Heartbeat(sessions, settings, worker_id, hardware, on_drain)

@@ -25,7 +25,7 @@ from app.lifetime import child_env
 from app.logs import bind, log_context
 from app.models import Job
 from app.services import lifecycle
-from worker.registry import worker_id
+from worker.registry import visible_gpus, worker_id
 from worker.run_outcome import MISSING, skipped
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,14 @@ def _run_job(job_id: str, settings: Settings, token: int | None, isolate: bool) 
             bind(team_id=job.team.id)
             attempt = job.attempt + 1
             if not lifecycle.claim(session, job, worker=me, token=token):
-                session.rollback()  # cancelled or paused meanwhile, or a stale delivery
+                session.commit()  # a dispatch taken back, if the GPUs were not free
                 return skipped(job.status)
+            devices = list(job.devices or [])
             session.commit()
         started = time.monotonic()
         try:
             if isolate:
-                return supervise(job_id, sessions, me, attempt, settings)
+                return supervise(job_id, sessions, me, attempt, settings, devices)
             from worker.job_training import train_or_fail
 
             return train_or_fail(job_id, settings, sessions, attempt)
@@ -78,15 +79,32 @@ def _run_job(job_id: str, settings: Settings, token: int | None, isolate: bool) 
         engine.dispose()
 
 
+def device_env(devices: list[int]) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for a run holding `devices` (indexes among the worker's own
+    GPUs, which may themselves be a CUDA_VISIBLE_DEVICES subset of the host's)."""
+    if not devices:
+        return {}
+    mine = visible_gpus()
+    physical = [mine[d] if mine and d < len(mine) else str(d) for d in devices]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(physical)}
+
+
 def supervise(
-    job_id: str, sessions: sessionmaker[Session], me: str, attempt: int, settings: Settings
+    job_id: str,
+    sessions: sessionmaker[Session],
+    me: str,
+    attempt: int,
+    settings: Settings,
+    devices: list[int] | None = None,
 ) -> str:
-    """Train in `python -m worker.job_process`; if the job is cancelled or paused and the
-    process has not stopped on its own within the grace period (it polls every step), it
-    is killed so the GPU is freed whatever state training is in."""
+    """Train in `python -m worker.job_process` on the GPUs the claim gave the job; if the
+    job is cancelled or paused and the process has not stopped on its own within the
+    grace period (it polls every step), it is killed (with its ranks, which die with it)
+    so the GPUs are freed whatever state training is in."""
     fence = lifecycle.run_fence(me, attempt)
     proc = subprocess.Popen(  # it dies with this process (app/lifetime.py)
-        [sys.executable, "-m", "worker.job_process", job_id, str(attempt)], env=child_env()
+        [sys.executable, "-m", "worker.job_process", job_id, str(attempt)],
+        env={**child_env(), **device_env(devices or [])},
     )
     stopping_since: float | None = None
     while proc.poll() is None:

@@ -36,6 +36,17 @@ class Hardware:
     gpu_name: str
     gpu_class: str
     memory_gb: float
+    gpus: int = 1
+    """GPUs of the host this worker manages (jobs run side by side, a multi-GPU job on
+    several)."""
+
+
+def visible_gpus() -> list[str] | None:
+    """The GPU indexes this worker may use: CUDA_VISIBLE_DEVICES when set, else None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    return [d.strip() for d in visible.split(",") if d.strip()]
 
 
 def class_from_gpu_name(name: str, memory_gb: float) -> str:
@@ -47,16 +58,17 @@ def class_from_gpu_name(name: str, memory_gb: float) -> str:
 
 
 def detect_hardware() -> Hardware:
-    """The first visible GPU through nvidia-smi (no torch in the parent); else the CPU."""
+    """The visible GPUs through nvidia-smi (no torch in the parent): the first one's name
+    and memory, and how many; else the CPU. A host's GPUs are taken to be alike (a mixed
+    host runs one worker per kind, each with its CUDA_VISIBLE_DEVICES)."""
     if shutil.which("nvidia-smi"):
-        index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        visible = visible_gpus()
         try:
-            out = (
+            lines = (
                 subprocess.run(
                     [
                         "nvidia-smi",
-                        "-i",
-                        index,
+                        *(["-i", ",".join(visible)] if visible else []),
                         "--query-gpu=name,memory.total",
                         "--format=csv,noheader,nounits",
                     ],
@@ -66,11 +78,13 @@ def detect_hardware() -> Hardware:
                     check=True,
                 )
                 .stdout.strip()
-                .splitlines()[0]
+                .splitlines()
             )
-            name, mib = (part.strip() for part in out.split(","))
+            name, mib = (part.strip() for part in lines[0].split(","))
             memory_gb = float(mib) / 1024
-            return Hardware(name, class_from_gpu_name(name, memory_gb), round(memory_gb, 1))
+            return Hardware(
+                name, class_from_gpu_name(name, memory_gb), round(memory_gb, 1), len(lines)
+            )
         except (subprocess.SubprocessError, OSError, ValueError, IndexError):
             log.warning("nvidia-smi did not answer; registering as a CPU worker")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
@@ -78,12 +92,15 @@ def detect_hardware() -> Hardware:
 
 
 def resolve_hardware(settings: Settings) -> Hardware:
-    """Detected hardware, with LATHE_WORKER_GPU_CLASS / _MEMORY_GB taking precedence."""
+    """Detected hardware, with LATHE_WORKER_GPU_CLASS / _MEMORY_GB / _GPUS taking
+    precedence (on a CPU worker, LATHE_WORKER_GPUS=N runs N jobs side by side, or a job's
+    N ranks on gloo: how tests stand in for a multi-GPU host)."""
     found = detect_hardware()
     return Hardware(
         found.gpu_name,
         settings.worker_gpu_class or found.gpu_class,
         settings.worker_memory_gb or found.memory_gb,
+        settings.worker_gpus or found.gpus,
     )
 
 
@@ -126,6 +143,7 @@ class Heartbeat:
             row.gpu_name = self.hardware.gpu_name
             row.gpu_class = self.hardware.gpu_class
             row.memory_gb = self.hardware.memory_gb
+            row.gpus = self.hardware.gpus
             row.status = WorkerState.ACTIVE
             row.current_job = None
             row.started_at = now()
@@ -143,6 +161,12 @@ class Heartbeat:
         ).all()
         for job in orphans:  # a restart is a loss like any other: it counts to the limit
             lifecycle.requeue(session, job, f"Worker {self.worker_id} restarted")
+        # Runs that were stopping (paused, cancelled) when it died hold nothing any more.
+        session.execute(
+            update(Job)
+            .where(Job.worker == self.worker_id, Job.devices.is_not(None))
+            .values(devices=None)
+        )
 
     def start(self) -> None:
         self.register()

@@ -118,7 +118,9 @@ def plan_preemptions(
         if job.waited < policy.wait_seconds:
             continue
         classes = job.eligible
-        hosts = [h for h, (cls, gpus, _) in host_gpus.items() if cls in classes and gpus >= job.gpus]
+        hosts = [
+            h for h, (cls, gpus, _) in host_gpus.items() if cls in classes and gpus >= job.gpus
+        ]
         if any(spare[h] >= job.gpus for h in hosts):
             continue  # it can start, or GPUs are already being freed for it
         mine = holding(job.team, classes)
@@ -128,8 +130,17 @@ def plan_preemptions(
         best: tuple | None = None
         for host in hosts:
             chosen = _victims_on(
-                host, job, running, taken, max(0, spare[host]), classes, policy, weights,
-                holding, entitlement, my_level,
+                host,
+                job,
+                running,
+                taken,
+                max(0, spare[host]),
+                classes,
+                policy,
+                weights,
+                holding,
+                entitlement,
+                my_level,
             )
             if chosen is None:
                 continue
@@ -151,7 +162,16 @@ def plan_preemptions(
 
 
 def _victims_on(
-    host, job, running, taken, free_now, classes, policy, weights, holding, entitlement,
+    host,
+    job,
+    running,
+    taken,
+    free_now,
+    classes,
+    policy,
+    weights,
+    holding,
+    entitlement,
     my_level,
 ):
     """The victims on `host` that give `job` its GPUs, in the policy's order; None when

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sqlalchemy import update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from app.domain.jobs import JobKind, JobStatus, sources_of
@@ -29,8 +29,8 @@ MAX_WORKER_LOSSES = 3
 time (an OOM that kills the host, say) must not be re-queued forever."""
 
 # The fields a job sheds when it leaves a dispatch, and when it leaves a worker.
-UNDISPATCHED = {"dispatched_at": None, "dispatched_class": None}
-OFF_WORKER = {"worker": None, "estimated_finish": None}
+UNDISPATCHED = {"dispatched_at": None, "dispatched_class": None, "dispatched_worker": None}
+OFF_WORKER = {"worker": None, "estimated_finish": None, "devices": None}
 
 
 def transition(
@@ -76,10 +76,12 @@ def queue(session: Session, job: Job, *, training: File) -> bool:
     )
 
 
-def dispatch(session: Session, job_pk: int, *, gpu_class: str, at: float) -> tuple[str, int] | None:
-    """Send a waiting job to `gpu_class`'s queue: it stays `queued`, marked dispatched,
-    with a new fencing token that the task carries and the claim requires. Returns the
-    job's id and token, or None if it is no longer waiting."""
+def dispatch(
+    session: Session, job_pk: int, *, gpu_class: str, worker: str, at: float
+) -> tuple[str, int] | None:
+    """Send a waiting job to `worker` (a host of `gpu_class`) and its own queue: it stays
+    `queued`, marked dispatched, with a new fencing token that the task carries and the
+    claim requires. Returns the job's id and token, or None if it is no longer waiting."""
     row = session.execute(
         update(Job)
         .where(
@@ -90,6 +92,7 @@ def dispatch(session: Session, job_pk: int, *, gpu_class: str, at: float) -> tup
         .values(
             dispatched_at=int(at),
             dispatched_class=gpu_class,
+            dispatched_worker=worker,
             dispatch_token=Job.dispatch_token + 1,
         )
         .returning(Job.id, Job.dispatch_token)
@@ -108,25 +111,50 @@ def recall_dispatches(session: Session, *where: object, new_token: bool = True) 
 
 
 def claim(session: Session, job: Job, *, worker: str, token: int | None) -> bool:
-    """queued -> running on `worker`, in a new attempt, if the task's dispatch `token` is
-    still the job's (None: any); the worker's registry row shows the job. False when the
-    job was cancelled or paused meanwhile, or the task is a stale or duplicate delivery."""
+    """queued -> running on `worker`, in a new attempt, holding `job.gpus` of the worker's
+    devices, if the task's dispatch `token` is still the job's (None: any); the worker's
+    registry row shows the job. False when the job was cancelled or paused meanwhile, the
+    task is a stale or duplicate delivery, or the worker has not the GPUs free (then the
+    dispatch is taken back at once, for the next scheduler pass)."""
     token_fence = () if token is None else (Job.dispatch_token == token,)
     what = "Export" if job.kind == JobKind.EXPORT else "Fine-tuning job"
+    gpus = job.gpus or 1
+    devices = free_devices(session, worker)
+    if devices is not None and len(devices) < gpus:
+        recall_dispatches(session, Job.pk == job.pk, Job.status == JobStatus.QUEUED.value)
+        return False
+    held = (devices or list(range(gpus)))[:gpus]
+    on = f"GPU {held[0]}" if gpus == 1 else f"GPUs {', '.join(map(str, held))}"
     claimed = transition(
         session,
         job,
         JobStatus.RUNNING,
-        f"{what} started on worker {worker}",
+        f"{what} started on worker {worker} ({on})",
         fence=(Job.status == JobStatus.QUEUED.value, *token_fence),
         worker=worker,
         attempt=job.attempt + 1,
         started_at=now(),
         dispatched_at=None,  # claimed: no longer a dispatch waiting for a worker
+        devices=held,
+        preempted_at=None,
     )
     if claimed:
         _show_on_worker(session, worker, job.id)
     return claimed
+
+
+def free_devices(session: Session, worker: str) -> list[int] | None:
+    """The worker's device indexes no run holds, its row locked until the caller's commit
+    so two claims on one host cannot take the same GPU. None when the worker has no
+    registry row (a run started by hand): then the job takes devices from 0."""
+    gpus = session.scalar(select(Worker.gpus).where(Worker.id == worker).with_for_update())
+    if gpus is None:
+        return None
+    held = session.scalars(
+        select(Job.devices).where(Job.worker == worker, Job.devices.is_not(None))
+    )
+    taken = {device for devices in held for device in devices}
+    return [device for device in range(gpus) if device not in taken]
 
 
 def run_fence(worker: str, attempt: int) -> tuple:
@@ -203,17 +231,52 @@ def pause(session: Session, job: Job) -> bool:
         **UNDISPATCHED,
         dispatch_token=Job.dispatch_token + 1,  # a task still in the broker cannot claim it
         estimated_finish=None,
+        preempted_at=None,  # paused by its team: it waits for its team, not the scheduler
     )
 
 
-def resume(session: Session, job: Job) -> bool:
+def keep_paused(session: Session, job: Job) -> bool:
+    """A job the scheduler preempted (paused, to resume automatically) stays paused until
+    its team resumes it: its team paused it too."""
+    result = session.execute(
+        update(Job)
+        .where(Job.pk == job.pk, Job.status == JobStatus.PAUSED.value)
+        .values(preempted_at=None)
+    )
+    session.expire(job)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job.pk, "Fine-tuning job paused by its team; it resumes when asked")
+    return True
+
+
+def preempt(session: Session, job: Job, message: str, *, at: float) -> bool:
+    """running -> paused by the scheduler, for another team's job (app.services.preemption):
+    the run checkpoints at its next step and stops like a pause; once its GPUs are free
+    the scheduler resumes it (it keeps its place in line by age)."""
+    return transition(
+        session,
+        job,
+        JobStatus.PAUSED,
+        message,
+        level="warn",
+        fence=(Job.status == JobStatus.RUNNING.value, Job.preemptions == job.preemptions),
+        **UNDISPATCHED,
+        dispatch_token=Job.dispatch_token + 1,
+        estimated_finish=None,
+        preemptions=job.preemptions + 1,
+        preempted_at=int(at),
+    )
+
+
+def resume(session: Session, job: Job, message: str = "Fine-tuning job resumed") -> bool:
     """paused -> queued: back in line, to continue from its last checkpoint."""
     return transition(
         session,
         job,
         JobStatus.QUEUED,
-        "Fine-tuning job resumed; back in line",
-        fence=(Job.status == JobStatus.PAUSED.value,),
+        f"{message}; back in line",
+        fence=(Job.status == JobStatus.PAUSED.value, Job.devices.is_(None)),
         worker=None,
     )
 
@@ -302,14 +365,20 @@ def release(
     session: Session, job_id: str, *, worker: str, seconds: float, half_life_hours: float
 ) -> None:
     """The end of a run, whatever its outcome: meter its GPU time (on the job and, for
-    fair share, on its team) and free the worker's slot."""
-    record_gpu_seconds(session, job_id, seconds, half_life_hours)
-    _show_on_worker(session, worker, None)
+    fair share, on its team: N GPUs for T seconds are N*T) and free its GPUs."""
+    gpus = session.scalar(select(Job.gpus).where(Job.id == job_id)) or 1
+    record_gpu_seconds(session, job_id, seconds * gpus, half_life_hours)
+    session.execute(update(Job).where(Job.id == job_id, Job.worker == worker).values(devices=None))
+    session.execute(
+        update(Worker)
+        .where(Worker.id == worker)
+        .values(
+            jobs_done=Worker.jobs_done + 1,
+            current_job=case((Worker.current_job == job_id, None), else_=Worker.current_job),
+        )
+    )
 
 
-def _show_on_worker(session: Session, worker: str, job_id: str | None) -> None:
-    """Show the job on the worker's registry row (None: the slot is free again)."""
-    values: dict = {"current_job": job_id}
-    if job_id is None:
-        values["jobs_done"] = Worker.jobs_done + 1
-    session.execute(update(Worker).where(Worker.id == worker).values(**values))
+def _show_on_worker(session: Session, worker: str, job_id: str) -> None:
+    """Show the job on the worker's registry row (the latest of the host's jobs)."""
+    session.execute(update(Worker).where(Worker.id == worker).values(current_job=job_id))

@@ -6,6 +6,7 @@ and by the queue and workers endpoints.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.domain.jobs import JobStatus
+from app.domain.placement import Host
 from app.domain.quotas import Quotas, merge
 from app.domain.scheduling import TeamShare, decayed_usage
 from app.domain.workers import LIVE_STATES, WorkerState
@@ -100,7 +102,7 @@ def online_classes(session: Session, settings: Settings, at: float | None = None
 
 
 def pending_dispatches(session: Session) -> dict[str, int]:
-    """Jobs sent to a class queue that no worker has claimed yet, per class."""
+    """Jobs sent to a worker that no worker has claimed yet, per class."""
     rows = session.execute(
         select(Job.dispatched_class, func.count())
         .where(Job.dispatched_at.is_not(None), Job.status == JobStatus.QUEUED.value)
@@ -109,43 +111,86 @@ def pending_dispatches(session: Session) -> dict[str, int]:
     return {cls: n for cls, n in rows if cls}
 
 
+STOPPING_SECONDS = 60.0
+"""How soon a run told to stop (paused, preempted, cancelled) is expected to free its
+GPUs: it stops at its next step, after a checkpoint."""
+
+
+def pool_hosts(
+    session: Session, settings: Settings, at: float, typical_seconds: float | None = None
+) -> list[Host]:
+    """Every live worker host with, for each of its GPUs, the seconds until it frees.
+
+    A GPU held by a run frees at the run's estimated finish (else after a typical job), or
+    soon if the run was told to stop; one a dispatch is waiting to claim after a typical
+    job. A draining host's GPUs never free for new work (math.inf)."""
+    typical = settings.typical_job_seconds if typical_seconds is None else typical_seconds
+    workers = live_workers(session, settings, at)
+    ids = [w.id for w in workers]
+    free_in = {w.id: [0.0] * max(1, w.gpus or 1) for w in workers}
+    held = session.execute(
+        select(Job.worker, Job.devices, Job.status, Job.estimated_finish).where(
+            Job.worker.in_(ids), Job.devices.is_not(None)
+        )
+    )
+    for worker, devices, status, estimated_finish in held:
+        if status != JobStatus.RUNNING.value:
+            remaining = STOPPING_SECONDS
+        elif estimated_finish:
+            remaining = max(1.0, estimated_finish - at)
+        else:
+            remaining = typical
+        gpus = free_in[worker]
+        for device in devices:
+            if 0 <= device < len(gpus):
+                gpus[device] = remaining
+    pending = session.execute(
+        select(Job.dispatched_worker, Job.gpus).where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.dispatched_at.is_not(None),
+            Job.dispatched_worker.in_(ids),
+        )
+    )
+    for worker, gpus in pending:
+        slots = free_in[worker]
+        for _ in range(gpus or 1):
+            idle = next((i for i, t in enumerate(slots) if t <= 0), None)
+            if idle is not None:
+                slots[idle] = typical
+    hosts = []
+    for w in workers:
+        gpus = free_in[w.id]
+        if w.status != WorkerState.ACTIVE:
+            gpus = [math.inf] * len(gpus)
+        hosts.append(Host(w.id, w.gpu_class, gpus))
+    return hosts
+
+
 def free_slots(session: Session, settings: Settings, at: float) -> dict[str, int]:
-    """Per class: idle, undrained live workers minus dispatches still waiting for one."""
-    idle: dict[str, int] = {}
-    for worker in live_workers(session, settings, at):
-        if worker.status == WorkerState.ACTIVE and worker.current_job is None:
-            idle[worker.gpu_class] = idle.get(worker.gpu_class, 0) + 1
-    pending = pending_dispatches(session)
-    return {cls: n - pending.get(cls, 0) for cls, n in idle.items() if n > pending.get(cls, 0)}
+    """Per class: free GPUs of live, undrained hosts (none held, none awaiting a claim)."""
+    free: dict[str, int] = {}
+    for host in pool_hosts(session, settings, at):
+        if host.free_now:
+            free[host.gpu_class] = free.get(host.gpu_class, 0) + host.free_now
+    return free
 
 
 @dataclass(frozen=True)
 class ClassSlots:
-    """How busy a class is: its live workers and, for each, when it frees (seconds)."""
+    """How busy a class is: its live, active GPUs and, for each, when it frees (seconds)."""
 
     workers: int
     free_in: list[float]
 
 
 def slot_free_times(session: Session, settings: Settings, at: float) -> dict[str, ClassSlots]:
-    running = {
-        j.id: j for j in session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value))
-    }
     slots: dict[str, ClassSlots] = {}
-    for worker in live_workers(session, settings, at):
-        if worker.status != WorkerState.ACTIVE and worker.current_job is None:
-            continue  # drained: frees nothing
-        entry = slots.setdefault(worker.gpu_class, ClassSlots(0, []))
-        job = running.get(worker.current_job or "")
-        if job is None:
-            free_in = 0.0
-        elif job.estimated_finish:
-            free_in = max(0.0, job.estimated_finish - at)
-        else:
-            free_in = settings.typical_job_seconds
-        if worker.status != WorkerState.ACTIVE:
-            continue  # draining: finishes its job, then takes nothing
-        slots[worker.gpu_class] = ClassSlots(entry.workers + 1, [*entry.free_in, free_in])
+    for host in pool_hosts(session, settings, at):
+        times = [t for t in host.free_in if not math.isinf(t)]
+        if not times:
+            continue  # drained or draining: frees nothing
+        entry = slots.get(host.gpu_class, ClassSlots(0, []))
+        slots[host.gpu_class] = ClassSlots(entry.workers + 1, [*entry.free_in, *times])
     return slots
 
 
@@ -169,7 +214,7 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
             max_running=limit if limit is not None else defaults.max_running_jobs,
         )
     in_flight = session.execute(
-        select(Job.team_pk, Job.status, Job.started_at).where(
+        select(Job.team_pk, Job.status, Job.started_at, Job.gpus).where(
             (Job.status == JobStatus.RUNNING.value)
             | (Job.dispatched_at.is_not(None) & (Job.status == JobStatus.QUEUED.value))
         )
@@ -181,8 +226,9 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
         if hours is not None and team.pk in shares:
             if month_gpu_seconds(session, team, at) >= hours * 3600:
                 shares[team.pk].max_running = 0
-    for team_pk, status, started_at in in_flight:
+    for team_pk, status, started_at, gpus in in_flight:
         elapsed = at - started_at if status == JobStatus.RUNNING.value and started_at else 0.0
         if team_pk in shares:
             shares[team_pk].running.append(max(0.0, elapsed))
+            shares[team_pk].running_gpus.append(gpus or 1)
     return shares

@@ -1,8 +1,11 @@
 """One scheduler pass: reconcile the pool, then dispatch queued jobs to free GPU slots.
 
-Late dispatch: a job waits in Postgres as `queued` and is sent to its class's Celery queue
-only when a worker of that class is free, so the fair-share decision (app.domain.scheduling)
-is taken at the last moment, with the latest usage. Each dispatch bumps the job's fencing
+Late dispatch: a job waits in Postgres as `queued` and is sent to one worker host's own
+Celery queue only when that host has all the GPUs the job asks for free, so the decision
+(fair share, app.domain.scheduling; gang placement with reservations and backfill,
+app.domain.placement) is taken at the last moment, with the latest usage. Then, if
+enabled, preemption by fair share (app.services.preemptions), and preempted jobs whose
+GPUs are free again go back in line. Each dispatch bumps the job's fencing
 token; the task carries it and the worker's claim requires it, so a task re-sent after a
 timeout, or redelivered by the broker, can never start the job twice.
 
@@ -17,19 +20,22 @@ import time
 from dataclasses import dataclass, field
 
 from celery import Celery
-from sqlalchemy import case, func, or_, select, text, true
+from sqlalchemy import case, func, or_, select, text, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.broker import send_training_task, tasks_in_broker
+from app.broker import send_training_task, tasks_in_broker, worker_queue
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
-from app.domain.scheduling import QueuedJob, plan_dispatch
+from app.domain.placement import plan_placement
+from app.domain.scheduling import QueuedJob
 from app.domain.workers import LIVE_STATES, WorkerState
 from app.models import Job, Team, Worker
 from app.services import lifecycle
 from app.services.idempotency import purge_expired
-from app.services.pool import free_slots, pool_classes, team_shares
+from app.services.pool import pool_classes, pool_hosts, team_shares
+from app.services.preemptions import preempt_for_fair_share, resume_preempted
+from app.services.queue_view import typical_job_seconds
 
 log = logging.getLogger(__name__)
 SCHEDULER_LOCK = 0x1A7E  # pg advisory lock key: one pass at a time, pool-wide
@@ -40,9 +46,12 @@ PRIORITY_RANK = case((Job.priority == "high", 0), (Job.priority == "normal", 1),
 @dataclass
 class PassResult:
     dispatched: list[tuple[str, str]] = field(default_factory=list)  # (job id, class)
+    placed_on: dict[str, str] = field(default_factory=dict)  # job id -> worker host
     lost_workers: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)  # lost by the broker
+    preempted: list[str] = field(default_factory=list)  # paused for another team's job
+    resumed: list[str] = field(default_factory=list)  # preempted, back in line
     skipped: bool = False  # another process held the lock
 
 
@@ -67,6 +76,16 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
         worker.status = WorkerState.LOST
         worker.current_job = None
         result.lost_workers.append(worker.id)
+    if lost:  # stopping runs (paused, cancelled) on them hold nothing any more
+        session.execute(
+            update(Job)
+            .where(
+                Job.worker.in_([w.id for w in lost]),
+                Job.status != JobStatus.RUNNING.value,
+                Job.devices.is_not(None),
+            )
+            .values(devices=None)
+        )
     orphans = session.execute(
         select(Job, Worker.status)
         .join(Worker, Worker.id == Job.worker)
@@ -98,7 +117,7 @@ def reconcile_broker(
     """Dispatches the broker no longer holds (it lost them) are taken back for re-dispatch
     in this pass, with a new token, instead of waiting for the dispatch timeout."""
     waiting = session.execute(
-        select(Job.pk, Job.id, Job.dispatched_class, Job.dispatch_token).where(
+        select(Job.pk, Job.id, Job.dispatched_worker, Job.dispatch_token).where(
             Job.status == JobStatus.QUEUED.value,
             Job.dispatched_at.is_not(None),
             Job.dispatched_at < at - settings.broker_check_seconds,
@@ -107,7 +126,8 @@ def reconcile_broker(
     if not waiting:
         return
     try:
-        held = tasks_in_broker(celery, sorted({row.dispatched_class for row in waiting}))
+        queues = sorted({worker_queue(row.dispatched_worker or "") for row in waiting})
+        held = tasks_in_broker(celery, queues)
     except Exception:  # the broker itself is down: nothing to compare with yet
         log.warning("could not inspect the broker", exc_info=True)
         return
@@ -130,7 +150,15 @@ def _best_per_team(session: Session, classes: dict[str, float], free: dict[str, 
         )
     )
     waiting = (Job.status == JobStatus.QUEUED.value, Job.dispatched_at.is_(None), fits)
-    columns = (Job.pk, Job.team_pk, Job.priority, Job.created_at, Job.gpu_class, Job.memory_gb)
+    columns = (
+        Job.pk,
+        Job.team_pk,
+        Job.priority,
+        Job.created_at,
+        Job.gpu_class,
+        Job.memory_gb,
+        Job.gpus,
+    )
     order = (PRIORITY_RANK, Job.created_at, Job.pk)
     slots = sum(free.values())
     if session.get_bind().dialect.name == "postgresql":
@@ -166,6 +194,7 @@ def load_candidates(
             priority=row.priority,
             created_at=float(row.created_at),
             eligible=eligible_classes(row.gpu_class, row.memory_gb, classes),
+            gpus=row.gpus or 1,
         )
         for row in _best_per_team(session, classes, free)
     ]
@@ -176,7 +205,7 @@ def schedule_once(
 ) -> PassResult:
     at = time.time()
     result = PassResult()
-    sent: list[tuple[str, int, str]] = []
+    sent: list[tuple[str, int, str, str]] = []
     with sessions() as session:
         if not _try_lock(session):
             result.skipped = True
@@ -185,26 +214,45 @@ def schedule_once(
         expire_dispatches(session, settings, at)
         reconcile_broker(session, settings, celery, at, result)
         purge_expired(session, at)
-        free = free_slots(session, settings, at)
+        typical = typical_job_seconds(session, settings)
+        hosts = pool_hosts(session, settings, at, typical)
+        free: dict[str, int] = {}
+        for host in hosts:
+            if host.free_now:
+                free[host.gpu_class] = free.get(host.gpu_class, 0) + host.free_now
         if free:
             classes = pool_classes(session, settings)
             candidates = load_candidates(session, classes, free)
             if candidates:
                 shares = team_shares(session, settings, at)
                 smallest_first = sorted(classes, key=lambda name: (classes[name], name))
-                for job, gpu_class in plan_dispatch(
-                    candidates, shares, free, settings.dispatch_charge_seconds, smallest_first
-                ):
-                    sending = lifecycle.dispatch(session, job.key, gpu_class=gpu_class, at=at)
+                placement = plan_placement(
+                    candidates,
+                    shares,
+                    hosts,
+                    typical_job_seconds=typical,
+                    dispatch_charge=settings.dispatch_charge_seconds,
+                    class_order=smallest_first,
+                )
+                host_class = {host.id: host.gpu_class for host in hosts}
+                for job, host_id in placement.started:
+                    gpu_class = host_class[host_id]
+                    sending = lifecycle.dispatch(
+                        session, job.key, gpu_class=gpu_class, worker=host_id, at=at
+                    )
                     if sending is not None:
-                        sent.append((*sending, gpu_class))
+                        sent.append((*sending, gpu_class, host_id))
+        if settings.preemption_enabled:
+            result.preempted = preempt_for_fair_share(session, settings, at)
+        result.resumed = resume_preempted(session)
         session.commit()
     # Sent after the commit, so the worker's claim sees the token. A crash in between
     # leaves a dispatch nobody claims, which expire_dispatches takes back.
-    for job_id, token, gpu_class in sent:
+    for job_id, token, gpu_class, host_id in sent:
         try:
-            send_training_task(celery, job_id, token, gpu_class)
+            send_training_task(celery, job_id, token, host_id)
             result.dispatched.append((job_id, gpu_class))
+            result.placed_on[job_id] = host_id
         except Exception:
             log.exception("could not send %s to the broker; it will be dispatched again", job_id)
             with sessions() as session:
@@ -212,6 +260,13 @@ def schedule_once(
                     session, Job.id == job_id, Job.dispatch_token == token, new_token=False
                 )
                 session.commit()
-    if result.dispatched or result.requeued or result.lost_workers or result.redispatched:
+    if (
+        result.dispatched
+        or result.requeued
+        or result.lost_workers
+        or result.redispatched
+        or result.preempted
+        or result.resumed
+    ):
         log.info("scheduler pass: %s", result)
     return result

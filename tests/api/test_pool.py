@@ -13,7 +13,7 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from app.broker import class_queue, make_celery
+from app.broker import make_celery, worker_queue
 from app.db import make_engine, make_sessionmaker
 from app.domain.workers import WorkerState
 from app.models import Job, JobEvent, Team, Worker
@@ -105,15 +105,16 @@ def train_id(team) -> str:
     return team.upload(CHAT).json()["id"]
 
 
-def test_a_pass_dispatches_to_the_free_class_queue_with_a_fencing_token(
+def test_a_pass_dispatches_to_the_free_workers_queue_with_a_fencing_token(
     team, train_id, api_env, sessions, add_worker, gpu_class
 ) -> None:
-    add_worker(gpu_class)
+    worker_id = add_worker(gpu_class)
     job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
     result = schedule(api_env, sessions)
     assert (job_id, gpu_class) in result.dispatched
+    assert result.placed_on[job_id] == worker_id
     messages = redis.Redis.from_url(api_env["LATHE_BROKER_URL"]).lrange(
-        class_queue(gpu_class), 0, -1
+        worker_queue(worker_id), 0, -1
     )
     assert [json.loads(m)["headers"]["argsrepr"] for m in messages] == [repr([job_id, 1])]
     # The one slot now has a dispatch waiting on it: a second pass sends nothing more.
@@ -359,15 +360,18 @@ def test_resume_waits_until_the_worker_has_let_go(
 ) -> None:
     worker_id = add_worker(gpu_class)
     job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
-    with sessions() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(status="paused"))
-        session.execute(update(Worker).where(Worker.id == worker_id).values(current_job=job_id))
+    with sessions() as session:  # paused, its run still holding its GPU
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="paused", worker=worker_id, devices=[0])
+        )
         session.commit()
     refused = team.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "job_still_stopping"
-    with sessions() as session:
-        session.execute(update(Worker).where(Worker.id == worker_id).values(current_job=None))
+    with sessions() as session:  # the run ended (lifecycle.release)
+        session.execute(update(Job).where(Job.id == job_id).values(devices=None))
         session.commit()
     assert team.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"
 
@@ -390,7 +394,7 @@ def test_an_expired_dispatch_gets_a_new_token(
 def test_a_dispatch_the_broker_lost_is_sent_again_with_a_new_token(
     team, train_id, api_env, sessions, add_worker, gpu_class
 ) -> None:
-    add_worker(gpu_class)
+    worker_id = add_worker(gpu_class)
     job_id = create(team, train_id, gpu_class=gpu_class).json()["id"]
     assert [j for j, _ in schedule(api_env, sessions).dispatched] == [job_id]
     broker = redis.Redis.from_url(api_env["LATHE_BROKER_URL"])
@@ -400,11 +404,11 @@ def test_a_dispatch_the_broker_lost_is_sent_again_with_a_new_token(
         )
         session.commit()
     assert schedule(api_env, sessions).redispatched == []
-    broker.delete(class_queue(gpu_class))  # Redis lost it (a restart, a FLUSHALL)
+    broker.delete(worker_queue(worker_id))  # Redis lost it (a restart, a FLUSHALL)
     result = schedule(api_env, sessions)
     assert result.redispatched == [job_id]
     assert [j for j, _ in result.dispatched] == [job_id]
-    messages = broker.lrange(class_queue(gpu_class), 0, -1)
+    messages = broker.lrange(worker_queue(worker_id), 0, -1)
     assert [json.loads(m)["headers"]["argsrepr"] for m in messages] == [repr([job_id, 3])]
 
 

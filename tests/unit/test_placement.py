@@ -18,9 +18,7 @@ def job(key, team, gpus=1, created=0.0, seconds=None, priority="normal", eligibl
 
 
 def place(jobs, hosts, shares=None, typical=3600.0, order=()):
-    return plan_placement(
-        jobs, shares or {}, hosts, typical_job_seconds=typical, class_order=order
-    )
+    return plan_placement(jobs, shares or {}, hosts, typical_job_seconds=typical, class_order=order)
 
 
 def test_a_gang_job_starts_only_with_all_its_gpus_on_one_host() -> None:
