@@ -11,8 +11,17 @@ POLICY = PreemptionPolicy(wait_seconds=600, max_preemptions=2, min_run_seconds=1
 
 def run(key, team, host="h1", gpus=1, priority="normal", ran=3600, started=0.0, **kw):
     return Running(
-        key, team, host, "a100", gpus, priority, ran, started,
-        kw.get("preemptions", 0), kw.get("preemptible", True), kw.get("stopping", False),
+        key,
+        team,
+        host,
+        "a100",
+        gpus,
+        priority,
+        ran,
+        started,
+        kw.get("preemptions", 0),
+        kw.get("preemptible", True),
+        kw.get("stopping", False),
     )
 
 
