@@ -3,8 +3,9 @@ checkpoint, to resume automatically later) so that a team below its share can st
 
 Policy
 ------
-* Shares here are of GPUs held *now*. Among the teams with jobs running or waiting, a
-  team's entitlement on a set of classes is its weight's part of those classes' GPUs::
+* Shares here are of GPUs held *now*. Among the teams with jobs running on or waiting
+  for a set of classes (a waiting job's), a team's entitlement is its weight's part of
+  those classes' GPUs::
 
       entitlement(team) = gpus_in_classes * weight(team) / sum(weight of active teams)
 
@@ -103,8 +104,14 @@ def plan_preemptions(
         if job.stopping and job.host in spare:
             spare[job.host] += job.gpus
     taken: set[int] = set()
-    active = {job.team for job in running} | {job.team for job in waiting}
-    total_weight = sum(weights.get(team, 1.0) for team in active) or 1.0
+
+    def total_weight(classes: frozenset[str]) -> float:
+        """The weights of the teams with work on those classes: running there, or waiting
+        for one of them."""
+        active = {job.team for job in running if job.gpu_class in classes}
+        active |= {job.team for job in waiting if job.eligible & classes}
+        return sum(weights.get(team, 1.0) for team in active) or 1.0
+
     plans: list[Preemption] = []
 
     def holding(team: int, classes: frozenset[str]) -> int:
@@ -112,7 +119,7 @@ def plan_preemptions(
 
     def entitlement(team: int, classes: frozenset[str]) -> float:
         pool = sum(gpus for cls, gpus, _ in host_gpus.values() if cls in classes)
-        return pool * weights.get(team, 1.0) / total_weight
+        return pool * weights.get(team, 1.0) / total_weight(classes)
 
     for job in sorted(waiting, key=lambda w: (-w.waited, w.key)):
         if job.waited < policy.wait_seconds:

@@ -18,12 +18,14 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
+from app.domain.placement import plan_placement
 from app.domain.scheduling import QueuedJob, estimate_starts, queue_order, waiting_for_worker
 from app.domain.workers import WorkerState
 from app.models import Job, Team
 from app.services.pool import (
     live_workers,
     pool_classes,
+    pool_hosts,
     slot_free_times,
     team_shares,
 )
@@ -34,7 +36,9 @@ class Position:
     position: int  # 1-based, among jobs that compete for the same classes
     estimated_start: int | None  # epoch seconds; None: no worker of its classes is up
     eligible: frozenset[str]
-    waiting_for: str | None = None  # why it will not start: no fitting worker is online
+    # Why it will not start yet: no fitting worker is online, or (a multi-GPU job) it
+    # waits for all its GPUs on one host, with or without a reservation.
+    waiting_for: str | None = None
 
 
 def typical_job_seconds(session: Session, settings: Settings) -> float:
@@ -62,6 +66,7 @@ def _waiting(
             Job.gpu_class,
             Job.memory_gb,
             Job.dispatched_at,
+            Job.gpus,
         )
         .join(Team, Team.pk == Job.team_pk)
         .where(Job.status == JobStatus.QUEUED.value, Team.disabled.is_(False))
@@ -73,6 +78,7 @@ def _waiting(
             row.priority,
             float(row.created_at),
             eligible_classes(row.gpu_class, row.memory_gb, classes),
+            gpus=row.gpus or 1,
         )
         for row in rows
     ]
@@ -86,11 +92,11 @@ def positions(session: Session, settings: Settings) -> dict[int, Position]:
     candidates, jobs = _waiting(session, classes)
     if not candidates:
         return {}
-    order = queue_order(
-        candidates, team_shares(session, settings, at), settings.dispatch_charge_seconds
-    )
+    shares = team_shares(session, settings, at)
+    order = queue_order(candidates, shares, settings.dispatch_charge_seconds)
     slots = slot_free_times(session, settings, at)
     typical = typical_job_seconds(session, settings)
+    gangs = _gang_waits(session, settings, at, candidates, shares, typical, jobs)
     # Position: jobs ahead in the fair-share order that compete for one of its classes
     # (jobs that fit no known class yet wait for the same first worker: they compete).
     seen: dict[frozenset[str], int] = {}
@@ -114,8 +120,43 @@ def positions(session: Session, settings: Settings) -> dict[int, Position]:
         dispatched = jobs[job.key]
         estimate = None if math.isinf(wait) else int(dispatched or at + wait)
         waiting_for = None if dispatched else waiting_for_worker(job.eligible, online)
+        if waiting_for is None and job.key in gangs:
+            waiting_for, starts_in = gangs[job.key]
+            if starts_in is not None:
+                estimate = int(at + starts_in)
         result[job.key] = Position(position, estimate, job.eligible, waiting_for)
     return result
+
+
+def _gang_waits(
+    session: Session,
+    settings: Settings,
+    at: float,
+    candidates: list[QueuedJob],
+    shares,
+    typical: float,
+    dispatched: dict[int, int | None],
+) -> dict[int, tuple[str, float | None]]:
+    """Why each waiting multi-GPU job has not started, and when its reservation starts
+    (None: it has none), as the scheduler's placement sees it now."""
+    if not any(job.gpus > 1 for job in candidates):
+        return {}
+    hosts = pool_hosts(session, settings, at, typical)
+    waiting = [job for job in candidates if not dispatched[job.key]]
+    plan = plan_placement(
+        waiting,
+        shares,
+        hosts,
+        typical_job_seconds=typical,
+        dispatch_charge=settings.dispatch_charge_seconds,
+    )
+    starts = {r.job: r.starts_in for r in plan.reservations}
+    sizes = {job.key: job.gpus for job in waiting}
+    return {
+        key: (f"This job {reason}", starts.get(key))
+        for key, reason in plan.waiting.items()
+        if sizes[key] > 1
+    }
 
 
 def job_position(session: Session, settings: Settings, job: Job) -> Position | None:
