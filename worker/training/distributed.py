@@ -86,17 +86,27 @@ def launcher_command(nproc: int, module: str, args: list[str], workdir: Path) ->
 
 
 def run_ranks(
-    nproc: int, module: str, args: list[str], workdir: Path, env: dict[str, str] | None = None
+    nproc: int,
+    module: str,
+    args: list[str],
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
 ) -> None:
     """Run `python -m module *args` as `nproc` ranks and wait for them all; RankFailed
-    (TrainingDataError when a rank found the data unusable) if any failed. Interrupted here,
-    the launcher is stopped (SIGTERM: torch's agent stops its ranks), then killed."""
+    (TrainingDataError when a rank found the data unusable) if any failed, or if they have
+    not finished within `timeout_s` (tests: a rank stuck in a collective waits 30 minutes
+    for gloo's own timeout). Interrupted here, or timed out, the launcher is stopped
+    (SIGTERM: torch's agent stops its ranks), then killed."""
     failure = workdir / FAILURE_FILE
     failure.unlink(missing_ok=True)
     (workdir / DATA_ERROR_FILE).unlink(missing_ok=True)
     proc = subprocess.Popen(launcher_command(nproc, module, args, workdir), env=child_env(env))
     try:
-        code = proc.wait()
+        code = proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        stop_child(proc, signal.SIGTERM, grace_s=30)
+        raise RankFailed(f"{nproc} training ranks did not finish within {timeout_s} s") from None
     finally:
         if proc.poll() is None:
             stop_child(proc, signal.SIGTERM, grace_s=30)

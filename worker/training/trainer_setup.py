@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -107,7 +108,9 @@ def distributed_arguments(spec: TrainingSpec, device: str, model: PeftModel | No
     that wraps the trainable LoRA layers apart, and sets FSDP's mixed precision to the
     storage dtype. FSDP1 with use_orig_params: frozen and trainable parameters share the
     wrapped layers. Full state dicts: every checkpoint (and the final adapter) holds the whole
-    adapter, gathered on rank 0, as a single process's does.
+    adapter, gathered on rank 0, as a single process's does. Only on GPUs: accelerate turns
+    FSDP on for accelerator devices alone (on the CPU its distributed type is MULTI_CPU and
+    an FSDP config is ignored), so CPU ranks run DDP, as they would anyway.
     """
     if spec.world_size <= 1:
         return {}
@@ -116,7 +119,7 @@ def distributed_arguments(spec: TrainingSpec, device: str, model: PeftModel | No
         ddp_find_unused_parameters=False,  # every LoRA weight has a gradient each step
         average_tokens_across_devices=True,
     )
-    if spec.parallelism == FSDP:
+    if spec.parallelism == FSDP and device == "cuda":
         wrap = decoder_layer_classes(model) if model is not None else []
         arguments.update(
             fsdp="full_shard auto_wrap",
@@ -136,7 +139,10 @@ def distributed_arguments(spec: TrainingSpec, device: str, model: PeftModel | No
 
 
 def save_adapter(
-    trainer: Trainer, model: PeftModel, adapter_dir, selected_adapters: list[str] | None = None
+    trainer: Trainer,
+    model: PeftModel,
+    adapter_dir: Path,
+    selected_adapters: list[str] | None = None,
 ) -> bool:
     """Save the trained adapter (adapter_config.json + adapter_model.safetensors); True in
     the process that wrote it. A single process, and rank 0 of a DDP run (every rank holds
