@@ -231,6 +231,19 @@ def test_a_pause_on_rank_0_stops_every_rank_and_two_ranks_resume_from_its_checkp
     )
     assert resumed.trained_tokens == full.trained_tokens
 
+    # The same checkpoint resumes in a single process too (the adapter and optimizer are
+    # whole; the batches are global), with a warning for the RNG state of a rank it lacks.
+    from worker.training.run import run_training
+    from worker.training.spec import TrainingHooks
+
+    alone = run_training(
+        make_spec(tiny_model, data, tmp_path / "alone", resume_from=checkpoint), TrainingHooks()
+    )
+    assert [r["step"] for r in alone.metrics] == [4, 5, 6, 7, 8]
+    assert losses(paused.metrics + alone.metrics) == pytest.approx(
+        losses(full.metrics), abs=LOSS_TOLERANCE
+    )
+
 
 def test_a_failed_rank_fails_the_run_naming_the_rank_and_its_error(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, (tmp_path, tmp_path), tmp_path)
