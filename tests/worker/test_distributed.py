@@ -47,6 +47,7 @@ from worker.training.spec import (
 from worker.training.tiny_model import ensure_tiny_random_llama
 
 REPO = Path(__file__).resolve().parents[2]
+PREFERENCES = REPO / "app" / "data"
 RANK_PROGRAM = "tests.worker.test_distributed"
 QUESTIONS = [
     ("Say hi.", "Hi!"),
@@ -243,6 +244,33 @@ def test_a_pause_on_rank_0_stops_every_rank_and_two_ranks_resume_from_its_checkp
     assert losses(paused.metrics + alone.metrics) == pytest.approx(
         losses(full.metrics), abs=LOSS_TOLERANCE
     )
+
+
+def test_two_ranks_train_dpo_as_one_process(tiny_model: Path, tmp_path: Path) -> None:
+    from worker.training.run import run_training
+    from worker.training.spec import TrainingHooks
+
+    # 40 pairs, a global batch of 8: 5 steps; the reference is the adapter switched off.
+    spec = make_spec(
+        tiny_model,
+        (PREFERENCES / "sample_preference.jsonl", PREFERENCES / "sample_preference_valid.jsonl"),
+        tmp_path / "single",
+        data_format="preference",
+        method="dpo",
+        n_epochs=1,
+        options=TrainingOptions(sample_max_new_tokens=0),
+    )
+    single = run_training(spec, TrainingHooks())
+    workdir = tmp_path / "ranks"
+    workdir.mkdir()
+    ranks = train_on_two_ranks(dataclasses.replace(spec, output_dir=workdir / "run"), workdir)
+
+    assert [r["step"] for r in ranks.metrics] == [r["step"] for r in single.metrics]
+    for key in ("train_loss", "train_reward_margin", "train_reward_accuracy"):
+        assert [r.get(key) for r in ranks.metrics] == pytest.approx(
+            [r.get(key) for r in single.metrics], abs=LOSS_TOLERANCE
+        ), key
+    assert ranks.trained_tokens == single.trained_tokens
 
 
 def test_a_failed_rank_fails_the_run_naming_the_rank_and_its_error(tmp_path: Path) -> None:
