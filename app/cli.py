@@ -265,6 +265,47 @@ def create_admin_key(name: str) -> None:
     print(key)
 
 
+@admin.command("team-preemptible")
+def team_preemptible(
+    team: str,
+    preemptible: bool = typer.Option(
+        ..., "--on/--off", help="--off: the scheduler never preempts its jobs; --on: default."
+    ),
+) -> None:
+    """Mark a team (name or id) preemptible or not; audited with actor "cli"."""
+    from app.errors import APIError
+    from app.services.team_admin import set_preemptible
+
+    try:
+        with _database_session() as session:
+            name = set_preemptible(session, team, preemptible).name
+    except APIError as exc:
+        console.print(exc.message)
+        raise typer.Exit(1) from None
+    console.print(f"team {name}: preemptible {'on' if preemptible else 'off'}")
+
+
+@admin.command("job-preemptible")
+def job_preemptible(
+    job_id: str,
+    preemptible: bool = typer.Option(
+        ..., "--on/--off", help="--off: the scheduler never preempts it; --on: default."
+    ),
+) -> None:
+    """Mark a job that has not ended preemptible or not; audited with actor "cli"."""
+    from app.errors import APIError
+    from app.services.audit import CLI_ACTOR
+    from app.services.job_admin import set_preemptible
+
+    try:
+        with _database_session() as session:
+            set_preemptible(session, CLI_ACTOR, job_id, preemptible)
+    except APIError as exc:
+        console.print(exc.message)
+        raise typer.Exit(1) from None
+    console.print(f"job {job_id}: preemptible {'on' if preemptible else 'off'}")
+
+
 @app.command()
 def demo(port: int = typer.Option(8123, help="Port for the demo server.")) -> None:
     """Start an embedded server, fine-tune tiny-random-llama on a sample, fetch the adapter."""

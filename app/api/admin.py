@@ -18,6 +18,7 @@ from app.schemas.admin import (
     ApiKey,
     ApiKeyCreated,
     AuditEntry,
+    JobUpdate,
     Team,
     TeamCreate,
     TeamCreated,
@@ -97,6 +98,15 @@ def undrain_worker(worker_id: str, caller: AdminDep, session: SessionDep) -> Wor
 @router.post("/jobs/{job_id}/cancel", response_model=FineTuningJob, responses=CONFLICT)
 def cancel_job(job_id: str, caller: AdminDep, session: SessionDep) -> FineTuningJob:
     job = job_admin.cancel_job(session, caller, job_id)
+    return job_object(job, job.team.id)
+
+
+@router.patch("/jobs/{job_id}", response_model=FineTuningJob, responses=CONFLICT)
+def update_job(
+    job_id: str, body: JobUpdate, caller: AdminDep, session: SessionDep
+) -> FineTuningJob:
+    """Mark any team's job that has not ended preemptible or not (`409` once it ended)."""
+    job = job_admin.set_preemptible(session, audit.actor_of(caller), job_id, body.preemptible)
     return job_object(job, job.team.id)
 
 

@@ -59,13 +59,15 @@ def login(
 
 @handles_errors
 def workers(json_: Json = False, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
-    """The pool's GPU workers: class, memory, status, and your job on each."""
+    """The pool's GPU workers: class, GPUs, memory, status, and your job on each."""
     with LatheClient.from_options(api_url, api_key) as client:
         page = client.get("/v1/workers")
     if json_:
         print_json(page)
         return
-    table = Table("worker", "GPU class", "GPU", "memory", "status", "job", "jobs done", "last seen")
+    table = Table(
+        "worker", "GPU class", "GPU", "GPUs", "memory", "status", "job", "jobs done", "last seen"
+    )
     for w in page["data"]:
         job = w.get("current_job") or ("busy" if w.get("busy") else "-")
         status = WORKER_STYLE.get(w["status"], "white")
@@ -73,6 +75,7 @@ def workers(json_: Json = False, api_url: ApiUrl = None, api_key: ApiKey = None)
             w["id"],
             w["gpu_class"],
             w.get("gpu_name") or "-",
+            str(w.get("gpus") or 1),
             f"{w['memory_gb']:g} GB" if w.get("memory_gb") is not None else "-",
             f"[{status}]{w['status']}[/]",
             job,

@@ -36,6 +36,11 @@ class Method(StrEnum):
     DPO = "dpo"
 
 
+class Parallelism(StrEnum):
+    DDP = "ddp"
+    FSDP = "fsdp"
+
+
 jobs_app = typer.Typer(help="Create, follow and manage fine-tuning jobs.", no_args_is_help=True)
 FILE_ID = re.compile(r"^file-[A-Za-z0-9]+$")
 ADAPTER = "adapter.tar.gz"
@@ -122,6 +127,22 @@ def create(
     suffix: Annotated[str | None, typer.Option(help="Part of the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     gpu_class: Annotated[str | None, typer.Option(help="Run only on this GPU class.")] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            help="GPUs of one host to train on at once, 1-64 (default 1); the batch size "
+            "must split evenly among them.",
+            show_default=False,
+        ),
+    ] = None,
+    parallelism: Annotated[
+        Parallelism | None,
+        typer.Option(
+            help="With --gpus > 1: ddp (each GPU holds the model) or fsdp (sharded); "
+            "default: chosen by the server.",
+            show_default=False,
+        ),
+    ] = None,
     priority: Annotated[
         str | None, typer.Option(help="low, normal or high, among your team's jobs.")
     ] = None,
@@ -153,6 +174,11 @@ def create(
     console = make_console(stderr=True)  # stdout: the job id (or its JSON) only
     if beta is not None and method != Method.DPO:
         raise typer.BadParameter("--beta is DPO's; add --method dpo", param_hint="--beta")
+    if parallelism is not None and (gpus or 1) < 2:
+        raise typer.BadParameter(
+            "--parallelism is for a job on several GPUs; add --gpus N (N >= 2)",
+            param_hint="--parallelism",
+        )
     body: dict[str, Any] = {"model": model}
     hyperparameters = _given(
         n_epochs=epochs,
@@ -182,6 +208,8 @@ def create(
         ("seed", seed),
         ("gpu_class", gpu_class),
         ("priority", priority),
+        ("gpus", gpus),
+        ("parallelism", parallelism.value if parallelism else None),
     ):
         if value is not None:
             body[name] = value

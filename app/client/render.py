@@ -62,12 +62,13 @@ def status_text(status: str | None) -> str:
 
 def jobs_table(jobs: list[dict]) -> Table:
     """`lathe jobs list`: one row a job, newest first as the API lists them."""
-    table = Table("id", "model", "status", "created", "finished", "fine-tuned model")
+    table = Table("id", "model", "status", "GPUs", "created", "finished", "fine-tuned model")
     for job in jobs:
         table.add_row(
             job["id"],
             job["model"],
             status_text(job["status"]),
+            str(job.get("gpus") or 1),
             when(job["created_at"]),
             when(job.get("finished_at")),
             job.get("fine_tuned_model") or "-",
@@ -126,6 +127,8 @@ def job_panel(job: dict, queue: dict | None) -> Panel:
             "training",
             ", ".join(f"{k}={v}" for k, v in (job.get("training") or {}).items() if v is not None),
         ),
+        ("GPUs", gpus_text(job)),
+        ("preemption", preemption_text(job)),
         ("seed", job.get("seed")),
         ("trained tokens", number(job["trained_tokens"]) if job.get("trained_tokens") else None),
     ]
@@ -145,6 +148,29 @@ def method_text(job: dict) -> str:
     hp = options.get("hyperparameters") if isinstance(options.get("hyperparameters"), dict) else {}
     beta = hp.get("beta", (job.get("hyperparameters") or {}).get("beta"))
     return f"dpo (beta {beta:g})" if isinstance(beta, int | float) else "dpo"
+
+
+def gpus_text(job: dict) -> str:
+    """ "1", or "4 (fsdp), devices 0, 1, 2, 3" while a multi-GPU job runs."""
+    gpus = job.get("gpus") if isinstance(job.get("gpus"), int) else 1
+    text = str(gpus)
+    if isinstance(job.get("parallelism"), str):
+        text += f" ({escape(job['parallelism'])})"
+    devices = job.get("devices")
+    if isinstance(devices, list) and devices:
+        text += ", devices " + ", ".join(str(d) for d in devices)
+    return text
+
+
+def preemption_text(job: dict) -> str:
+    """Empty for a preemptible job never preempted; else the count and the mark."""
+    parts = []
+    if isinstance(job.get("preemptions"), int) and job["preemptions"] > 0:
+        times = "once" if job["preemptions"] == 1 else f"{job['preemptions']} times"
+        parts.append(f"preempted {times}")
+    if job.get("preemptible") is False:
+        parts.append("not preemptible (an administrator's mark)")
+    return ", ".join(parts)
 
 
 def lineage_text(job: dict) -> str:

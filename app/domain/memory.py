@@ -3,7 +3,8 @@
 The estimate decides which GPU classes a job is eligible for before it is queued, so a job
 never waits for a GPU it cannot fit on. It is deliberately simple and slightly generous:
 a job sent to a class too small fails with an out-of-memory error after waiting in line,
-which is worse than waiting for a larger GPU.
+which is worse than waiting for a larger GPU. A multi-GPU job's figure is per GPU (each of
+its GPUs must hold it), under DDP or FSDP.
 """
 
 from __future__ import annotations
@@ -64,6 +65,27 @@ hidden-sized gradient and chunk per token (4 + 4)."""
 VARLEN_ATTENTION = frozenset({"flash_attention_2", "flex_attention"})
 """Attention implementations that take packed rows' boundaries and build no quadratic mask."""
 
+# --- Multi-GPU jobs (a job's `gpus` and `parallelism`): each figure is per GPU ----------
+
+DDP = "ddp"
+FSDP = "fsdp"
+PARALLELISMS = (DDP, FSDP)
+"""DDP: each GPU holds the whole model and trains its share of the batch, the gradients
+averaged after each backward. FSDP: the weights, the trained parameters, their gradients
+and optimizer states are sharded over the GPUs, a block gathered whole while it runs."""
+
+DDP_BUCKET_BYTES_PER_PARAM = 4
+"""DDP copies every trained parameter's fp32 gradient into its all-reduce buckets (unless
+the gradients are views of the buckets, which Trainer does not ask for)."""
+
+FSDP_GATHERED_BLOCKS = 2
+"""FSDP all-gathers a wrapped unit (one decoder block) whole for its forward and backward,
+and prefetches the next one: about two blocks' weights whole beside each GPU's shard."""
+
+COLLECTIVE_OVERHEAD_GB = 0.25
+"""NCCL's communicator buffers and streams on each GPU of a multi-GPU job. Provisional: a
+generous round figure until the GPU check measures one."""
+
 
 def adapted_matrices(target_modules: list[str], kind: ModelKind | str = ModelKind.CAUSAL) -> int:
     """How many weight matrices per layer get an adapter: named modules one each (a name
@@ -110,15 +132,18 @@ def parameters_from_shape(
 @dataclass(frozen=True)
 class MemoryEstimate:
     base_weights_gb: float
-    """Frozen base model in NF4: 4 bits per parameter plus the quantization constants."""
+    """Frozen base model in NF4: 4 bits per parameter plus the quantization constants (under
+    FSDP, a GPU's shard and the blocks gathered whole)."""
     lora_gb: float
     """What is trained, with its gradients and Adam states, 16 bytes a parameter: the LoRA
-    adapters, and a classifier's head (trained in full)."""
+    adapters, and a classifier's head (trained in full); under DDP plus its gradient
+    buckets, under FSDP a GPU's shard."""
     activations_gb: float
     """Activations kept for the backward pass (few with gradient checkpointing), plus the fp32
     vocabulary logits and their gradient (none for a classifier: it has a few outputs)."""
     overhead_gb: float
-    """CUDA context, cuBLAS workspaces and allocator fragmentation."""
+    """CUDA context, cuBLAS workspaces and allocator fragmentation; NCCL's on a multi-GPU
+    job."""
 
     @property
     def total_gb(self) -> float:
@@ -161,8 +186,10 @@ def estimate_memory_gb(
     packed: bool = False,
     attention: str = "sdpa",
     fused_loss: bool = False,
+    gpus: int = 1,
+    parallelism: str = DDP,
 ) -> MemoryEstimate:
-    """Peak GPU memory for QLoRA training of `shape`, term by term.
+    """Peak memory of one GPU for QLoRA training of `shape`, term by term.
 
     `target_modules` is the number of projection matrices per layer that get an adapter
     (e.g. 4 for q, k, v, o; adapted_matrices counts them). Every adapted matrix is treated
@@ -178,26 +205,44 @@ def estimate_memory_gb(
     costs a mask (and eager its scores) quadratic in the row's length; "flash_attention_2"
     and "flex_attention" cost none. `fused_loss` (Liger's fused linear cross-entropy) never
     holds the vocabulary's logits.
+
+    With `gpus` > 1 each GPU trains batch_size / gpus examples a step (the micro-batch
+    budget applies to that share), and a collective-communication overhead is added. Under
+    "ddp" `parallelism` each GPU also holds the whole base and adapter, plus DDP's gradient
+    buckets; under "fsdp" the base weights and the trained parameters with their gradients
+    and optimizer states are sharded over the GPUs, plus the blocks gathered whole while
+    they run. With one GPU `parallelism` changes nothing.
     """
     for name, value in (
         ("lora_r", lora_r),
         ("target_modules", target_modules),
         ("batch_size", batch_size),
         ("seq_len", seq_len),
+        ("gpus", gpus),
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism must be one of {PARALLELISMS}, got {parallelism!r}")
+    sharded = gpus > 1 and parallelism == FSDP
     constant_bits = DOUBLE_QUANT_CONSTANT_BITS if double_quant else QUANT_CONSTANT_BITS
     base_bytes = shape.parameters * (NF4_BITS_PER_PARAM + constant_bits) / 8
+    if sharded:
+        gathered = base_bytes * min(1.0, FSDP_GATHERED_BLOCKS / shape.num_layers)
+        base_bytes = min(base_bytes, base_bytes / gpus + gathered)
 
     # A and B of a rank-r adapter on a hidden x hidden matrix: r·hidden each.
     lora_params = 2 * lora_r * shape.hidden_size * target_modules * shape.num_layers
     head_params = shape.hidden_size**2 if classification else 0
     lora_bytes = (lora_params + head_params) * LORA_BYTES_PER_PARAM
+    if sharded:
+        lora_bytes /= gpus
+    elif gpus > 1:
+        lora_bytes += (lora_params + head_params) * DDP_BUCKET_BYTES_PER_PARAM
 
     if micro_batch_tokens is not None and micro_batch_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
-    tokens = micro_tokens(batch_size, seq_len, micro_batch_tokens)
+    tokens = micro_tokens(rank_batch_size(batch_size, gpus), seq_len, micro_batch_tokens)
     factor = CHECKPOINTED_ACTIVATION_FACTOR if gradient_checkpointing else FULL_ACTIVATION_FACTOR
     layer_bytes = tokens * shape.hidden_size * shape.num_layers * factor
     # Logits are upcast to fp32 for the loss, and their gradient is the same size. A
@@ -221,8 +266,24 @@ def estimate_memory_gb(
         base_weights_gb=base_bytes / GB,
         lora_gb=lora_bytes / GB,
         activations_gb=(layer_bytes + logits_bytes + attention_bytes) / GB,
-        overhead_gb=overhead_gb,
+        overhead_gb=overhead_gb + (COLLECTIVE_OVERHEAD_GB if gpus > 1 else 0.0),
     )
+
+
+def rank_batch_size(batch_size: int, gpus: int) -> int:
+    """The examples one GPU trains a step: its share of the batch (the API keeps the batch
+    a multiple of the GPUs; rounded up otherwise, erring large)."""
+    return -(-batch_size // gpus)
+
+
+def auto_parallelism(ddp_gb: float, largest_gb: float | None, *, fsdp_allowed: bool) -> str:
+    """A multi-GPU job's parallelism when it asks none: DDP (no gathering, the least
+    communication) when its per-GPU figure fits the largest class able to run it, else FSDP
+    (where the job can use it). `largest_gb` None: no such class is known yet (the job waits
+    for one), DDP."""
+    if not fsdp_allowed or largest_gb is None or ddp_gb <= largest_gb:
+        return DDP
+    return FSDP
 
 
 def micro_tokens(batch_size: int, seq_len: int, micro_batch_tokens: int | None) -> int:
@@ -267,8 +328,9 @@ def token_budget(
 ) -> int:
     """The most tokens a micro-batch may hold on a GPU of `memory_gb` (training.
     micro_batch_tokens "auto" on a GPU): the largest count whose estimate stays within
-    `headroom` of the memory, between one seq_len example and the whole batch. `settings`
-    are estimate_memory_gb's other keywords (lora_r, target_modules, packed, ...)."""
+    `headroom` of the memory, between one seq_len example and the GPU's share of the batch
+    (the whole batch on one GPU). `settings` are estimate_memory_gb's other keywords
+    (lora_r, target_modules, packed, gpus, parallelism, ...)."""
 
     def fits(tokens: int) -> bool:
         estimate = estimate_memory_gb(
@@ -276,7 +338,7 @@ def token_budget(
         )
         return estimate.total_gb <= memory_gb * headroom
 
-    low, high = seq_len, batch_size * seq_len
+    low, high = seq_len, rank_batch_size(batch_size, settings.get("gpus", 1)) * seq_len
     if not fits(low):
         return low  # one example is the least a micro-batch can hold
     if fits(high):

@@ -1,5 +1,5 @@
-"""The admin API's bodies (a team created or changed, its quotas) and its objects as it
-returns them: teams with their quotas, API keys, audit entries."""
+"""The admin API's bodies (a team created or changed, its quotas, a job's preemption mark)
+and its objects as it returns them: teams with their quotas, API keys, audit entries."""
 
 from __future__ import annotations
 
@@ -54,18 +54,28 @@ class TeamUpdate(Strict):
 
     weight: Weight | SkipJsonSchema[None] = not_null()
     disabled: bool | SkipJsonSchema[None] = not_null()
+    # False: the scheduler never preempts the team's jobs (docs/scheduling.md).
+    preemptible: bool | SkipJsonSchema[None] = not_null()
     quotas: QuotasIn | None = None
 
     def changes(self) -> dict:
-        # weight or disabled sent as null is passed on, for the service to refuse.
+        # weight, disabled or preemptible sent as null is passed on, for the service to refuse.
         fields = {
-            name: getattr(self, name) for name in {"weight", "disabled"} & self.model_fields_set
+            name: getattr(self, name)
+            for name in {"weight", "disabled", "preemptible"} & self.model_fields_set
         }
         if self.quotas is not None:
             fields.update(
                 {name: getattr(self.quotas, name) for name in self.quotas.model_fields_set}
             )
         return fields
+
+
+class JobUpdate(Strict):
+    """An administrator's mark on any team's job: false, the scheduler never preempts it
+    for another team's (its team's own mark applies too)."""
+
+    preemptible: bool
 
 
 class TeamQuotas(ApiObject):
@@ -83,6 +93,7 @@ class Team(ApiObject):
     name: str
     weight: float
     disabled: bool
+    preemptible: bool  # false: its jobs are never preempted
     created_at: int
     quotas: TeamQuotas
 
@@ -97,6 +108,7 @@ def team_object(team: models.Team) -> Team:
         name=team.name,
         weight=team.weight,
         disabled=team.disabled,
+        preemptible=team.preemptible is not False,
         created_at=team.created_at,
         quotas=TeamQuotas.model_validate(team),  # the team's own columns
     )

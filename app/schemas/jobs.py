@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app import models
 from app.domain.jobs import JobStatus
@@ -180,7 +187,17 @@ GpuClass = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}
 Suffix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+def _parallelism_needs_gpus(schema: dict[str, Any]) -> None:
+    """The document says what JobCreate's validator refuses: a parallelism for one GPU."""
+    schema["anyOf"] = [
+        {"properties": {"gpus": {"minimum": 2}}, "required": ["gpus"]},
+        {"properties": {"parallelism": {"type": "null"}}},
+    ]
+
+
 class JobCreate(Strict):
+    model_config = ConfigDict(json_schema_extra=_parallelism_needs_gpus)
+
     # A base model, or a fine-tuned model or checkpoint of the team (ft:...); bounded so a
     # name is never echoed back at any length.
     model: Annotated[str, Field(min_length=1, max_length=512)]
@@ -200,6 +217,22 @@ class JobCreate(Strict):
     max_seq_length: Annotated[int, Field(ge=16, le=32768)] = 1024
     priority: Literal["low", "normal", "high"] = "normal"
     gpu_class: GpuClass | None = None
+    # GPUs of one host the job trains on, all at once; the batch is split among them.
+    gpus: Annotated[int, Field(ge=1, le=64)] = 1
+    # How those GPUs share the work; None: chosen at creation (ddp while the model fits one
+    # GPU, else fsdp). Only for gpus > 1.
+    parallelism: Literal["ddp", "fsdp"] | None = None
+
+    @field_validator("parallelism")
+    @classmethod
+    def _parallelism_for_several_gpus(cls, value: str | None, info: ValidationInfo) -> str | None:
+        gpus = info.data.get("gpus")
+        if value is not None and gpus == 1:
+            raise ValueError(
+                f"parallelism {value!r} is for a job on several GPUs; this one has gpus 1 "
+                "(send gpus >= 2, or no parallelism)"
+            )
+        return value
 
     @property
     def method_type(self) -> Literal["supervised", "dpo"]:
@@ -296,7 +329,7 @@ Integration = Annotated[WandbIntegration | MlflowIntegration, Field(discriminato
 
 class FineTuningJob(ApiObject):
     """OpenAI's fine-tuning job, as the openai SDK parses it, plus Lathe's `lora`,
-    `quantization`, `max_seq_length`, `training` and `stats`."""
+    `quantization`, `max_seq_length`, `training`, `stats`, its GPUs and its preemptions."""
 
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -331,6 +364,16 @@ class FineTuningJob(ApiObject):
     # the models it descends from, oldest first: the base, each ft model, the parent.
     parent: JobParent | None
     lineage: list[str]
+    # Lathe's multi-GPU job: its GPUs (of one host), how they share the work (null for one
+    # GPU), and which device indexes of its worker it holds while it runs (else null).
+    gpus: int
+    parallelism: Literal["ddp", "fsdp"] | None
+    devices: list[int] | None
+    # Times the scheduler paused it to give its GPUs to another team (it resumes from its
+    # checkpoint), and the administrator's mark: false, never preempted (nor when its
+    # team is marked so: docs/scheduling.md).
+    preemptions: int
+    preemptible: bool
 
 
 def job_lineage(job: models.Job) -> list[str]:
@@ -391,6 +434,11 @@ def job_object(job: models.Job, team_id: str) -> FineTuningJob:
             else None
         ),
         lineage=lineage,
+        gpus=job.gpus or 1,
+        parallelism=job.parallelism,
+        devices=list(job.devices) if job.devices and job.status == JobStatus.RUNNING else None,
+        preemptions=job.preemptions or 0,
+        preemptible=job.preemptible is not False,
     )
 
 

@@ -21,7 +21,8 @@ class Worker(ApiObject):
     host: str
     gpu_name: str
     gpu_class: str
-    memory_gb: float
+    memory_gb: float  # of each of its GPUs
+    gpus: int  # the host's GPUs, all of its class
     status: WorkerState
     busy: bool  # it has a job, whether or not `current_job` may be shown
     current_job: str | None
@@ -47,6 +48,7 @@ def worker_object(
         gpu_name=worker.gpu_name,
         gpu_class=worker.gpu_class,
         memory_gb=worker.memory_gb,
+        gpus=worker.gpus or 1,
         status=worker.status if status is None else status,
         busy=job is not None,
         current_job=job if shown_jobs is None or job in shown_jobs else None,

@@ -16,7 +16,10 @@ from app.domain.hyperparameters import DEFAULT_BETA, resolve
 from app.domain.ids import new_id
 from app.domain.jobs import WAITING_STATES, JobKind, JobStatus, is_final
 from app.domain.memory import (
+    DDP,
+    FSDP,
     adapted_matrices,
+    auto_parallelism,
     eligible_classes,
     estimate_memory_gb,
     fitting_classes,
@@ -152,6 +155,55 @@ def _base_or_fine_tuned(settings: Settings, name: str) -> BaseModelSpec | None:
     )
 
 
+def fsdp_problem(method: str, facts: BaseModelFacts, training: File) -> str | None:
+    """Why the job cannot train under FSDP (a message's end), or None. The trainers shard
+    a supervised causal LM only: DPO's reference pass and a classifier's head (trained in
+    full, beside the adapters) run under DDP."""
+    if method == "dpo":
+        return "method 'dpo' trains under ddp only"
+    if facts.kind is ModelKind.ENCODER or training.format == DatasetFormat.CLASSIFICATION:
+        return "a classifier (an encoder, or a classification file) trains under ddp only"
+    return None
+
+
+def check_parallelism(body: JobCreate, problem: str | None) -> None:
+    if body.parallelism == FSDP and problem is not None:
+        raise BadRequest(
+            f"parallelism 'fsdp' is not available for this job: {problem}; send "
+            "parallelism 'ddp' or none",
+            code="unsupported_parallelism",
+            param="parallelism",
+        )
+
+
+def _batch_size_param(body: JobCreate) -> str:
+    """Where the request gave its batch_size: the method's block, else the top level."""
+    block = body.method and (body.method.supervised or body.method.dpo)
+    if block is not None and block.hyperparameters is not None:
+        if "batch_size" in block.hyperparameters.model_fields_set:
+            return f"method.{body.method.type}.hyperparameters.batch_size"
+    return "hyperparameters.batch_size"
+
+
+def split_batch_size(body: JobCreate, requested: int | str, resolved: int) -> int:
+    """The batch size, split evenly among the job's GPUs: each trains batch_size / gpus
+    examples a step. "auto" is rounded up to a multiple of gpus; a given size that is not
+    one is refused (rounding it would train a batch the client did not ask for)."""
+    gpus = body.gpus
+    if resolved % gpus == 0:
+        return resolved
+    multiple = -(-resolved // gpus) * gpus
+    if requested == "auto":
+        return multiple
+    raise BadRequest(
+        f"batch_size {resolved} does not split among gpus {gpus}: each GPU trains "
+        f"batch_size / gpus examples a step, so batch_size must be a multiple of {gpus} "
+        f"(e.g. {multiple}), or 'auto'",
+        code="batch_size_not_divisible",
+        param=_batch_size_param(body),
+    )
+
+
 def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
     integrations = checked_integrations(settings, body.integrations or [])
     base = _base_or_fine_tuned(settings, body.model)
@@ -172,6 +224,8 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
     check_method_fits_file(method, training)
     facts = describe(settings, base)
     check_format_fits_model(base.name, facts, training)
+    no_fsdp = fsdp_problem(method, facts, training)
+    check_parallelism(body, no_fsdp)
     if parent is not None:
         check_continues_same_task(body.model, parent.job, training)
         lora = continued_lora(body.lora, parent.job)
@@ -185,26 +239,41 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         requested.learning_rate_multiplier,
         examples=training.examples or 0,
     )
+    batch_size = split_batch_size(body, requested.batch_size, hp.batch_size)
     hyperparameters: dict = {
         "n_epochs": hp.n_epochs,
-        "batch_size": hp.batch_size,
+        "batch_size": batch_size,
         "learning_rate_multiplier": hp.learning_rate_multiplier,
     }
     if method == "dpo":
         hyperparameters["beta"] = DEFAULT_BETA if requested.beta == "auto" else requested.beta
     check_new_job_quota(session, settings, team)
-    memory_gb = job_memory_gb(
-        facts,
-        lora,
-        # DPO runs each pair's preferred and non-preferred answers in one batch: twice the
-        # sequences of a supervised step (the reference pass, without gradients, adds little).
-        hp.batch_size * 2 if method == "dpo" else hp.batch_size,
-        body.max_seq_length,
-        body.quantization,
-        body.training,
-        classification=training.format == DatasetFormat.CLASSIFICATION,
-    )
-    classes = check_fits_pool(session, settings, body.gpu_class, memory_gb)
+
+    def per_gpu_gb(parallelism: str) -> float:
+        return job_memory_gb(
+            facts,
+            lora,
+            # DPO runs each pair's preferred and non-preferred answers in one batch: twice
+            # the sequences of a supervised step (the reference pass, without gradients,
+            # adds little).
+            batch_size * 2 if method == "dpo" else batch_size,
+            body.max_seq_length,
+            body.quantization,
+            body.training,
+            classification=training.format == DatasetFormat.CLASSIFICATION,
+            gpus=body.gpus,
+            parallelism=parallelism,
+        )
+
+    parallelism = None
+    if body.gpus > 1:
+        parallelism = body.parallelism or auto_parallelism(
+            per_gpu_gb(DDP),
+            largest_class_for(session, settings, body.gpu_class, body.gpus),
+            fsdp_allowed=no_fsdp is None,
+        )
+    memory_gb = per_gpu_gb(parallelism or DDP)
+    classes = check_fits_pool(session, settings, body.gpu_class, memory_gb, gpus=body.gpus)
     job = Job(
         id=new_id("ftjob"),
         team_pk=team.pk,
@@ -229,6 +298,8 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         priority=body.priority,
         gpu_class=body.gpu_class,
         memory_gb=round(memory_gb, 3),
+        gpus=body.gpus,
+        parallelism=parallelism,
     )
     session.add(job)
     session.flush()
@@ -246,6 +317,8 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
             "priority": job.priority,
             "gpu_class": job.gpu_class,
             "memory_gb": job.memory_gb,
+            "gpus": job.gpus,
+            "parallelism": job.parallelism,
         },
     )
     if parent is not None:
@@ -295,7 +368,11 @@ def job_memory_gb(
     training: TrainingIn,
     *,
     classification: bool = False,
+    gpus: int = 1,
+    parallelism: str | None = None,
 ) -> float:
+    """The job's peak memory on each of its GPUs (Job.memory_gb, which the scheduler
+    compares with a class's memory); `batch_size` is the whole batch, shared by `gpus`."""
     # A model of unknown shape is taken for a 7B decoder: generous, as the estimate means to be.
     shape = facts.shape or shape_from_parameters(facts.parameters or 7_000_000_000)
     if facts.kind is ModelKind.ENCODER and facts.max_positions:
@@ -316,21 +393,60 @@ def job_memory_gb(
         # wait for the GPU check's measurements; until then the estimate keeps its earlier
         # form: the whole batch's activations and no attention mask.
         attention="flash_attention_2",
+        gpus=gpus,
+        parallelism=parallelism or DDP,
     ).total_gb
 
 
+def class_host_gpus(session: Session, settings: Settings) -> dict[str, int]:
+    """Per class the pool knows, the most GPUs one of its hosts has: the largest any worker
+    of it ever announced (live or not, as pool_classes counts memory); a declared class no
+    worker has announced counts as hosts of one GPU."""
+    hosts = dict.fromkeys(settings.declared_gpu_classes, 1)
+    announced = session.execute(
+        select(Worker.gpu_class, func.max(Worker.gpus)).group_by(Worker.gpu_class)
+    )
+    for gpu_class, gpus in announced:
+        hosts[gpu_class] = max(hosts.get(gpu_class, 1), int(gpus or 1))
+    return hosts
+
+
+def largest_class_for(
+    session: Session, settings: Settings, gpu_class: str | None, gpus: int
+) -> float | None:
+    """The memory of the largest known class whose hosts have `gpus` GPUs (the asked
+    class, when the job names one); None when there is none (the job waits, or is refused
+    by check_fits_pool)."""
+    classes = pool_classes(session, settings)
+    hosts = class_host_gpus(session, settings)
+    able = [
+        memory_gb
+        for name, memory_gb in classes.items()
+        if hosts.get(name, 1) >= gpus and gpu_class in (None, name)
+    ]
+    return max(able, default=None)
+
+
 def check_fits_pool(
-    session: Session, settings: Settings, gpu_class: str | None, memory_gb: float
+    session: Session,
+    settings: Settings,
+    gpu_class: str | None,
+    memory_gb: float,
+    *,
+    gpus: int = 1,
 ) -> dict[str, float]:
     """Refuse, at creation, a job no class the pool knows can run: it would wait forever.
+    `memory_gb` is per GPU; a job of `gpus` GPUs needs a class whose hosts have as many.
 
     The pool knows the declared classes and every class a worker has ever announced, so
     a job is accepted while its class's workers are all down (a rolling restart, a pool
     scaled to zero). A pool that knows no class at all (a fresh one, nothing declared)
-    accepts every job: it waits for the first worker. Returns the known classes."""
+    accepts every job: it waits for the first worker. Returns the known classes (without
+    a gpu_class: those whose hosts have the job's GPUs)."""
     classes = pool_classes(session, settings)
     if not classes:
         return classes
+    hosts = class_host_gpus(session, settings) if gpus > 1 else {}
     if gpu_class is not None:
         if gpu_class not in classes:
             raise BadRequest(
@@ -339,21 +455,44 @@ def check_fits_pool(
                 code="unknown_gpu_class",
                 param="gpu_class",
             )
+        if hosts.get(gpu_class, 1) < gpus:
+            raise BadRequest(
+                f"the job asks for {gpus} GPUs of one host; the largest host of gpu_class "
+                f"{gpu_class!r} seen has {hosts.get(gpu_class, 1)}; lower gpus, or choose "
+                "a class with larger hosts",
+                code="insufficient_gpus",
+                param="gpus",
+            )
         if classes[gpu_class] < memory_gb:
             raise BadRequest(
-                f"the job needs about {memory_gb:.1f} GB of GPU memory but gpu_class "
+                f"the job needs about {memory_gb:.1f} GB of GPU memory"
+                + (" on each GPU" if gpus > 1 else "")
+                + f" but gpu_class "
                 f"{gpu_class!r} has {classes[gpu_class]:.0f} GB; lower batch_size or "
                 "max_seq_length, or choose a larger class",
                 code="insufficient_gpu_memory",
                 param="gpu_class",
             )
         return classes
+    if gpus > 1:
+        able = {name: gb for name, gb in classes.items() if hosts.get(name, 1) >= gpus}
+        if not able:
+            most, name = max((n, name) for name, n in hosts.items() if name in classes)
+            raise BadRequest(
+                f"the job asks for {gpus} GPUs of one host; the largest host this pool has "
+                f"seen has {most} (gpu_class {name!r}); lower gpus",
+                code="insufficient_gpus",
+                param="gpus",
+            )
+        classes = able
     if not fitting_classes(memory_gb, classes):
         largest = max(classes.items(), key=lambda kv: kv[1])
+        where = "in this pool" if gpus == 1 else f"with hosts of {gpus} GPUs"
         raise BadRequest(
-            f"the job needs about {memory_gb:.1f} GB of GPU memory; the largest class in "
-            f"this pool, {largest[0]!r}, has {largest[1]:.0f} GB; lower batch_size or "
-            "max_seq_length",
+            f"the job needs about {memory_gb:.1f} GB of GPU memory"
+            + (" on each GPU" if gpus > 1 else "")
+            + f"; the largest class {where}, {largest[0]!r}, has {largest[1]:.0f} GB; "
+            "lower batch_size or max_seq_length",
             code="insufficient_gpu_memory",
             param="max_seq_length",
         )

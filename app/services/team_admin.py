@@ -19,7 +19,7 @@ from app.services import audit, teams
 from app.services.pagination import newest_first_page
 
 QUOTA_FIELDS = tuple(QUOTA_MAXIMA)
-TEAM_FIELDS = ("weight", "disabled", *QUOTA_FIELDS)
+TEAM_FIELDS = ("weight", "disabled", "preemptible", *QUOTA_FIELDS)
 
 
 def get_team(session: Session, team_id: str, *, lock: bool = False) -> Team:
@@ -49,8 +49,9 @@ def _check_team_fields(fields: dict[str, Any]) -> None:
                 code="invalid_value",
                 param="weight",
             )
-    if "disabled" in fields and fields["disabled"] is None:
-        raise BadRequest("disabled must be true or false", code="invalid_value", param="disabled")
+    for flag in ("disabled", "preemptible"):
+        if flag in fields and not isinstance(fields[flag], bool):
+            raise BadRequest(f"{flag} must be true or false", code="invalid_value", param=flag)
     for name in QUOTA_FIELDS:
         problem = quota_value_problem(name, fields.get(name))
         if problem is not None:
@@ -96,12 +97,25 @@ def list_teams(session: Session, limit: int, after: str | None) -> tuple[list[Te
 
 def update_team(session: Session, admin: AdminKey, team_id: str, fields: dict[str, Any]) -> Team:
     """Set the given fields; a quota set to None goes back to the deployment default."""
+    return _update(session, audit.actor_of(admin), team_id, fields)
+
+
+def set_preemptible(session: Session, team_ref: str, preemptible: bool) -> Team:
+    """The CLI's mark (`lathe admin team-preemptible`): the team by name or id, audited
+    as the CLI's."""
+    team = session.scalar(select(Team).where((Team.name == team_ref) | (Team.id == team_ref)))
+    if team is None:
+        raise NotFound(f"no team named {team_ref!r}", code="team_not_found", param="team")
+    return _update(session, audit.CLI_ACTOR, team.id, {"preemptible": preemptible})
+
+
+def _update(session: Session, actor: str, team_id: str, fields: dict[str, Any]) -> Team:
     _check_team_fields(fields)
     team = get_team(session, team_id, lock=True)
     if not fields:
         return team  # nothing sent: not a change, not audited
     for field, value in fields.items():
         setattr(team, field, value)
-    audit.record(session, audit.actor_of(admin), "team.update", team.id, dict(fields))
+    audit.record(session, actor, "team.update", team.id, dict(fields))
     session.commit()
     return team

@@ -131,6 +131,11 @@ def test_the_document_refuses_a_job_that_drifts_from_the_model(document) -> None
         },
         "parent": None,
         "lineage": ["tiny-random-llama"],
+        "gpus": 1,
+        "parallelism": None,
+        "devices": None,
+        "preemptions": 0,
+        "preemptible": True,
     }
     assert validator.is_valid(job)
     assert not validator.is_valid({k: v for k, v in job.items() if k != "error"})

@@ -7,13 +7,16 @@ import pytest
 from app.domain.architectures import ModelKind
 from app.domain.memory import (
     AUTO_PACKED_ROWS,
+    COLLECTIVE_OVERHEAD_GB,
     ModelShape,
     adapted_matrices,
+    auto_parallelism,
     estimate_memory_gb,
     fitting_classes,
     lever_settings,
     micro_tokens,
     parameters_from_shape,
+    rank_batch_size,
     shape_from_parameters,
     token_budget,
 )
@@ -233,3 +236,71 @@ def test_lever_settings_read_a_jobs_training_options_erring_large() -> None:
     levers = lever_settings(defaults, seq_len=2048)
     default = estimate_memory_gb(LLAMA_8B, **LEVER_SETTINGS, **levers)
     assert default.activations_gb < whole.activations_gb / 8
+
+
+# --- multi-GPU jobs: figures per GPU --------------------------------------------------------
+
+MULTI = {"lora_r": 16, "target_modules": 7, "batch_size": 8, "seq_len": 2048}
+
+
+def per_gpu(**overrides):
+    return estimate_memory_gb(LLAMA_8B, **(MULTI | overrides))
+
+
+def test_one_gpu_gives_the_same_figures_whatever_the_parallelism() -> None:
+    alone = per_gpu()
+    assert per_gpu(gpus=1, parallelism="ddp") == alone
+    assert per_gpu(gpus=1, parallelism="fsdp") == alone
+
+
+def test_ddp_holds_the_whole_model_on_each_gpu_and_a_share_of_the_batch() -> None:
+    alone, ddp = per_gpu(), per_gpu(gpus=4, parallelism="ddp")
+    assert ddp.base_weights_gb == alone.base_weights_gb
+    # The trained parameters once more in fp32 for the all-reduce buckets: 16 + 4 bytes.
+    assert ddp.lora_gb == pytest.approx(alone.lora_gb * 20 / 16)
+    # Two of the eight examples per GPU.
+    assert ddp.activations_gb == pytest.approx(per_gpu(batch_size=2).activations_gb)
+    assert ddp.overhead_gb == alone.overhead_gb + COLLECTIVE_OVERHEAD_GB
+
+
+def test_fsdp_shards_weights_and_trained_state_and_gathers_two_blocks() -> None:
+    alone, fsdp = per_gpu(), per_gpu(gpus=4, parallelism="fsdp")
+    block = alone.base_weights_gb / LLAMA_8B.num_layers
+    assert fsdp.base_weights_gb == pytest.approx(alone.base_weights_gb / 4 + 2 * block)
+    assert fsdp.lora_gb == pytest.approx(alone.lora_gb / 4)
+    assert fsdp.activations_gb == per_gpu(gpus=4, parallelism="ddp").activations_gb
+    assert fsdp.total_gb < per_gpu(gpus=4, parallelism="ddp").total_gb
+
+
+def test_fsdp_never_counts_more_than_the_whole_base() -> None:
+    two_layers = ModelShape(parameters=10**9, hidden_size=1024, num_layers=2, vocab_size=1000)
+    alone = estimate_memory_gb(two_layers, **MULTI)
+    fsdp = estimate_memory_gb(two_layers, **MULTI, gpus=2, parallelism="fsdp")
+    assert fsdp.base_weights_gb == alone.base_weights_gb
+
+
+def test_an_unknown_parallelism_or_zero_gpus_is_an_error() -> None:
+    with pytest.raises(ValueError, match="parallelism"):
+        per_gpu(gpus=2, parallelism="tensor")
+    with pytest.raises(ValueError, match="gpus"):
+        per_gpu(gpus=0)
+
+
+def test_a_gpus_share_of_an_uneven_batch_is_rounded_up() -> None:
+    assert rank_batch_size(8, 4) == 2
+    assert rank_batch_size(9, 4) == 3
+    assert rank_batch_size(1, 8) == 1
+
+
+def test_token_budget_of_a_multi_gpu_job_is_bounded_by_one_gpus_share() -> None:
+    settings = {"lora_r": 16, "target_modules": 7, "packed": True, "attention": "flex_attention"}
+    share = token_budget(LLAMA_8B, 1000, seq_len=2048, batch_size=8, gpus=4, **settings)
+    assert share == 2 * 2048
+
+
+def test_auto_parallelism_is_ddp_while_it_fits_the_largest_class() -> None:
+    assert auto_parallelism(30.0, 80.0, fsdp_allowed=True) == "ddp"
+    assert auto_parallelism(80.0, 80.0, fsdp_allowed=True) == "ddp"
+    assert auto_parallelism(90.0, 80.0, fsdp_allowed=True) == "fsdp"
+    assert auto_parallelism(90.0, 80.0, fsdp_allowed=False) == "ddp"
+    assert auto_parallelism(90.0, None, fsdp_allowed=True) == "ddp", "no class known yet"
