@@ -559,6 +559,11 @@ def pause_job(session: Session, team: Team, job_id: str) -> Job:
     """Queued: taken out of line. Running: the worker stops within a few steps, keeping
     the job's checkpoints; resume puts it back in line to continue from the last one."""
     job = get_job(session, team, job_id)
+    if job.status == JobStatus.PAUSED and job.preempted_at is not None:
+        # Preempted by the scheduler, which would resume it: now it waits for its team.
+        lifecycle.keep_paused(session, job)
+        session.commit()
+        return job
     if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         raise Conflict(
             f"job {job.id} is {job.status}; only a queued or running job can be paused",
@@ -580,7 +585,7 @@ def resume_job(session: Session, settings: Settings, team: Team, job_id: str) ->
             code="job_not_paused",
             param="fine_tuning_job_id",
         )
-    holder = session.scalar(select(Worker.id).where(Worker.current_job == job.id))
+    holder = job.worker if job.devices is not None else None
     if holder is not None:
         raise Conflict(
             f"job {job.id} is still stopping on worker {holder} (saving its checkpoint); "
