@@ -73,6 +73,17 @@ STATE_DEPENDENT_400 = {
     ("unknown_gpu_class", "gpu_class"): "a GPU class the pool does not have",
     ("insufficient_gpu_memory", "gpu_class"): "a class with less memory than the job needs",
     ("insufficient_gpu_memory", "max_seq_length"): "a job larger than the pool's GPUs",
+    ("insufficient_gpus", "gpus"): "more GPUs than any host of the pool has",
+    # Divisibility of the batch by `gpus` ties two fields, which JSON Schema cannot say.
+    ("batch_size_not_divisible", "hyperparameters.batch_size"): "a batch not a multiple of gpus",
+    (
+        "batch_size_not_divisible",
+        "method.supervised.hyperparameters.batch_size",
+    ): "a batch not a multiple of gpus",
+    ("batch_size_not_divisible", "method.dpo.hyperparameters.batch_size"): (
+        "a batch not a multiple of gpus"
+    ),
+    ("unsupported_parallelism", "parallelism"): "fsdp for a method or model it does not cover",
     ("too_many_webhooks", None): "the team's webhook count",
     ("denied_url", "url"): "a host in the deployment's denied networks, as it resolves now",
 }
