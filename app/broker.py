@@ -24,9 +24,10 @@ def class_queue(gpu_class: str) -> str:
 
 def worker_queue(worker_id: str) -> str:
     """Each worker host's own queue: the scheduler places a job on one host (all of a
-    multi-GPU job's GPUs on the same one) and sends it there. Characters a transport
-    might read specially (dots, slashes) become underscores."""
-    return WORKER_QUEUE_PREFIX + re.sub(r"[^A-Za-z0-9@_-]", "_", worker_id)
+    multi-GPU job's GPUs on the same one) and sends it there. Characters a transport may
+    refuse or read specially ("@", dots, slashes: the embedded file-system queue takes
+    only letters, digits, "_", "-" and ".") become underscores."""
+    return WORKER_QUEUE_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "_", worker_id)
 
 
 def make_celery(settings: Settings) -> Celery:
