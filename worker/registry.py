@@ -186,9 +186,8 @@ class Heartbeat:
                 if not self.draining:
                     self.draining = True
                     self.on_drain()
-                row.status = (
-                    WorkerState.DRAINED if row.current_job is None else WorkerState.DRAINING
-                )
+                running = lifecycle.busy_gpus(session, self.worker_id).get(self.worker_id, 0)
+                row.status = WorkerState.DRAINED if not running else WorkerState.DRAINING
             elif self.draining and row.status == WorkerState.ACTIVE:  # an operator undrained us
                 self.draining = False
                 self.on_drain(resume=True)

@@ -25,7 +25,8 @@ class Worker(ApiObject):
     gpus: int  # the host's GPUs, all of its class
     status: WorkerState
     busy: bool  # it has a job, whether or not `current_job` may be shown
-    current_job: str | None
+    gpus_busy: int  # of its GPUs, those a run holds
+    current_job: str | None  # the latest job it started that still runs there
     jobs_done: int
     started_at: int
     last_seen: int  # the last heartbeat, epoch seconds
@@ -36,12 +37,16 @@ def worker_object(
     *,
     status: str | None = None,
     shown_jobs: Container[str] | None = None,
+    gpus_busy: int | None = None,
 ) -> Worker:
     """A worker, for the pool's listing or an admin. `status`: the state shown, when not the
     stored one (a silent worker shows `lost` before the scheduler marks it so:
     app.services.pool.shown_state). `shown_jobs`: the job ids the caller may see (a team's
-    own); another team's job shows only as `busy`. None: every job (an admin)."""
+    own); another team's job shows only as `busy`. None: every job (an admin).
+    `gpus_busy`: its GPUs a run holds (app.services.pool.busy_gpus); None: one per job
+    shown on it."""
     job = worker.current_job
+    held = (1 if job is not None else 0) if gpus_busy is None else gpus_busy
     return Worker(
         id=worker.id,
         host=worker.host,
@@ -50,7 +55,8 @@ def worker_object(
         memory_gb=worker.memory_gb,
         gpus=worker.gpus or 1,
         status=worker.status if status is None else status,
-        busy=job is not None,
+        busy=held > 0 or job is not None,
+        gpus_busy=held,
         current_job=job if shown_jobs is None or job in shown_jobs else None,
         jobs_done=worker.jobs_done,
         started_at=worker.started_at,

@@ -157,6 +157,17 @@ def free_devices(session: Session, worker: str) -> list[int] | None:
     return [device for device in range(gpus) if device not in taken]
 
 
+def busy_gpus(session: Session, worker: str | None = None) -> dict[str, int]:
+    """Per worker, the GPUs runs hold (running, or stopping after a pause or cancel)."""
+    query = select(Job.worker, Job.devices).where(Job.devices.is_not(None))
+    if worker is not None:
+        query = query.where(Job.worker == worker)
+    held: dict[str, int] = {}
+    for name, devices in session.execute(query):
+        held[name] = held.get(name, 0) + len(devices)
+    return held
+
+
 def run_fence(worker: str, attempt: int) -> tuple:
     """Conditions every write about a claimed job carries: it is still running, on this
     worker, in this attempt. A run that lost its job (its worker was declared lost and the

@@ -22,6 +22,7 @@ from app.domain.workers import LIVE_STATES, WorkerState
 from app.models import Job, Team, Worker
 from app.schemas.pool import Worker as WorkerObject
 from app.schemas.pool import worker_object
+from app.services.lifecycle import busy_gpus
 from app.services.usage import month_gpu_seconds
 
 
@@ -45,8 +46,14 @@ def workers_seen_by(
             select(Job.id).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
         )
     )
+    held = busy_gpus(session)
     return [
-        worker_object(w, status=shown_state(w.status, w.last_seen, at, settings), shown_jobs=own)
+        worker_object(
+            w,
+            status=shown_state(w.status, w.last_seen, at, settings),
+            shown_jobs=own,
+            gpus_busy=held.get(w.id, 0),
+        )
         for w in session.scalars(select(Worker).order_by(Worker.gpu_class, Worker.id))
     ]
 
