@@ -52,12 +52,14 @@ test-fast: system-deps install
 # TRL's plain DPOTrainer (bench/dpo.py); DEVICE=cuda on a GPU host, with
 # BENCH_ARGS='--model /path/to/model' for a real base model (both take the same options);
 # then the merged export's fidelity and memory (bench/merge.py, CPU), and the whole export's
-# memory and time, merge and GGUF, every process (bench/export.py, CPU).
+# memory and time, merge and GGUF, every process (bench/export.py, CPU); then a simulated
+# week of the GPU pool's scheduling policy, with and without preemption (bench/pool_sim.py).
 bench: install
 	$(BIN)/python -m bench.training --device $(DEVICE) $(BENCH_ARGS)
 	$(BIN)/python -m bench.dpo --device $(DEVICE) $(BENCH_ARGS)
 	$(BIN)/python -m bench.merge
 	$(BIN)/python -m bench.export
+	$(BIN)/python -m bench.pool_sim
 
 # The prepared GPU check (docs/gpu.md): the wheels the GPU image lacks into .whl/ with the
 # 64 MiB size check, then the same script's dry run here on the CPU. On the GPU machine,

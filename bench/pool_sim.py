@@ -1,0 +1,609 @@
+"""Lathe's pool policy over a synthetic week: the real `plan_placement` and
+`plan_preemptions` drive a discrete-event simulation of a 32-GPU pool, with and without
+preemption, and the report says who got the GPUs and who waited.
+
+Every pass (each `pass_seconds` of simulated time) does what the scheduler service does:
+TeamShares from decayed usage of ended runs (24 h half-life) and the runs in progress,
+hosts' per-GPU free_in from each running job's estimate, `plan_placement` over every
+waiting job, then (preemption variant) `plan_preemptions`. A preempted job keeps its GPUs
+for `checkpoint_seconds` while it writes a full checkpoint (so it loses no trained work),
+then goes back in line keeping its age; each resume costs `restart_seconds` of GPU time
+before training continues. The workload is bench/pool_workload.py.
+
+    python -m bench.pool_sim [--days 7] [--seed 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from app.domain.placement import Host, plan_placement
+from app.domain.preemption import PreemptionPolicy, Running, Waiting, plan_preemptions
+from app.domain.scheduling import QueuedJob, TeamShare, decayed_usage
+from bench.pool_workload import (
+    A100,
+    CLASS_ORDER,
+    DAY,
+    HOSTS,
+    HOUR,
+    MINUTE,
+    TEAMS,
+    JobSpec,
+    make_workload,
+)
+
+DEFAULT_POLICY = PreemptionPolicy(
+    wait_seconds=15 * MINUTE, max_preemptions=3, min_run_seconds=30 * MINUTE
+)
+MIN_REMAINING = 60.0
+"""free_in of a GPU whose job has outrun its estimate: it is busy, so never 0 (0 means free
+now to plan_placement); the scheduler guesses it ends within the minute."""
+
+
+@dataclass
+class SimConfig:
+    days: float = 7.0
+    seed: int = 1
+    pass_seconds: float = 30.0
+    half_life_seconds: float = 24 * HOUR
+    dispatch_charge: float = 300.0
+    typical_job_seconds: float = 600.0
+    preemption: PreemptionPolicy | None = None
+    checkpoint_seconds: float = 60.0
+    restart_seconds: float = 120.0
+    earmark: bool = False
+    """Keep a preemption's freed GPUs for the job it was made for: its host is hidden from
+    plan_placement until that job starts there (not what the service does today; see
+    docs/scheduling.md, Pool simulation)."""
+
+
+@dataclass
+class RunRecord:
+    """One stretch of a job on GPUs, from start or resume to its end or stop."""
+
+    job: int
+    team: int
+    host: str
+    gpus: tuple[int, ...]
+    start: float
+    end: float | None = None
+    overhead: float = 0.0
+    """Restart seconds at its start (0 on a first start)."""
+    stopped: bool = False
+    """Ended by a preemption rather than by finishing."""
+
+
+@dataclass
+class PreemptionRecord:
+    at: float
+    victim: int
+    victim_team: int
+    ran: float
+    """Seconds since the victim's start or last resume, when it was told to stop."""
+    earlier: int
+    """Times the victim had been preempted before this one."""
+    for_job: int
+    for_team: int
+    host: str
+    served_at: float | None = None
+    """When `for_job` next started on `host` (None: it started elsewhere, or never)."""
+
+
+@dataclass
+class SimJob:
+    spec: JobSpec
+    state: str = "future"  # future, waiting, running, stopping, done
+    done: float = 0.0
+    """Seconds of training done before the current run."""
+    queued_since: float = 0.0
+    first_start: float | None = None
+    finished_at: float | None = None
+    run: RunRecord | None = None
+    stop_at: float = 0.0
+    preemptions: int = 0
+    runs: int = 0
+    restart: float = 0.0
+    """Restart seconds a resume costs (the config's, kept here for `queued_job`)."""
+    queued: QueuedJob | None = None
+    """The QueuedJob handed to plan_placement, rebuilt after each stop."""
+
+    def queued_job(self) -> QueuedJob:
+        if self.queued is None:
+            spec = self.spec
+            resume = self.restart if self.done > 0 else 0.0
+            self.queued = QueuedJob(
+                key=spec.key,
+                team=spec.team,
+                priority=spec.priority,
+                created_at=spec.submit,
+                eligible=spec.eligible,
+                gpus=spec.gpus,
+                expected_seconds=max(MIN_REMAINING, spec.expected - self.done) + resume,
+            )
+        return self.queued
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    jobs: list[SimJob]
+    runs: list[RunRecord] = field(default_factory=list)
+    preemptions: list[PreemptionRecord] = field(default_factory=list)
+    passes: int = 0
+    placement_calls: int = 0
+    seconds: float = 0.0
+    """Wall-clock seconds the simulation took."""
+
+
+class Pool:
+    """The pool's state between passes; `advance` applies events, `schedule` is one pass."""
+
+    def __init__(self, config: SimConfig, workload: list[JobSpec]) -> None:
+        self.config = config
+        self.jobs = {spec.key: SimJob(spec, restart=config.restart_seconds) for spec in workload}
+        self.slots = {host: [None] * gpus for host, _, gpus in HOSTS}
+        self.classes = {host: cls for host, cls, _ in HOSTS}
+        self.weights = {team: profile.weight for team, profile in enumerate(TEAMS)}
+        self.usage: dict[int, tuple[float, float]] = {}  # team -> (updated_at, gpu seconds)
+        self.events: list[tuple[float, int, str, int, int]] = []
+        self.seq = 0
+        self.waiting: dict[int, SimJob] = {}
+        self.active: dict[int, SimJob] = {}  # running or stopping
+        self.result = SimResult(config, list(self.jobs.values()))
+        self.pending_serve: dict[int, list[PreemptionRecord]] = defaultdict(list)
+        self.earmarks: dict[str, tuple[int, float]] = {}  # host -> (job, when)
+        for job in self.jobs.values():
+            self._push(job.spec.submit, "arrive", job)
+
+    def _push(self, at: float, kind: str, job: SimJob) -> None:
+        """An event for the job's current run (a stale one, of an earlier run, is ignored)."""
+        self.seq += 1
+        heapq.heappush(self.events, (at, self.seq, kind, job.spec.key, job.runs))
+
+    # Events ------------------------------------------------------------------------------
+
+    def advance(self, until: float) -> None:
+        while self.events and self.events[0][0] <= until:
+            at, _, kind, key, run = heapq.heappop(self.events)
+            job = self.jobs[key]
+            if run != job.runs:
+                continue
+            if kind == "arrive":
+                job.state, job.queued_since = "waiting", at
+                self.waiting[key] = job
+            elif kind == "end" and job.state in ("running", "stopping"):
+                self._release(job, at)
+                job.state, job.finished_at = "done", at
+            elif kind == "stop" and job.state == "stopping":
+                run = job.run
+                job.done = min(job.spec.work, job.done + max(0.0, at - run.start - run.overhead))
+                run.stopped = True
+                self._release(job, at)
+                job.state, job.queued_since, job.queued = "waiting", at, None
+                self.waiting[key] = job
+
+    def _ends_at(self, job: SimJob) -> float:
+        return job.run.start + job.run.overhead + (job.spec.work - job.done)
+
+    def _release(self, job: SimJob, at: float) -> None:
+        run = job.run
+        run.end = at
+        for gpu in run.gpus:
+            assert self.slots[run.host][gpu] == job.spec.key
+            self.slots[run.host][gpu] = None
+        del self.active[job.spec.key]
+        updated, value = self.usage.get(job.spec.team, (at, 0.0))
+        value = decayed_usage([(updated, value)], at, self.config.half_life_seconds)
+        self.usage[job.spec.team] = (at, value + (at - run.start) * job.spec.gpus)
+
+    # One pass ----------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> None:
+        self.result.passes += 1
+        if self.waiting and (self.earmarks or any(None in g for g in self.slots.values())):
+            self._place(now)
+        if self.config.preemption is not None and self.waiting:
+            self._preempt(now)
+
+    def _shares(self, now: float) -> dict[int, TeamShare]:
+        shares = {
+            team: TeamShare(
+                team=team,
+                weight=weight,
+                recent_gpu_seconds=decayed_usage(
+                    [self.usage.get(team, (now, 0.0))], now, self.config.half_life_seconds
+                ),
+            )
+            for team, weight in self.weights.items()
+        }
+        for job in self.active.values():
+            share = shares[job.spec.team]
+            share.running.append(now - job.run.start)
+            share.running_gpus.append(job.spec.gpus)
+        return shares
+
+    def _free_in(self, key: int | None, now: float) -> float:
+        if key is None:
+            return 0.0
+        job = self.jobs[key]
+        if job.state == "stopping":
+            return job.stop_at - now
+        run = job.run
+        expected_end = run.start + run.overhead + (job.spec.expected - job.done)
+        return max(MIN_REMAINING, expected_end - now)
+
+    def _place(self, now: float) -> None:
+        self.result.placement_calls += 1
+        held = self._serve_earmarks(now)
+        hosts = [
+            Host(
+                host,
+                self.classes[host],
+                [MIN_REMAINING if host in held else self._free_in(k, now) for k in gpus],
+            )
+            for host, gpus in self.slots.items()
+        ]
+        plan = plan_placement(
+            [job.queued_job() for key, job in self.waiting.items() if key not in held.values()],
+            self._shares(now),
+            hosts,
+            typical_job_seconds=self.config.typical_job_seconds,
+            dispatch_charge=self.config.dispatch_charge,
+            class_order=CLASS_ORDER,
+        )
+        for queued, host in plan.started:
+            self._start(self.jobs[queued.key], host, now)
+
+    def _serve_earmarks(self, now: float) -> dict[str, int]:
+        """Start each earmarked job whose host has its GPUs free; the hosts still held
+        (host -> job) are hidden from this pass's placement, their jobs left out of it."""
+        held = {}
+        for host, (key, since) in list(self.earmarks.items()):
+            job = self.jobs[key]
+            stale = now - since > self.config.checkpoint_seconds + 5 * MINUTE
+            if job.state != "waiting" or stale:
+                del self.earmarks[host]
+            elif self.slots[host].count(None) >= job.spec.gpus:
+                del self.earmarks[host]
+                self._start(job, host, now)
+            else:
+                held[host] = key
+        return held
+
+    def _start(self, job: SimJob, host: str, now: float) -> None:
+        slots = self.slots[host]
+        free = [i for i, key in enumerate(slots) if key is None]
+        if len(free) < job.spec.gpus:
+            raise AssertionError(f"job {job.spec.key} placed on {host} with {len(free)} free")
+        gpus = tuple(free[: job.spec.gpus])
+        for gpu in gpus:
+            slots[gpu] = job.spec.key
+        overhead = self.config.restart_seconds if job.done > 0 else 0.0
+        job.runs += 1
+        job.run = RunRecord(job.spec.key, job.spec.team, host, gpus, now, overhead=overhead)
+        self.result.runs.append(job.run)
+        job.state = "running"
+        if job.first_start is None:
+            job.first_start = now
+        del self.waiting[job.spec.key]
+        self.active[job.spec.key] = job
+        self._push(self._ends_at(job), "end", job)
+        for record in self.pending_serve.pop(job.spec.key, []):
+            if record.host == host:
+                record.served_at = now
+
+    def _preempt(self, now: float) -> None:
+        waiting = [
+            Waiting(key, job.spec.team, job.spec.gpus, job.spec.eligible, now - job.queued_since)
+            for key, job in self.waiting.items()
+        ]
+        running = [
+            Running(
+                key=key,
+                team=job.spec.team,
+                host=job.run.host,
+                gpu_class=self.classes[job.run.host],
+                gpus=job.spec.gpus,
+                priority=job.spec.priority,
+                ran=now - job.run.start,
+                started_at=job.run.start,
+                preemptions=job.preemptions,
+                preemptible=True,
+                stopping=job.state == "stopping",
+            )
+            for key, job in self.active.items()
+        ]
+        host_gpus = {
+            host: (self.classes[host], len(gpus), gpus.count(None))
+            for host, gpus in self.slots.items()
+        }
+        for plan in plan_preemptions(
+            waiting, running, host_gpus, self.weights, self.config.preemption
+        ):
+            target = self.jobs[plan.for_job]
+            if self.config.earmark:
+                self.earmarks[plan.host] = (plan.for_job, now)
+            for key in plan.victims:
+                victim = self.jobs[key]
+                record = PreemptionRecord(
+                    now,
+                    key,
+                    victim.spec.team,
+                    now - victim.run.start,
+                    victim.preemptions,
+                    plan.for_job,
+                    target.spec.team,
+                    plan.host,
+                )
+                self.result.preemptions.append(record)
+                self.pending_serve[plan.for_job].append(record)
+                victim.preemptions += 1
+                victim.state, victim.stop_at = "stopping", now + self.config.checkpoint_seconds
+                self._push(victim.stop_at, "stop", victim)
+
+
+def simulate(config: SimConfig, workload: list[JobSpec] | None = None) -> SimResult:
+    """Run the pool from time 0 to `config.days`; jobs still running then are cut there."""
+    began = time.perf_counter()
+    if workload is None:
+        workload = make_workload(config.days, config.seed)
+    pool = Pool(config, workload)
+    horizon = config.days * DAY
+    now = 0.0
+    while now < horizon:
+        pool.advance(now)
+        pool.schedule(now)
+        now += config.pass_seconds
+    pool.advance(horizon)
+    pool.result.seconds = time.perf_counter() - began
+    return pool.result
+
+
+# Report ------------------------------------------------------------------------------------
+
+
+VARIANTS = ((None, False), (DEFAULT_POLICY, False), (DEFAULT_POLICY, True))
+"""(preemption policy, earmark) of each variant the report compares."""
+
+
+def variant_name(config: SimConfig) -> str:
+    if config.preemption is None:
+        return "no preemption"
+    return "preemption + earmark" if config.earmark else "preemption"
+
+
+def gpu_seconds_by_team(result: SimResult, start: float = 0.0, end: float | None = None) -> dict:
+    """GPU-seconds each team held (training, restarting or checkpointing) in [start, end)."""
+    end = result.config.days * DAY if end is None else end
+    held: dict[int, float] = defaultdict(float)
+    for run in result.runs:
+        lo, hi = max(start, run.start), min(end, run.end if run.end is not None else end)
+        if hi > lo:
+            held[run.team] += (hi - lo) * len(run.gpus)
+    return held
+
+
+def capped_fair_shares(demand: dict[int, float], weights: dict[int, float]) -> dict[int, float]:
+    """Weighted max-min shares of the GPU-hours handed out (water-filling): a team that
+    wants less than its weight's part gets what it wants, the rest is split by weight among
+    the others. `demand` is in units of the total handed out (so it sums to >= 1 when the
+    pool was short)."""
+    shares, left, budget = {}, set(demand), 1.0
+    while left:
+        level = budget / sum(weights[t] for t in left)
+        capped = {t for t in left if demand[t] <= level * weights[t]}
+        if not capped:
+            shares.update({t: level * weights[t] for t in left})
+            break
+        for t in capped:
+            shares[t] = demand[t]
+            budget -= demand[t]
+        left -= capped
+    return shares
+
+
+def p95(values: list[float]) -> float | None:
+    """Nearest-rank 95th percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def summarize(result: SimResult) -> dict:
+    config = result.config
+    horizon = config.days * DAY
+    capacity = sum(gpus for _, _, gpus in HOSTS) * horizon
+    held = gpu_seconds_by_team(result)
+    teams_with_work = sorted({job.spec.team for job in result.jobs})
+    total_weight = sum(TEAMS[t].weight for t in teams_with_work)
+    total_held = sum(held.values()) or 1.0
+    demand = {
+        t: sum(j.spec.work * j.spec.gpus for j in result.jobs if j.spec.team == t)
+        for t in teams_with_work
+    }
+    capped = capped_fair_shares(
+        {t: demand[t] / total_held for t in teams_with_work},
+        {t: TEAMS[t].weight for t in teams_with_work},
+    )
+    teams = [
+        {
+            "team": TEAMS[t].name,
+            "kind": TEAMS[t].kind,
+            "weight": TEAMS[t].weight,
+            "weight_share": TEAMS[t].weight / total_weight,
+            "demand_gpu_hours": demand[t] / HOUR,
+            "capped_fair_share": capped[t],
+            "gpu_hours": held[t] / HOUR,
+            "share": held[t] / total_held,
+        }
+        for t in teams_with_work
+    ]
+    waits: dict[str, list[float]] = defaultdict(list)
+    never = defaultdict(int)
+    for job in result.jobs:
+        started = job.first_start if job.first_start is not None else horizon
+        if job.first_start is None:
+            never[str(job.spec.gpus)] += 1
+        waits[str(job.spec.gpus)].append(started - job.spec.submit)
+        if TEAMS[job.spec.team].kind == "light":
+            waits["light teams"].append(started - job.spec.submit)
+            if A100 in job.spec.eligible:
+                waits["light teams, 40 GB jobs"].append(started - job.spec.submit)
+        if A100 not in job.spec.eligible:
+            waits["80 GB-only jobs"].append(started - job.spec.submit)
+    overhead = sum(
+        min(run.overhead, (run.end or horizon) - run.start) * len(run.gpus) for run in result.runs
+    ) + sum(
+        min(config.checkpoint_seconds, (run.end or horizon) - run.start) * len(run.gpus)
+        for run in result.runs
+        if run.stopped
+    )
+    served = [p for p in result.preemptions if p.served_at is not None]
+    per_job = defaultdict(int)
+    for p in result.preemptions:
+        per_job[p.victim] += 1
+    return {
+        "variant": variant_name(config),
+        "policy": asdict(config.preemption) if config.preemption else None,
+        "days": config.days,
+        "seed": config.seed,
+        "teams": teams,
+        "p95_wait_hours": {
+            size: p95(values) / HOUR for size, values in sorted(waits.items(), key=_size_order)
+        },
+        "jobs_by_size": {
+            size: len(values) for size, values in sorted(waits.items(), key=_size_order)
+        },
+        "never_started": dict(never),
+        "utilisation": total_held / capacity,
+        "preemption_overhead_gpu_hours": overhead / HOUR,
+        "preemptions": len(result.preemptions),
+        "preemptions_per_day": len(result.preemptions) / config.days,
+        "jobs_preempted": len(per_job),
+        "preemptions_on_80gb_host": sum(1 for p in result.preemptions if p.host.startswith("h100")),
+        "preempted_as_soon_as_allowed": sum(
+            1 for p in result.preemptions if p.ran < config.preemption.min_run_seconds + 5 * MINUTE
+        )
+        if config.preemption
+        else 0,
+        "most_preemptions_of_one_job": max(per_job.values(), default=0),
+        "preemptions_serving_their_job": len(served),
+        "jobs_submitted": len(result.jobs),
+        "jobs_finished": sum(1 for job in result.jobs if job.state == "done"),
+        "passes": result.passes,
+        "placement_calls": result.placement_calls,
+        "sim_seconds": result.seconds,
+    }
+
+
+def _size_order(item: tuple[str, object]) -> tuple:
+    return (0, int(item[0]), "") if item[0].isdigit() else (1, 0, item[0])
+
+
+def _hours(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def table(summaries: list[dict]) -> str:
+    """Markdown tables: shares per team, then one column of pool figures per variant."""
+    names = [s["variant"] for s in summaries]
+    lines = [
+        "| team | kind | weight | weight share | demand GPU-h | demand-capped fair share | "
+        + " | ".join(f"share ({n})" for n in names)
+        + " |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(names),
+    ]
+    for i, team in enumerate(summaries[0]["teams"]):
+        cells = [
+            team["team"],
+            team["kind"],
+            f"{team['weight']:g}",
+            f"{team['weight_share']:.1%}",
+            f"{team['demand_gpu_hours']:.0f}",
+            f"{team['capped_fair_share']:.1%}",
+        ]
+        cells += [f"{s['teams'][i]['share']:.1%}" for s in summaries]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    sizes = summaries[0]["p95_wait_hours"].keys()
+    for size in sizes:
+        label = f"p95 wait, {size}-GPU jobs (h)" if size.isdigit() else f"p95 wait, {size} (h)"
+        count = summaries[0]["jobs_by_size"][size]
+        lines.append(
+            f"| {label}, n={count} | "
+            + " | ".join(
+                _hours(s["p95_wait_hours"][size])
+                + (
+                    f" ({s['never_started'][size]} never started)"
+                    if s["never_started"].get(size)
+                    else ""
+                )
+                for s in summaries
+            )
+            + " |"
+        )
+    rows = [
+        ("utilisation (GPU-h held / capacity)", lambda s: f"{s['utilisation']:.1%}"),
+        (
+            "GPU-h lost to checkpoints and restarts",
+            lambda s: f"{s['preemption_overhead_gpu_hours']:.1f}",
+        ),
+        ("preemptions per day", lambda s: f"{s['preemptions_per_day']:.1f}"),
+        ("preemptions on the 80 GB host", lambda s: str(s["preemptions_on_80gb_host"])),
+        (
+            "victims stopped within 5 min of reaching M",
+            lambda s: str(s["preempted_as_soon_as_allowed"]),
+        ),
+        (
+            "jobs preempted (most times one job)",
+            lambda s: f"{s['jobs_preempted']} ({s['most_preemptions_of_one_job']})",
+        ),
+        (
+            "preemptions whose job then started on that host",
+            lambda s: f"{s['preemptions_serving_their_job']} of {s['preemptions']}",
+        ),
+        (
+            "jobs finished (of submitted)",
+            lambda s: f"{s['jobs_finished']} of {s['jobs_submitted']}",
+        ),
+        ("simulation wall time (s)", lambda s: f"{s['sim_seconds']:.1f}"),
+    ]
+    for label, cell in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(s) for s in summaries) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--days", type=float, default=7.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--pass-seconds", type=float, default=30.0)
+    parser.add_argument("--json", help="also write both variants' figures to this file")
+    args = parser.parse_args(argv)
+    summaries = []
+    for policy, earmark in VARIANTS:
+        config = SimConfig(
+            days=args.days,
+            seed=args.seed,
+            pass_seconds=args.pass_seconds,
+            preemption=policy,
+            earmark=earmark,
+        )
+        summaries.append(summarize(simulate(config)))
+    print(table(summaries))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(summaries, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
