@@ -179,6 +179,8 @@ class Job(Base):
     # (set while the job waits to resume automatically), and an administrator's mark.
     preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     preempted_at: Mapped[int | None] = mapped_column(BigInteger)
+    # The host whose GPUs a preemption is freeing for this job: it goes there first.
+    earmarked_worker: Mapped[str | None] = mapped_column(String(200))
     preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
 
     team: Mapped[Team] = relationship()

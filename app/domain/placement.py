@@ -95,16 +95,22 @@ def plan_placement(
     typical_job_seconds: float,
     dispatch_charge: float = DEFAULT_DISPATCH_CHARGE,
     class_order: Sequence[str] = (),
+    earmarks: Mapping[int, str] | None = None,
 ) -> Placement:
     """Start what can start on `hosts` now, in fair-share order, with gang reservations
     and conservative backfill as the module docstring says. Neither the caller's hosts
-    nor its shares are modified."""
+    nor its shares are modified.
+
+    `earmarks` (job key -> host id): jobs a preemption freed GPUs for (app.domain.
+    preemption). They go first, on that host: started if its GPUs are free, else holding
+    a reservation there, so the GPUs the preemption frees are not taken by another job."""
     _check_priorities(candidates)
     for job in candidates:
         if job.gpus < 1:
             raise ValueError(f"job {job.key} asks for {job.gpus} GPUs; at least 1")
     rank = {name: i for i, name in enumerate(class_order)}
     free_in = {h.id: list(h.free_in) for h in hosts}
+    by_id = {h.id: h for h in hosts}
     reserved: dict[str, Reservation] = {}
     teams = _teams(candidates, shares, dispatch_charge)
     waiting = _group(candidates, set(), None)
@@ -120,6 +126,27 @@ def plan_placement(
     def host_order(host: Host) -> tuple:
         return (rank.get(host.gpu_class, len(rank)), host.gpu_class, host.id)
 
+    handled: set[int] = set()
+    for job in sorted(candidates, key=lambda j: j.key):
+        host = by_id.get((earmarks or {}).get(job.key, ""))
+        if host is None or host.gpu_class not in job.eligible or teams[job.team].full:
+            continue
+        handled.add(job.key)
+        seconds = job.expected_seconds or typical_job_seconds
+        if sum(1 for t in free_in[host.id] if t <= 0) >= job.gpus:
+            free_in[host.id] = _take(Host(host.id, "", free_in[host.id]), job.gpus, seconds)
+            plan.started.append((job, host.id))
+            teams[job.team].charge += dispatch_charge * job.gpus
+            teams[job.team].running += 1
+            continue
+        starts_in = _ready_at(free_in[host.id], job.gpus)
+        booking = Reservation(job.key, host.id, job.gpus, starts_in)
+        reserved[host.id] = booking
+        plan.reservations.append(booking)
+        plan.waiting[job.key] = (
+            f"waits for {job.gpus} GPUs of {host.id}, freed for it by a preemption"
+        )
+
     heap = [
         (teams[key].usage, team_jobs.oldest[0], key)
         for key, team_jobs in waiting.items()
@@ -131,6 +158,10 @@ def plan_placement(
         team_jobs, team = waiting[key], teams[key]
         _, job = team_jobs.jobs[team_jobs.next]
         team_jobs.next += 1
+        if job.key in handled:
+            if team_jobs.next < len(team_jobs.jobs) and not team.full:
+                heapq.heappush(heap, (team.usage, team_jobs.oldest[team_jobs.next], key))
+            continue
         seconds = job.expected_seconds or typical_job_seconds
         eligible = sorted((h for h in hosts if h.gpu_class in job.eligible), key=host_order)
         fitting = [

@@ -22,8 +22,14 @@ Policy
   lowest priority first (`high` last), then the team furthest over its share, then the
   job started most recently, then the key. The host needing the fewest and
   lowest-priority victims wins.
+* With `usage` (the service passes it): the victim's team must also be ahead of the
+  waiting team in fair-share usage (decayed GPU time per weight, as placement orders
+  teams), so the GPUs a preemption frees go to the team placement serves first, and two
+  teams cannot take GPUs back and forth: after a swap the taker's usage grows, and the
+  other team preempts back only once it has fallen behind in usage again (time-slicing
+  paced by usage, no faster than `min_run_seconds`).
 * Waiting jobs are served longest-waiting first; each plan updates the holdings the
-  next one sees.
+  next one sees. When nothing running may be taken at all, the queue is not looked at.
 
 Pure: the caller (app.services.preemptions) loads the pool and persists the pauses.
 """
@@ -90,37 +96,25 @@ def plan_preemptions(
     host_gpus: Mapping[str, tuple[str, int, int]],
     weights: Mapping[int, float],
     policy: PreemptionPolicy,
+    usage: Mapping[int, float] | None = None,
 ) -> list[Preemption]:
     """The preemptions to make now. `host_gpus` maps each live host to (class, GPUs,
-    GPUs free now); `weights` each team's fair-share weight (missing: 1)."""
-    held: dict[tuple[int, str], int] = defaultdict(int)  # (team, class) -> GPUs held
-    for job in running:
-        if not job.stopping:
-            held[job.team, job.gpu_class] += job.gpus
-    # GPUs free now or being freed by a stopping victim, less those promised to a job
-    # this pass planned for: what a waiting job can count on without a new preemption.
-    spare = {host: free for host, (_, _, free) in host_gpus.items()}
-    for job in running:
-        if job.stopping and job.host in spare:
-            spare[job.host] += job.gpus
+    GPUs free now); `weights` each team's fair-share weight (missing: 1); `usage` each
+    team's normalized fair-share usage as placement orders teams by (missing: 0; None:
+    not considered)."""
+    movable = [
+        r
+        for r in running
+        if not r.stopping
+        and r.preemptible
+        and r.preemptions < policy.max_preemptions
+        and r.ran >= policy.min_run_seconds
+    ]
+    if not movable:
+        return []  # nothing may be taken: no need to look at the queue at all
+    pool = _Pool(waiting, running, host_gpus, weights)
     taken: set[int] = set()
-
-    def total_weight(classes: frozenset[str]) -> float:
-        """The weights of the teams with work on those classes: running there, or waiting
-        for one of them."""
-        active = {job.team for job in running if job.gpu_class in classes}
-        active |= {job.team for job in waiting if job.eligible & classes}
-        return sum(weights.get(team, 1.0) for team in active) or 1.0
-
     plans: list[Preemption] = []
-
-    def holding(team: int, classes: frozenset[str]) -> int:
-        return sum(held[team, c] for c in classes)
-
-    def entitlement(team: int, classes: frozenset[str]) -> float:
-        pool = sum(gpus for cls, gpus, _ in host_gpus.values() if cls in classes)
-        return pool * weights.get(team, 1.0) / total_weight(classes)
-
     for job in sorted(waiting, key=lambda w: (-w.waited, w.key)):
         if job.waited < policy.wait_seconds:
             continue
@@ -128,27 +122,22 @@ def plan_preemptions(
         hosts = [
             h for h, (cls, gpus, _) in host_gpus.items() if cls in classes and gpus >= job.gpus
         ]
-        if any(spare[h] >= job.gpus for h in hosts):
+        if any(pool.spare[h] >= job.gpus for h in hosts):
             continue  # it can start, or GPUs are already being freed for it
-        mine = holding(job.team, classes)
-        if mine >= entitlement(job.team, classes):
+        mine = pool.holding(job.team, classes)
+        if mine >= pool.entitlement(job.team, classes):
             continue
         my_level = mine / weights.get(job.team, 1.0)
         best: tuple | None = None
         for host in hosts:
-            chosen = _victims_on(
-                host,
-                job,
-                running,
-                taken,
-                max(0, spare[host]),
-                classes,
-                policy,
-                weights,
-                holding,
-                entitlement,
-                my_level,
-            )
+            candidates = [
+                r
+                for r in movable
+                if r.host == host
+                and r.key not in taken
+                and _may_take(r, job, pool.over(r.team, classes), usage)
+            ]
+            chosen = pool.victims(job, host, candidates, classes, my_level)
             if chosen is None:
                 continue
             worst = max(_RANK[v.priority] for v in chosen)
@@ -160,55 +149,77 @@ def plan_preemptions(
         _, host, chosen = best
         for victim in chosen:
             taken.add(victim.key)
-            held[victim.team, victim.gpu_class] -= victim.gpus
-            spare[host] += victim.gpus
-        spare[host] -= job.gpus
-        held[job.team, host_gpus[host][0]] += job.gpus
+            pool.move(victim.team, victim.gpu_class, -victim.gpus, host, victim.gpus)
+        pool.move(job.team, host_gpus[host][0], job.gpus, host, -job.gpus)
         plans.append(Preemption(job.key, host, tuple(v.key for v in chosen)))
     return plans
 
 
-def _victims_on(
-    host,
-    job,
-    running,
-    taken,
-    free_now,
-    classes,
-    policy,
-    weights,
-    holding,
-    entitlement,
-    my_level,
-):
-    """The victims on `host` that give `job` its GPUs, in the policy's order; None when
-    that host cannot."""
+def _may_take(
+    victim: Running, job: Waiting, over: float, usage: Mapping[int, float] | None
+) -> bool:
+    """Another team's run, that team above its share here and (with `usage`) ahead of the
+    waiting team in fair-share usage."""
+    if victim.team == job.team or over <= 0:
+        return False
+    return usage is None or usage.get(victim.team, 0.0) > usage.get(job.team, 0.0)
 
-    def over(team: int) -> float:
-        return holding(team, classes) - entitlement(team, classes)
 
-    candidates = [
-        r
-        for r in running
-        if r.host == host
-        and r.key not in taken
-        and not r.stopping
-        and r.team != job.team
-        and r.preemptible
-        and r.preemptions < policy.max_preemptions
-        and r.ran >= policy.min_run_seconds
-        and over(r.team) > 0
-    ]
-    candidates.sort(key=lambda r: (_RANK[r.priority], -over(r.team), -r.started_at, r.key))
-    chosen, freed = [], free_now
-    losing: dict[int, int] = defaultdict(int)
-    for victim in candidates:
-        if freed >= job.gpus:
-            break
-        after = holding(victim.team, classes) - losing[victim.team] - victim.gpus
-        if after / weights.get(victim.team, 1.0) < my_level:
-            continue  # it would leave that team below where the waiting team is now
-        chosen.append(victim)
-        losing[victim.team] += victim.gpus
-        freed += victim.gpus
-    return chosen if freed >= job.gpus and chosen else None
+class _Pool:
+    """GPUs held per team and class, and spare per host, as the pass plans preemptions."""
+
+    def __init__(self, waiting, running, host_gpus, weights) -> None:
+        self.waiting, self.running, self.weights = waiting, running, weights
+        self.sizes = {cls: 0 for cls, _, _ in host_gpus.values()}
+        for cls, gpus, _ in host_gpus.values():
+            self.sizes[cls] += gpus
+        self.held: dict[tuple[int, str], int] = defaultdict(int)
+        for job in running:
+            if not job.stopping:
+                self.held[job.team, job.gpu_class] += job.gpus
+        # GPUs free now or being freed by a stopping victim, less those promised to a job
+        # this pass planned for: what a waiting job can count on without a new preemption.
+        self.spare = {host: free for host, (_, _, free) in host_gpus.items()}
+        for job in running:
+            if job.stopping and job.host in self.spare:
+                self.spare[job.host] += job.gpus
+        self._weights_on: dict[frozenset[str], float] = {}
+
+    def move(self, team: int, gpu_class: str, gpus: int, host: str, spare: int) -> None:
+        self.held[team, gpu_class] += gpus
+        self.spare[host] += spare
+
+    def holding(self, team: int, classes: frozenset[str]) -> int:
+        return sum(self.held[team, c] for c in classes)
+
+    def entitlement(self, team: int, classes: frozenset[str]) -> float:
+        if classes not in self._weights_on:
+            # The teams with work on those classes: running there, or waiting for one.
+            active = {job.team for job in self.running if job.gpu_class in classes}
+            active |= {job.team for job in self.waiting if job.eligible & classes}
+            self._weights_on[classes] = sum(self.weights.get(t, 1.0) for t in active) or 1.0
+        pool = sum(self.sizes.get(c, 0) for c in classes)
+        return pool * self.weights.get(team, 1.0) / self._weights_on[classes]
+
+    def over(self, team: int, classes: frozenset[str]) -> float:
+        return self.holding(team, classes) - self.entitlement(team, classes)
+
+    def victims(self, job, host, candidates, classes, my_level):
+        """Victims among `candidates` (on `host`) that give `job` its GPUs, in the policy's
+        order; None when that host cannot."""
+        candidates = sorted(
+            candidates,
+            key=lambda r: (_RANK[r.priority], -self.over(r.team, classes), -r.started_at, r.key),
+        )
+        chosen, freed = [], max(0, self.spare[host])
+        losing: dict[int, int] = defaultdict(int)
+        for victim in candidates:
+            if freed >= job.gpus:
+                break
+            after = self.holding(victim.team, classes) - losing[victim.team] - victim.gpus
+            if after / self.weights.get(victim.team, 1.0) < my_level:
+                continue  # it would leave that team below where the waiting team is now
+            chosen.append(victim)
+            losing[victim.team] += victim.gpus
+            freed += victim.gpus
+        return chosen if freed >= job.gpus and chosen else None

@@ -204,6 +204,14 @@ def _teams(
     return {key: _Team(key, shares.get(key), dispatch_charge) for key in keys}
 
 
+def normalized_usage(
+    shares: Mapping[int, TeamShare], dispatch_charge: float = DEFAULT_DISPATCH_CHARGE
+) -> dict[int, float]:
+    """Each team's charge per weight: the figure fair share orders teams by (lowest
+    first); preemption takes GPUs only from a team ahead of the waiting one by it."""
+    return {team: _Team(team, share, dispatch_charge).usage for team, share in shares.items()}
+
+
 def plan_dispatch(
     candidates: Sequence[QueuedJob],
     shares: Mapping[int, TeamShare],

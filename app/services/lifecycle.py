@@ -93,6 +93,7 @@ def dispatch(
             dispatched_at=int(at),
             dispatched_class=gpu_class,
             dispatched_worker=worker,
+            earmarked_worker=None,  # placed: whatever was freed for it is no longer held
             dispatch_token=Job.dispatch_token + 1,
         )
         .returning(Job.id, Job.dispatch_token)

@@ -16,12 +16,13 @@ from app.config import Settings
 from app.domain.jobs import JobKind, JobStatus
 from app.domain.memory import eligible_classes
 from app.domain.preemption import PreemptionPolicy, Running, Waiting, plan_preemptions
+from app.domain.scheduling import normalized_usage
 from app.domain.workers import WorkerState
 from app.models import Job, Team
 from app.services import lifecycle
 from app.services.audit import record
 from app.services.events import add_event
-from app.services.pool import live_workers, pool_classes
+from app.services.pool import live_workers, pool_classes, team_shares
 
 SCHEDULER_ACTOR = "scheduler"
 WAITING_LOOKED_AT = 200
@@ -116,7 +117,8 @@ def preempt_for_fair_share(session: Session, settings: Settings, at: float) -> l
         held[run.host] += run.gpus
     host_gpus = {w.id: (w.gpu_class, w.gpus, max(0, w.gpus - held[w.id])) for w in workers}
     weights = {team.pk: team.weight for team in session.scalars(select(Team))}
-    plans = plan_preemptions(waiting, running, host_gpus, weights, policy_of(settings))
+    usage = normalized_usage(team_shares(session, settings, at), settings.dispatch_charge_seconds)
+    plans = plan_preemptions(waiting, running, host_gpus, weights, policy_of(settings), usage)
     preempted: list[str] = []
     for plan in plans:
         beneficiary = session.get(Job, plan.for_job)
@@ -148,6 +150,7 @@ def preempt_for_fair_share(session: Session, settings: Settings, at: float) -> l
                     "preemptions": victim.preemptions,
                 },
             )
+        beneficiary.earmarked_worker = plan.host  # placement holds the freed GPUs for it
         add_event(
             session,
             beneficiary.pk,

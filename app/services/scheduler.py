@@ -183,10 +183,35 @@ def _best_per_team(session: Session, classes: dict[str, float], free: dict[str, 
     return session.execute(select(ranked).where(ranked.c.n <= slots))
 
 
+def _earmarked(session: Session):
+    """Waiting jobs a preemption is freeing GPUs for (few: one per preemption)."""
+    return session.execute(
+        select(
+            Job.pk,
+            Job.team_pk,
+            Job.priority,
+            Job.created_at,
+            Job.gpu_class,
+            Job.memory_gb,
+            Job.gpus,
+        )
+        .join(Team, Team.pk == Job.team_pk)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.dispatched_at.is_(None),
+            Job.earmarked_worker.is_not(None),
+            Team.disabled.is_(False),
+        )
+    )
+
+
 def load_candidates(
     session: Session, classes: dict[str, float], free: dict[str, int]
 ) -> list[QueuedJob]:
-    """The jobs one pass chooses among (not all 10,000 in line), with their classes."""
+    """The jobs one pass chooses among (not all 10,000 in line), with their classes: each
+    team's best, and every job a preemption is freeing GPUs for."""
+    rows = {row.pk: row for row in _best_per_team(session, classes, free)}
+    rows.update((row.pk, row) for row in _earmarked(session))
     return [
         QueuedJob(
             key=row.pk,
@@ -196,7 +221,7 @@ def load_candidates(
             eligible=eligible_classes(row.gpu_class, row.memory_gb, classes),
             gpus=row.gpus or 1,
         )
-        for row in _best_per_team(session, classes, free)
+        for row in rows.values()
     ]
 
 
@@ -226,6 +251,14 @@ def schedule_once(
             if candidates:
                 shares = team_shares(session, settings, at)
                 smallest_first = sorted(classes, key=lambda name: (classes[name], name))
+                earmarks = dict(
+                    session.execute(
+                        select(Job.pk, Job.earmarked_worker).where(
+                            Job.pk.in_([job.key for job in candidates]),
+                            Job.earmarked_worker.is_not(None),
+                        )
+                    ).all()
+                )
                 placement = plan_placement(
                     candidates,
                     shares,
@@ -233,6 +266,7 @@ def schedule_once(
                     typical_job_seconds=typical,
                     dispatch_charge=settings.dispatch_charge_seconds,
                     class_order=smallest_first,
+                    earmarks=earmarks,
                 )
                 host_class = {host.id: host.gpu_class for host in hosts}
                 for job, host_id in placement.started:

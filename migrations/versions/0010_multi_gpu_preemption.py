@@ -10,7 +10,8 @@ asks for `gpus` of one host (gang: all at once), holds `devices` (indexes on its
 from its claim to the end of its run, and is dispatched to one worker's own queue
 (`dispatched_worker`). `preemptions` counts the times the scheduler paused it for another
 team, `preempted_at` marks a job paused that way (resumed automatically), and
-`preemptible` on a job or a team is an administrator's mark.
+`preemptible` on a job or a team is an administrator's mark; `earmarked_worker` is the
+host whose GPUs a preemption is freeing for the job (it goes there first).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def upgrade() -> None:
             sa.Column("preemptions", sa.Integer(), nullable=False, server_default="0")
         )
         batch_op.add_column(sa.Column("preempted_at", sa.BigInteger(), nullable=True))
+        batch_op.add_column(sa.Column("earmarked_worker", sa.String(length=200), nullable=True))
         batch_op.add_column(
             sa.Column("preemptible", sa.Boolean(), nullable=False, server_default=sa.true())
         )
@@ -61,6 +63,7 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         for column in (
             "preemptible",
+            "earmarked_worker",
             "preempted_at",
             "preemptions",
             "dispatched_worker",

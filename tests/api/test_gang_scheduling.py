@@ -256,6 +256,7 @@ def test_a_team_over_its_share_is_preempted_for_one_that_waited(
     assert victim.status == "paused" and victim.preemptions == 1 and victim.preempted_at
     assert "Preempted for fair share" in messages(sessions, second)[-1]
     assert f"Preempting {second}" in messages(sessions, waiting)[-1]
+    assert row(sessions, waiting).earmarked_worker == worker  # the freed GPU is held for it
     with sessions() as session:
         audit = session.scalar(
             select(AuditEntry).where(
@@ -272,6 +273,7 @@ def test_a_team_over_its_share_is_preempted_for_one_that_waited(
     set_job(sessions, second, devices=None)
     after = schedule(preemption_env, sessions)
     assert after.placed_on == {waiting: worker}
+    assert row(sessions, waiting).earmarked_worker is None
     assert after.resumed == [second]
     assert row(sessions, second).status == "queued"
     assert "Resumed automatically after its preemption" in messages(sessions, second)[-1]

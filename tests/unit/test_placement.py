@@ -122,3 +122,21 @@ def test_running_gpus_weigh_the_charge() -> None:
     }
     plan = place([job(1, A), job(2, B, created=5)], [Host("h1", "a100", [0])], shares)
     assert [j.key for j, _ in plan.started] == [2]
+
+
+def test_an_earmarked_job_takes_the_gpus_its_preemption_freed() -> None:
+    # B is behind A in fair share, but the GPU was freed for A's job by a preemption.
+    shares = {A: TeamShare(A, 1.0, 10_000.0), B: TeamShare(B, 1.0, 0.0)}
+    hosts = [Host("h1", "a100", [0, 900])]
+    jobs = [job(1, A, created=5), job(2, B, created=0)]
+    plan = plan_placement(jobs, shares, hosts, typical_job_seconds=600, earmarks={1: "h1"})
+    assert [(j.key, h) for j, h in plan.started] == [(1, "h1")]
+
+
+def test_an_earmarked_job_holds_its_host_until_the_victim_stops() -> None:
+    shares = {A: TeamShare(A, 1.0, 10_000.0), B: TeamShare(B, 1.0, 0.0)}
+    hosts = [Host("h1", "a100", [0, 60])]  # GPU 1: the victim, stopping
+    jobs = [job(1, A, gpus=2, created=5), job(2, B, created=0, seconds=3600)]
+    plan = plan_placement(jobs, shares, hosts, typical_job_seconds=600, earmarks={1: "h1"})
+    assert plan.started == []  # B's hour-long job may not take GPU 0 meanwhile
+    assert plan.reservations[0].job == 1 and "preemption" in plan.waiting[1]

@@ -112,3 +112,32 @@ def test_several_waiting_jobs_longest_first_without_reusing_victims() -> None:
     plans = plan([wait(8, B, waited=700), wait(9, C, waited=800)], running, hosts)
     assert [p.for_job for p in plans] == [9, 8]
     assert len({v for p in plans for v in p.victims}) == 2
+
+
+def test_only_a_team_ahead_in_fair_share_usage_loses_gpus() -> None:
+    running = [run(1, A), run(2, A)]
+    assert plan_preemptions(
+        [wait(9, B)], running, {"h1": ("a100", 2, 0)}, {}, POLICY, usage={A: 100.0, B: 50.0}
+    )
+    assert not plan_preemptions(
+        [wait(9, B)], running, {"h1": ("a100", 2, 0)}, {}, POLICY, usage={A: 50.0, B: 100.0}
+    )
+
+
+def test_two_teams_do_not_trade_gpus_back_once_usage_is_counted() -> None:
+    # B preempted A's 2-GPU job and now holds the host; A waits. A is below its share and
+    # B above, but B has used less: A does not preempt back until B is ahead in usage.
+    hosts = {"h1": ("a100", 2, 0)}
+    running = [run(5, B, gpus=2, started=100)]
+    assert not plan_preemptions(
+        [wait(1, A, gpus=2)], running, hosts, {}, POLICY, usage={A: 800.0, B: 600.0}
+    )
+    assert plan_preemptions(
+        [wait(1, A, gpus=2)], running, hosts, {}, POLICY, usage={A: 800.0, B: 900.0}
+    )
+
+
+def test_nothing_movable_means_no_look_at_the_queue() -> None:
+    protected = [run(1, A, preemptible=False), run(2, A, preemptible=False)]
+    many = [wait(k, B) for k in range(10, 5000)]
+    assert plan_preemptions(many, protected, {"h1": ("a100", 2, 0)}, {}, POLICY) == []
