@@ -10,7 +10,8 @@ within TOTAL_BUDGET_SECONDS:
 - env: the machine (nvidia-smi, torch, the packages), and the card's bf16 matrix rate
   (an 8192^3 bf16 product, median of ten after warm-ups), the FLOP/s the targets use;
 - gpu-tests: `pytest -m gpu tests/gpu` (training on CUDA in bf16 with paged_adamw_8bit,
-  packed = padded, pause/resume equality, hardware detection, the memory estimate);
+  packed = padded, pause/resume equality, hardware detection, the memory estimate), but
+  for the multi-GPU tests, which have a part of their own (last, below);
 - bench-<shape>: a random-weight model of a real shape (Llama-3.2-1B, Llama-3.1-8B; vocab
   128,256; ByT5's byte tokenizer, since throughput does not depend on the weights) is
   generated on the GPU, then bench/training.py trains Lathe's trainer (max_seq_length
@@ -20,10 +21,16 @@ within TOTAL_BUDGET_SECONDS:
   targets are for the 8B shape): real tokens/s over the recipe's, at least 3x at no higher
   peak memory; the fraction of the 4·N FLOPs-per-token bound at the card's bf16 rate, at
   least 0.4; peak memory under 7 GiB; app.domain.memory's estimate within 15% of the
-  measured peak.
+  measured peak;
+- gpu-distributed: `pytest -m gpu tests/gpu/test_distributed_cuda.py` (ranks through torch's
+  launcher on NCCL: FSDP+QLoRA through the Trainer, its pause and resume, DDP's launcher
+  path; two real ranks where two GPUs are visible). Last, in the time the others leave:
+  a failure or a timeout there costs none of the figures (`--only gpu-distributed` runs it
+  alone).
 
-Writes gpu-check.json, gpu-check.md, gpu-tests.xml and gpu-check.log into --out ($OUT when
-set, else bench/results/gpu); --dry-run writes them into a temporary directory unless --out.
+Writes gpu-check.json, gpu-check.md, gpu-tests.xml, gpu-distributed.xml and gpu-check.log
+into --out ($OUT when set, else bench/results/gpu); --dry-run writes them into a temporary
+directory unless --out.
 """
 
 from __future__ import annotations
@@ -97,10 +104,23 @@ DRY_SHAPES = {
 }
 # Seconds per part on the device; the 8B shape's generation (16 GB written) and two 4-bit
 # loads dominate.
-BUDGETS = {"env": 30, "gpu-tests": 150, "bench-llama-3.2-1b": 85, "bench-llama-3.1-8b": 200}
+BUDGETS = {
+    "env": 30,
+    "gpu-tests": 150,
+    "bench-llama-3.2-1b": 85,
+    "bench-llama-3.1-8b": 200,
+    # At most; in fact what the parts before it leave of TOTAL_BUDGET_SECONDS.
+    "gpu-distributed": 90,
+}
 # The dry run's are generous: its time is process start-up (torch, transformers, TRL
 # imported by each part and each training child), slow on a busy 2-core machine.
-DRY_BUDGETS = {"env": 120, "gpu-tests": 240, "bench-tiny-tied": 360, "bench-tiny-untied": 360}
+DRY_BUDGETS = {
+    "env": 120,
+    "gpu-tests": 240,
+    "bench-tiny-tied": 360,
+    "bench-tiny-untied": 360,
+    "gpu-distributed": 100,
+}
 DRY_TOTAL_BUDGET_SECONDS = 1200
 DRY_CONVERSATIONS = 8  # of chat_train.jsonl, per dry-run bench
 # Conversations of chat_train.jsonl (512 in all) each side trains on, one epoch: the recipe
@@ -165,16 +185,24 @@ def part_env(device: str, workdir: Path) -> dict:
     return info
 
 
-def part_tests(device: str, workdir: Path, out: Path) -> dict:
-    """pytest -m gpu on tests/gpu and the levers' GPU tests; --confcutdir keeps
+DISTRIBUTED_TESTS = "tests/gpu/test_distributed_cuda.py"
+# Test parts: the pytest arguments each runs (its JUnit file is named for the part).
+TEST_PARTS = {
+    # tests/gpu and the levers' own GPU tests, but for the multi-GPU ones.
+    "gpu-tests": ["tests/gpu", "tests/worker/test_levers_gpu.py", f"--ignore={DISTRIBUTED_TESTS}"],
+    "gpu-distributed": [DISTRIBUTED_TESTS],
+}
+
+
+def part_tests(name: str, device: str, workdir: Path, out: Path) -> dict:
+    """pytest -m gpu on the part's tests (TEST_PARTS); --confcutdir keeps
     tests/conftest.py (Postgres, S3) out.
     Its output goes straight to the log, so a part killed at its budget still shows which
     test it was in; the summary comes from the JUnit file."""
     import xml.etree.ElementTree as ET
 
-    junit = out / "gpu-tests.xml"
-    paths = ["tests/gpu", "tests/worker/test_levers_gpu.py"]  # the levers' own GPU tests
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", *paths, "-v", "-rA"]
+    junit = out / f"{name}.xml"
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", *TEST_PARTS[name], "-v", "-rA"]
     command += ["--confcutdir=tests/gpu", "-p", "no:cacheprovider", f"--basetemp={workdir}/pt"]
     command += [f"--junitxml={junit}", "--durations=0"]
     env = {**os.environ, "GPU_CHECK_OUT": str(out)}  # memory-estimate.json goes there
@@ -428,7 +456,7 @@ def run_part(name: str, args: list[str], budget: float, workdir: Path, log) -> d
         record["result"] = json.loads(result_path.read_text())
     if status != "ok":
         record["error_tail"] = ran["tail"]
-    if name == "gpu-tests" and status == "ok" and not record["result"]["passed"]:
+    if name in TEST_PARTS and status == "ok" and not record["result"]["passed"]:
         record["status"] = "failed"
     print(f"gpu-check: {name}: {record['status']} in {ran['seconds']:.0f} s", flush=True)
     return record
@@ -455,9 +483,10 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {part['status']} | {part['seconds']:.0f} ({part['budget_seconds']:.0f}) |"
         )
-    tests = report["parts"].get("gpu-tests", {}).get("result")
-    if tests:
-        lines += ["", f"GPU tests: {tests['summary']}"]
+    for name in TEST_PARTS:
+        tests = report["parts"].get(name, {}).get("result")
+        if tests:
+            lines += ["", f"{name}: {tests['summary']}"]
     lines += [
         "",
         "| shape | trainer | real tokens/s | train s | peak MiB | estimate GiB |",
@@ -504,8 +533,8 @@ def main() -> None:
         workdir, dry = Path(workdir), dry_run == "1"
         if name == "env":
             result = part_env(device, workdir)
-        elif name == "gpu-tests":
-            result = part_tests(device, workdir, Path(args.part[6]))
+        elif name in TEST_PARTS:
+            result = part_tests(name, device, workdir, Path(args.part[6]))
         else:
             bf16 = float(flops) if flops != "none" else None
             result = part_bench(name.removeprefix("bench-"), device, workdir, dry, bf16)
@@ -550,7 +579,7 @@ def main() -> None:
                 continue
             workdir = Path(tmp) / name
             workdir.mkdir()
-            extra = [str(out)] if name == "gpu-tests" else []
+            extra = [str(out)] if name in TEST_PARTS else []
             common = [device, str(workdir), "1" if args.dry_run else "0", flops, *extra]
             record = run_part(name, common, min(budget, left), workdir, log)
             report["parts"][name] = record
@@ -561,7 +590,7 @@ def main() -> None:
     (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "gpu-check.md").write_text(markdown(report))
     print(markdown(report))
-    print(f"gpu-check: wrote {out}/gpu-check.json, gpu-check.md, gpu-tests.xml, gpu-check.log")
+    print(f"gpu-check: wrote {out}/gpu-check.json, gpu-check.md, the JUnit files, gpu-check.log")
 
 
 def shutil_rmtree(path: Path) -> None:
