@@ -6,7 +6,10 @@ the team's usage. Server-rendered Jinja2 templates, one stylesheet, no JavaScrip
 sign-in redirect and the 404 page its dependencies raise); see docs/dashboard.md.
 """
 
+from app.web import compare
 from app.web.pages import install_page_handlers
 from app.web.views import router
+
+router.include_router(compare.router)
 
 __all__ = ["install_page_handlers", "router"]

@@ -1,6 +1,8 @@
-"""The job page's charts as inline SVG: train and validation loss against step, for a
-classifier its validation accuracy and macro-F1, and for a DPO job its reward accuracy and
-reward margin (how often, and by how much, the preferred answer beats the other).
+"""The dashboard's charts as inline SVG: on the job page train and validation loss against
+step, for a classifier its validation accuracy and macro-F1, and for a DPO job its reward
+accuracy and reward margin (how often, and by how much, the preferred answer beats the
+other); on the compare page several jobs' losses (and reward accuracies) on one chart, a
+colour per job, train solid and validation dashed.
 
 Only numbers leave this module (pixel coordinates and tick labels); the template draws
 them. No chart library, no script: the page works without JavaScript or a CDN.
@@ -9,11 +11,16 @@ them. No chart library, no script: the page works without JavaScript or a CDN.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 WIDTH, HEIGHT = 1100, 340
 LEFT, RIGHT, TOP, BOTTOM = 64, 20, 36, 46  # margins around the plot area
 MAX_POINTS = 1000  # a longer train series is thinned (first and last kept)
+# Compared jobs: each its colour class (job-0 ...; dashboard.css), hence at most this many.
+JOB_STYLES = 8
+KEY_COLUMNS, KEY_ROW = 2, 20  # the compare chart's job legend, under the step axis
+KEY_LABEL_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class Series:
     values: list[tuple[int, float]]  # (step, value) as logged
     dots: bool = False  # one dot per point, with a tooltip: the evaluated series
     style: str = ""  # the CSS class, when not the name: a reward chart's "train" or "valid"
+    job: str = ""  # on a comparison chart, the job whose line it is
 
     @property
     def css(self) -> str:
@@ -47,6 +55,19 @@ class Series:
 
 
 @dataclass(frozen=True)
+class Key:
+    """A comparison chart's legend entry: a job's colour with a sample of each of its line
+    styles, or (no job) what a line style means, in neutral grey; at (x, y) in pixels."""
+
+    label: str
+    x: float
+    y: float
+    styles: tuple[str, ...]  # the samples drawn: "train" (solid), "valid" (dashed)
+    css: str = ""  # the job's colour class; "" for a line style's key
+    job: str = ""
+
+
+@dataclass(frozen=True)
 class Chart:
     width: int = WIDTH
     height: int = HEIGHT
@@ -57,6 +78,8 @@ class Chart:
     x_ticks: list[tuple[float, str]] = field(default_factory=list)
     y_ticks: list[tuple[float, str]] = field(default_factory=list)
     series: list[Series] = field(default_factory=list)
+    # A comparison chart's legend (the job page's charts label each series instead).
+    keys: list[Key] = field(default_factory=list)
 
 
 def _finite(value: object) -> float | None:
@@ -116,6 +139,7 @@ class _Line:
     label: str
     key: str  # the metrics rows' key
     style: str = ""
+    job: str = ""
 
     @property
     def evaluated(self) -> bool:
@@ -128,8 +152,14 @@ def _series(rows: list[dict], lines: tuple[_Line, ...]) -> list[tuple[_Line, lis
     return [(line, values) for line in lines if (values := _values(rows, line.key))]
 
 
-def _draw(lines: list[tuple[_Line, list[tuple[int, float]]]], y_lo: float, y_hi: float) -> Chart:
-    """Scale the series, all non-empty, into the plot area."""
+def _draw(
+    lines: list[tuple[_Line, list[tuple[int, float]]]],
+    y_lo: float,
+    y_hi: float,
+    height: int = HEIGHT,
+) -> Chart:
+    """Scale the series, all non-empty, into the plot area (a taller chart keeps the same
+    plot area and has room below it for a legend)."""
     steps = [s for _, values in lines for s, _ in values]
     x_lo, x_hi = min(steps), max(steps)
     if x_hi == x_lo:
@@ -152,8 +182,9 @@ def _draw(lines: list[tuple[_Line, list[tuple[int, float]]]], y_lo: float, y_hi:
         dots = line.evaluated
         shown = values if dots else _thin(values)
         points = [(px(s), py(v)) for s, v in shown]
-        series.append(Series(line.name, line.label, points, values, dots, line.style))
+        series.append(Series(line.name, line.label, points, values, dots, line.style, line.job))
     return Chart(
+        height=height,
         x_ticks=[(px(t), str(int(t))) for t in x_ticks],
         y_ticks=[(py(t), _label(t, y_step)) for t in y_values],
         series=series,
@@ -178,19 +209,24 @@ REWARD_MARGIN = (
 )
 
 
-def loss_chart(rows: list[dict]) -> Chart | None:
-    """The loss chart of a job's metrics rows (each a metrics event's `data`), oldest
-    first. None when there is no finite loss to draw."""
-    lines = _series(_by_step(rows), LOSS)
-    if not lines:
-        return None
+def _loss_scale(lines: list[tuple[_Line, list[tuple[int, float]]]]) -> tuple[float, float]:
+    """The losses' range with a margin, never below zero when no loss is."""
     losses = [v for _, values in lines for _, v in values]
     y_lo, y_hi = min(losses), max(losses)
     pad = (y_hi - y_lo) * 0.05 or max(abs(y_hi) * 0.05, 0.05)
     y_lo, y_hi = y_lo - pad, y_hi + pad
     if min(losses) >= 0 > y_lo:
         y_lo = 0.0  # a loss is never negative: do not draw below zero
-    return _draw(lines, y_lo, y_hi)
+    return y_lo, y_hi
+
+
+def loss_chart(rows: list[dict]) -> Chart | None:
+    """The loss chart of a job's metrics rows (each a metrics event's `data`), oldest
+    first. None when there is no finite loss to draw."""
+    lines = _series(_by_step(rows), LOSS)
+    if not lines:
+        return None
+    return _draw(lines, *_loss_scale(lines))
 
 
 def score_chart(rows: list[dict]) -> Chart | None:
@@ -221,3 +257,88 @@ def reward_margin_chart(rows: list[dict]) -> Chart | None:
     y_lo, y_hi = min(0.0, *margins), max(0.0, *margins)
     pad = (y_hi - y_lo) * 0.05 or 0.05  # all zero (the first steps): a band around it
     return _draw(lines, y_lo - pad, y_hi + pad)
+
+
+# --- several jobs on one chart (the compare page) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """A compared job: its id, its name in the legend, and its metrics rows as recorded."""
+
+    job: str
+    label: str
+    rows: list[dict]
+
+
+Scale = Callable[[list[tuple[_Line, list[tuple[int, float]]]]], tuple[float, float]]
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= KEY_LABEL_CHARS else label[: KEY_LABEL_CHARS - 1] + "…"
+
+
+def _compare(runs: list[Run], lines: tuple[_Line, ...], scale: Scale) -> Chart | None:
+    """Each run's `lines` in the run's colour (job-0, job-1 ... by its place in `runs`),
+    train solid and validation dashed, scaled together; under the step axis a legend entry
+    per run that has a line, and at the top what solid and dashed mean. None when no run
+    has any of the lines."""
+    if len(runs) > JOB_STYLES:
+        raise ValueError(f"at most {JOB_STYLES} jobs fit one chart, not {len(runs)}")
+    drawn: list[tuple[_Line, list[tuple[int, float]]]] = []
+    shown: list[tuple[int, Run, tuple[str, ...]]] = []
+    for index, run in enumerate(runs):
+        mine = _series(_by_step(run.rows), lines)
+        for line, values in mine:
+            label = f"{run.job} {line.label}"
+            style = f"{line.style or line.name} job-{index}"
+            drawn.append((_Line(line.name, label, line.key, style, run.job), values))
+        if mine:
+            shown.append((index, run, tuple(line.style or line.name for line, _ in mine)))
+    if not drawn:
+        return None
+    rows = math.ceil(len(shown) / KEY_COLUMNS)
+    key_top = HEIGHT - BOTTOM + 60  # under the tick labels and the "step" axis label
+    chart = _draw(drawn, *scale(drawn), height=key_top + rows * KEY_ROW + 6)
+    column = (chart.right_edge - chart.left) / KEY_COLUMNS
+    meaning = {"train": "solid", "valid": "dashed"}
+    keys = [
+        Key(
+            f"{line.label} ({meaning.get(line.style or line.name, '')})",
+            chart.right_edge - 560 + i * 280,
+            12,
+            (line.style or line.name,),
+        )
+        for i, line in enumerate(lines)
+    ]
+    keys += [
+        Key(
+            _short(run.label),
+            chart.left + (place % KEY_COLUMNS) * column,
+            key_top + (place // KEY_COLUMNS) * KEY_ROW,
+            styles,
+            f"job-{index}",
+            run.job,
+        )
+        for place, (index, run, styles) in enumerate(shown)
+    ]
+    return replace(chart, keys=keys)
+
+
+def compare_loss_chart(runs: list[Run]) -> Chart | None:
+    """Train and validation loss of up to JOB_STYLES jobs on one scale. None when none of
+    them has logged a finite loss."""
+    return _compare(runs, LOSS, _loss_scale)
+
+
+def compare_reward_accuracy_chart(runs: list[Run]) -> Chart | None:
+    """DPO jobs' train and validation reward accuracy on the fixed 0 to 1 scale. None when
+    no run has any (no DPO job among them)."""
+    return _compare(runs, REWARD_ACCURACY, lambda _: (0.0, 1.0))
+
+
+def latest(rows: list[dict], key: str) -> tuple[int, float] | None:
+    """The step and value of `key`'s last finite value in the rows (a repeated step's
+    latest row counts, as on the charts); None when it has none."""
+    values = _values(_by_step(rows), key)
+    return values[-1] if values else None
