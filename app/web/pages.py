@@ -27,6 +27,7 @@ NOTICES = {
     "bad_csrf": ("error", "The form had expired; reload the page and try again."),
     "export_created": ("ok", "The export is queued; its files are listed below once it succeeds."),
     "export_cancelled": ("ok", "The export was cancelled."),
+    "file_deleted": ("ok", "The file was deleted."),
     "export_not_cancellable": ("error", "The export has already ended; it cannot be cancelled."),
 }
 HEADERS = {
