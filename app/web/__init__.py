@@ -6,10 +6,11 @@ the team's usage. Server-rendered Jinja2 templates, one stylesheet, no JavaScrip
 sign-in redirect and the 404 page its dependencies raise); see docs/dashboard.md.
 """
 
-from app.web import compare, files_page, launch
+from app.web import admin_pages, compare, files_page, launch
 from app.web.pages import install_page_handlers
 from app.web.views import router
 
+router.include_router(admin_pages.router)
 router.include_router(compare.router)
 router.include_router(files_page.router)
 router.include_router(launch.router)

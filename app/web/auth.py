@@ -1,11 +1,14 @@
-"""Dashboard sign-in: a team API key, kept in an HttpOnly, SameSite=Strict cookie.
+"""Dashboard sign-in: a team API key (or an admin key, for the admin pages), kept in an
+HttpOnly, SameSite=Strict cookie.
 
 The cookie holds the key itself and every page checks it the way the API checks a Bearer
 header (app.services.teams.team_for_key: the SHA-256 digest looked up, compared in
 constant time, revoked keys refused; a disabled team is refused too). So there is no
 server-side session to store or expire, a revoked key or a disabled team ends the session
 on the next page, and API replicas need no shared secret. See docs/dashboard.md.
-The pages get the team itself through app.web.deps.
+An admin key is kept and checked the same way (app.services.admin_keys.admin_for_key),
+and its CSRF token is derived from it as a team key's is from that key.
+The pages get the team or the admin key itself through app.web.deps.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from fastapi import Request, Response
 COOKIE = "lathe_dashboard"
 COOKIE_MAX_AGE = 12 * 3600  # the browser forgets the key after 12 h (or on logout)
 MAX_KEY_CHARS = 200
+ADMIN_HOME = "/admin/teams"
 _NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9_\-./?=&%]*$")
 
 
@@ -66,3 +70,10 @@ def safe_next(target: str | None) -> str:
     if target and len(target) <= 500 and _NEXT.match(target) and not target.startswith("/login"):
         return target
     return "/jobs"
+
+
+def safe_admin_next(target: str | None) -> str:
+    """Where an administrator goes after signing in: an admin page asked for, else the
+    teams page (the team pages are not theirs)."""
+    path = safe_next(target)
+    return path if path == "/admin" or path.startswith("/admin/") else ADMIN_HOME

@@ -1,10 +1,12 @@
-"""The dashboard's FastAPI dependencies: the signed-in team and the team's job, each
-loaded and checked once per request.
+"""The dashboard's FastAPI dependencies: the signed-in team and the team's job, or the
+signed-in administrator, each loaded and checked once per request.
 
 A page that needs a team declares `team: SignedInTeam`; without a valid session cookie the
 dependency raises SignInRequired, which app.web.pages turns into a redirect to the sign-in
 page (and back after). `job: TeamJob` adds the job of the path's {job_id}, or a 404 page
-when the team has no such job, just as the API scopes a Bearer key.
+when the team has no such job, just as the API scopes a Bearer key. The admin pages
+declare `admin: SignedInAdmin`: the cookie's admin key (app.services.admin_keys), checked
+as the admin API checks its Bearer header; a team's session gets the 404 page there.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from fastapi import Depends, Request
 from app.errors import APIError
 from app.http_deps import SessionDep
 from app.logs import bind
-from app.models import Job, Team
+from app.models import AdminKey, Job, Team
 from app.services import jobs as jobs_service
+from app.services.admin_keys import admin_for_key
 from app.services.teams import team_for_key
 from app.web.auth import cookie_key
 
@@ -87,3 +90,32 @@ def team_job(job_id: JobId, team: SignedInTeam, session: SessionDep) -> Job:
 
 
 TeamJob = Annotated[Job, Depends(team_job)]
+
+
+def cookie_admin(request: Request, session: SessionDep) -> AdminKey | None:
+    """The unrevoked admin key the cookie holds, or None (no cookie, a team's key, an
+    unknown or revoked admin key)."""
+    key = cookie_key(request)
+    if key is None:
+        return None
+    admin = admin_for_key(session, key)
+    session.commit()  # as cookie_team: the lookup's connection goes back at once
+    return admin
+
+
+MaybeAdmin = Annotated[AdminKey | None, Depends(cookie_admin)]
+
+
+def signed_in_admin(request: Request, session: SessionDep, admin: MaybeAdmin) -> AdminKey:
+    """The admin pages' session. A team's session gets the 404 page (its own, with the
+    team's navigation): an admin page is not there for a team, as /v1/admin refuses a team
+    key. No session at all: the sign-in redirect, and back after."""
+    if admin is not None:
+        return admin
+    team = cookie_team(request, session)
+    if team is not None:
+        raise PageNotFound(team, "No such page.")
+    raise SignInRequired
+
+
+SignedInAdmin = Annotated[AdminKey, Depends(signed_in_admin)]

@@ -40,6 +40,7 @@ from app.web.deps import (
     PageNotFound,
     SignedInTeam,
     TeamJob,
+    cookie_admin,
     job_not_found,
     team_job,
 )
@@ -64,14 +65,20 @@ router.mount("/static", StaticFiles(directory=HERE / "static"), name="dashboard-
 
 
 @router.get("/")
-def home(request: Request, team: MaybeTeam) -> Response:
+def home(request: Request, team: MaybeTeam, session: SessionDep) -> Response:
+    if team is None and cookie_admin(request, session) is not None:
+        return redirect(request, auth.ADMIN_HOME)
     return redirect(request, "/jobs" if team else "/login")
 
 
 @router.get("/login")
-def login_page(request: Request, team: MaybeTeam, next: str | None = None) -> Response:
+def login_page(
+    request: Request, team: MaybeTeam, session: SessionDep, next: str | None = None
+) -> Response:
     if team is not None:
         return redirect(request, auth.safe_next(next))
+    if cookie_admin(request, session) is not None:  # a team page asked for: the admin's own
+        return redirect(request, auth.safe_admin_next(next))
     return render(request, "login.html", next=auth.safe_next(next), error=None)
 
 
@@ -88,15 +95,16 @@ def login(
     key = key.strip()
     target = auth.safe_next(next)
     team = team_for_key(session, key) if 0 < len(key) <= auth.MAX_KEY_CHARS else None
+    if team is None and 0 < len(key) <= auth.MAX_KEY_CHARS and admin_for_key(session, key):
+        # An admin key: a session for the admin pages (app/web/admin_pages.py) alone.
+        response = redirect(request, auth.safe_admin_next(next))
+        auth.set_session_cookie(request, response, key)
+        return response
     error, status = None, 200
     if not key:
         error, status = "Paste your team's API key.", 400
     elif team is None:
-        if len(key) <= auth.MAX_KEY_CHARS and admin_for_key(session, key) is not None:
-            error = "That is an admin key; the dashboard needs a team API key."
-        else:
-            error = "Invalid or revoked API key."
-        status = 401
+        error, status = "Invalid or revoked API key.", 401
     elif team.disabled:
         error, status = f"Team {team.name} is disabled; ask an administrator.", 403
     if error:

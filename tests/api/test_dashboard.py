@@ -157,14 +157,15 @@ def test_a_bad_key_shows_an_error_and_sets_no_cookie(api, key, status, message) 
     assert browser.get("/jobs").status_code == 303
 
 
-def test_an_admin_key_is_refused_with_a_hint(api, sessions) -> None:
+def test_an_admin_key_signs_in_to_the_admin_pages_only(api, sessions) -> None:
     from app.services.admin_keys import create_admin_key
 
     with sessions() as session:
         _, key = create_admin_key(session, f"ops-{uuid.uuid4().hex[:6]}")
-    resp = browser_for(api).post("/login", data={"key": key})
-    assert resp.status_code == 401
-    assert "admin key" in resp.text
+    browser = browser_for(api)
+    resp = browser.post("/login", data={"key": key})
+    assert (resp.status_code, resp.headers["location"]) == (303, "/admin/teams")
+    assert browser.get("/jobs").status_code == 303  # no team page: test_dashboard_admin.py
 
 
 def test_a_cookie_with_a_bad_or_revoked_key_is_no_session(api, team, sessions) -> None:
