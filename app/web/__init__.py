@@ -1,6 +1,7 @@
 """The web dashboard served at `/`: sign in with a team API key, see the team's jobs (loss
 chart, events, checkpoints, queue place), cancel one, download its adapter; the pool and
-the team's usage. Server-rendered Jinja2 templates, one stylesheet, no JavaScript.
+the team's usage; launch a job, manage files. Server-rendered Jinja2 templates, one
+stylesheet, and one optional script (the launch form's upload progress).
 
 `app.web.router` is included by app.main.create_app, with `install_page_handlers` (the
 sign-in redirect and the 404 page its dependencies raise); see docs/dashboard.md.

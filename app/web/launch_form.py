@@ -57,6 +57,18 @@ class FormField:
         return f"{low} to {high}"
 
     @property
+    def hint(self) -> str:
+        """What the page says under the input: the default, the range, and notes."""
+        default = (
+            "default auto"
+            if self.auto
+            else (f"default {self.default_text}" if self.default_text else "")
+        )
+        first = "; ".join(part for part in (default, self.limits) if part)
+        only = f"{self.only_for.upper()} only" if self.only_for else ""
+        return " · ".join(part for part in (first, only, self.note) if part)
+
+    @property
     def default_text(self) -> str:
         if self.default is None:
             return ""

@@ -29,6 +29,8 @@
     if (chosenFiles(form).length === 0) return; // nothing to show progress for
     event.preventDefault();
 
+    // form.action would be the buttons named "action": the attribute is the URL.
+    var target = new URL(form.getAttribute("action") || "", window.location.href);
     var data = new FormData(form);
     var submitter = event.submitter;
     if (submitter && submitter.name) data.append(submitter.name, submitter.value);
@@ -40,7 +42,7 @@
     setBusy(form, true);
 
     var xhr = new XMLHttpRequest();
-    xhr.open("POST", form.action);
+    xhr.open("POST", target.href);
     xhr.upload.addEventListener("progress", function (e) {
       if (!e.lengthComputable) return;
       bar.max = e.total;
@@ -51,9 +53,8 @@
       status.textContent = "Uploaded; the server is checking the file…";
     });
     xhr.addEventListener("load", function () {
-      var answered = new URL(xhr.responseURL || form.action, window.location.href);
-      var posted = new URL(form.action, window.location.href);
-      if (answered.pathname !== posted.pathname) {
+      var answered = new URL(xhr.responseURL || target.href, window.location.href);
+      if (answered.pathname !== target.pathname) {
         window.location.assign(answered.href); // redirected: the new job's page
         return;
       }
