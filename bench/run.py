@@ -5,7 +5,8 @@
   call alone on the chosen device.
 - get_job: latency of GET /v1/fine_tuning/jobs/{id} over HTTP, the API on Postgres.
 - dashboard: the web dashboard's job page for a job with 1,000 metrics events, and how soon
-  a new event reaches a client of GET .../events?stream=true.
+  a new event reaches a client of GET .../events?stream=true; then, the team grown to 1,000
+  jobs, the job list and the compare page of two jobs with 1,000 metrics events each.
 - upload: the API process's memory growth while a 1 GB JSONL streams in.
 - schedule, pickup: the GPU pool (bench/pool.py): one scheduling decision over 10,000
   queued jobs, and the time from a slot freeing to the next job being picked up.
@@ -289,10 +290,75 @@ def bench_dashboard(database_url: str, requests: int, steps: int = 1000) -> dict
                         written = time.perf_counter()
                         add_event(session, job_pk, "ping")
                         session.commit()
+        lists = bench_team_of_jobs(sessions, job_pk, browser, requests // 10, steps)
     engine.dispose()
     return {
         "job_page": {**page, "metrics_events": steps, "html_bytes": size},
         "event_stream_delivery": percentiles(delays),
+        **lists,
+    }
+
+
+def bench_team_of_jobs(sessions, job_pk: int, browser: httpx.Client, requests: int, steps: int):
+    """The job list and the compare page on a team of 1,000 jobs, two of them compared with
+    `steps` metrics events each: neither page may read every job's metrics. The other jobs
+    are copies of the first, finished (so the scheduler has nothing to do), with a learning
+    rate and a seed of their own."""
+    import uuid
+
+    from sqlalchemy import inspect
+
+    from app.models import Job
+    from app.services.events import add_event
+
+    jobs = 1000
+    with sessions() as session:
+        first = session.get(Job, job_pk)
+        columns = {
+            attr.key: getattr(first, attr.key)
+            for attr in inspect(Job).column_attrs
+            if attr.key not in ("pk", "id")
+        }
+        copies = [
+            Job(
+                **columns
+                | {
+                    "id": f"ftjob-{uuid.uuid4().hex[:24]}",
+                    "status": JobStatus.SUCCEEDED.value,
+                    "hyperparameters": first.hyperparameters | {"learning_rate_multiplier": n},
+                    "seed": n,
+                    "created_at": first.created_at + n,
+                    "started_at": first.created_at + n,
+                    "finished_at": first.created_at + n + 60,
+                }
+            )
+            for n in range(1, jobs)
+        ]
+        session.add_all(copies)
+        session.flush()
+        for step in range(1, steps + 1):
+            row = {"step": step, "total_steps": steps, "train_loss": 2.5 + 1 / step}
+            if step % 50 == 0:
+                row["valid_loss"] = 2.8 + 1 / step
+            add_event(session, copies[-1].pk, f"Step {step}/{steps}", type="metrics", data=row)
+        compared = [first.id, copies[-1].id]
+        session.commit()
+    listing = timed(browser.get, "/jobs", requests, warmup=10)
+    url = f"/compare?job={compared[0]}&job={compared[1]}"
+    compare = timed(browser.get, url, requests, warmup=10)
+    return {
+        "jobs_list": {
+            **listing,
+            "team_jobs": jobs,
+            "html_bytes": len(browser.get("/jobs").content),
+        },
+        "compare": {
+            **compare,
+            "team_jobs": jobs,
+            "jobs_compared": 2,
+            "metrics_events_each": steps,
+            "html_bytes": len(browser.get(url).content),
+        },
     }
 
 
