@@ -2,13 +2,16 @@
 `plan_preemptions` drive a discrete-event simulation of a 32-GPU pool, with and without
 preemption, and the report says who got the GPUs and who waited.
 
-Every pass (each `pass_seconds` of simulated time) does what the scheduler service does:
-TeamShares from decayed usage of ended runs (24 h half-life) and the runs in progress,
-hosts' per-GPU free_in from each running job's estimate, `plan_placement` over every
-waiting job, then (preemption variant) `plan_preemptions`. A preempted job keeps its GPUs
-for `checkpoint_seconds` while it writes a full checkpoint (so it loses no trained work),
-then goes back in line keeping its age; each resume costs `restart_seconds` of GPU time
-before training continues. The workload is bench/pool_workload.py.
+Every pass (each `pass_seconds` of simulated time) does what the scheduler service does
+(app/services/scheduler.py, app/services/preemptions.py): TeamShares from decayed usage of
+ended runs (24 h half-life) and the runs in progress, hosts' per-GPU free_in from each
+running job's estimate, `plan_placement` over every waiting job with the earmarks of the
+jobs preemptions freed GPUs for, then (preemption variant) `plan_preemptions` with each
+team's normalized fair-share usage, earmarking each freed host for its job until that job
+starts (as lifecycle.dispatch clears it). A preempted job keeps its GPUs for
+`checkpoint_seconds` while it writes a full checkpoint (so it loses no trained work), then
+goes back in line keeping its age; each resume costs `restart_seconds` of GPU time before
+training continues. The workload is bench/pool_workload.py.
 
     python -m bench.pool_sim [--days 7] [--seed 1] [--json out.json]
 """
@@ -19,18 +22,22 @@ import argparse
 import heapq
 import json
 import math
+import statistics
 import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 
 from app.domain.placement import Host, plan_placement
 from app.domain.preemption import PreemptionPolicy, Running, Waiting, plan_preemptions
-from app.domain.scheduling import QueuedJob, TeamShare, decayed_usage
+from app.domain.scheduling import QueuedJob, TeamShare, decayed_usage, normalized_usage
+from app.services.preemptions import WAITING_LOOKED_AT
 from bench.pool_workload import (
     A100,
     CLASS_ORDER,
     DAY,
+    H100,
     HOSTS,
     HOUR,
     MINUTE,
@@ -47,6 +54,17 @@ MIN_REMAINING = 60.0
 now to plan_placement); the scheduler guesses it ends within the minute."""
 
 
+class Phase(StrEnum):
+    """Where a simulated job is. The simulation's own states: a job told to stop is still
+    on its GPUs while it checkpoints, which no app.domain.jobs.JobStatus says alone."""
+
+    FUTURE = "future"  # not submitted yet
+    IN_LINE = "in_line"  # waiting to start or resume
+    TRAINING = "training"
+    CHECKPOINTING = "checkpointing"  # preempted, writing its checkpoint, GPUs still held
+    DONE = "done"
+
+
 @dataclass
 class SimConfig:
     days: float = 7.0
@@ -58,10 +76,6 @@ class SimConfig:
     preemption: PreemptionPolicy | None = None
     checkpoint_seconds: float = 60.0
     restart_seconds: float = 120.0
-    earmark: bool = False
-    """Keep a preemption's freed GPUs for the job it was made for: its host is hidden from
-    plan_placement until that job starts there (not what the service does today; see
-    docs/scheduling.md, Pool simulation)."""
 
 
 @dataclass
@@ -78,6 +92,8 @@ class RunRecord:
     """Restart seconds at its start (0 on a first start)."""
     stopped: bool = False
     """Ended by a preemption rather than by finishing."""
+    preempted_before: int = 0
+    """Times the job had been preempted when this run began (K of them: it cannot be again)."""
 
 
 @dataclass
@@ -92,6 +108,9 @@ class PreemptionRecord:
     for_job: int
     for_team: int
     host: str
+    victim_usage: float = 0.0
+    for_usage: float = 0.0
+    """The two teams' normalized fair-share usage handed to plan_preemptions."""
     served_at: float | None = None
     """When `for_job` next started on `host` (None: it started elsewhere, or never)."""
 
@@ -99,10 +118,11 @@ class PreemptionRecord:
 @dataclass
 class SimJob:
     spec: JobSpec
-    state: str = "future"  # future, waiting, running, stopping, done
+    phase: Phase = Phase.FUTURE
     done: float = 0.0
     """Seconds of training done before the current run."""
-    queued_since: float = 0.0
+    since: float = 0.0
+    """What the service's `waited` counts from: submission, or the last preemption."""
     first_start: float | None = None
     finished_at: float | None = None
     run: RunRecord | None = None
@@ -138,6 +158,10 @@ class SimResult:
     preemptions: list[PreemptionRecord] = field(default_factory=list)
     passes: int = 0
     placement_calls: int = 0
+    placement_seconds: float = 0.0
+    preemption_calls: int = 0
+    preemption_seconds: float = 0.0
+    """Wall-clock seconds inside plan_placement and plan_preemptions."""
     seconds: float = 0.0
     """Wall-clock seconds the simulation took."""
 
@@ -155,10 +179,12 @@ class Pool:
         self.events: list[tuple[float, int, str, int, int]] = []
         self.seq = 0
         self.waiting: dict[int, SimJob] = {}
-        self.active: dict[int, SimJob] = {}  # running or stopping
+        self.active: dict[int, SimJob] = {}  # training or checkpointing
         self.result = SimResult(config, list(self.jobs.values()))
         self.pending_serve: dict[int, list[PreemptionRecord]] = defaultdict(list)
-        self.earmarks: dict[str, tuple[int, float]] = {}  # host -> (job, when)
+        self.earmarks: dict[int, str] = {}
+        """Job key -> the host a preemption freed for it (the service's
+        Job.earmarked_worker): set when it preempts, cleared when the job starts."""
         for job in self.jobs.values():
             self._push(job.spec.submit, "arrive", job)
 
@@ -176,17 +202,17 @@ class Pool:
             if run != job.runs:
                 continue
             if kind == "arrive":
-                job.state, job.queued_since = "waiting", at
+                job.phase, job.since = Phase.IN_LINE, at
                 self.waiting[key] = job
-            elif kind == "end" and job.state in ("running", "stopping"):
+            elif kind == "end" and job.phase in (Phase.TRAINING, Phase.CHECKPOINTING):
                 self._release(job, at)
-                job.state, job.finished_at = "done", at
-            elif kind == "stop" and job.state == "stopping":
+                job.phase, job.finished_at = Phase.DONE, at
+            elif kind == "stop" and job.phase == Phase.CHECKPOINTING:
                 run = job.run
                 job.done = min(job.spec.work, job.done + max(0.0, at - run.start - run.overhead))
                 run.stopped = True
                 self._release(job, at)
-                job.state, job.queued_since, job.queued = "waiting", at, None
+                job.phase, job.queued = Phase.IN_LINE, None  # resume_preempted: back in line
                 self.waiting[key] = job
 
     def _ends_at(self, job: SimJob) -> float:
@@ -207,12 +233,14 @@ class Pool:
 
     def schedule(self, now: float) -> None:
         self.result.passes += 1
-        if self.waiting and (self.earmarks or any(None in g for g in self.slots.values())):
-            self._place(now)
+        if self.waiting and any(None in gpus for gpus in self.slots.values()):
+            self._place(now)  # (nothing can start, and placement keeps nothing, otherwise)
         if self.config.preemption is not None and self.waiting:
             self._preempt(now)
 
     def _shares(self, now: float) -> dict[int, TeamShare]:
+        """As app.services.pool.team_shares: a preempted run still checkpointing is paused,
+        not running, so it is charged when it stops, not while it stops."""
         shares = {
             team: TeamShare(
                 team=team,
@@ -224,58 +252,41 @@ class Pool:
             for team, weight in self.weights.items()
         }
         for job in self.active.values():
-            share = shares[job.spec.team]
-            share.running.append(now - job.run.start)
-            share.running_gpus.append(job.spec.gpus)
+            if job.phase == Phase.TRAINING:
+                share = shares[job.spec.team]
+                share.running.append(now - job.run.start)
+                share.running_gpus.append(job.spec.gpus)
         return shares
 
     def _free_in(self, key: int | None, now: float) -> float:
         if key is None:
             return 0.0
         job = self.jobs[key]
-        if job.state == "stopping":
+        if job.phase == Phase.CHECKPOINTING:
             return job.stop_at - now
         run = job.run
         expected_end = run.start + run.overhead + (job.spec.expected - job.done)
         return max(MIN_REMAINING, expected_end - now)
 
     def _place(self, now: float) -> None:
-        self.result.placement_calls += 1
-        held = self._serve_earmarks(now)
         hosts = [
-            Host(
-                host,
-                self.classes[host],
-                [MIN_REMAINING if host in held else self._free_in(k, now) for k in gpus],
-            )
+            Host(host, self.classes[host], [self._free_in(k, now) for k in gpus])
             for host, gpus in self.slots.items()
         ]
+        began = time.perf_counter()
         plan = plan_placement(
-            [job.queued_job() for key, job in self.waiting.items() if key not in held.values()],
+            [job.queued_job() for job in self.waiting.values()],
             self._shares(now),
             hosts,
             typical_job_seconds=self.config.typical_job_seconds,
             dispatch_charge=self.config.dispatch_charge,
             class_order=CLASS_ORDER,
+            earmarks=self.earmarks,
         )
+        self.result.placement_calls += 1
+        self.result.placement_seconds += time.perf_counter() - began
         for queued, host in plan.started:
             self._start(self.jobs[queued.key], host, now)
-
-    def _serve_earmarks(self, now: float) -> dict[str, int]:
-        """Start each earmarked job whose host has its GPUs free; the hosts still held
-        (host -> job) are hidden from this pass's placement, their jobs left out of it."""
-        held = {}
-        for host, (key, since) in list(self.earmarks.items()):
-            job = self.jobs[key]
-            stale = now - since > self.config.checkpoint_seconds + 5 * MINUTE
-            if job.state != "waiting" or stale:
-                del self.earmarks[host]
-            elif self.slots[host].count(None) >= job.spec.gpus:
-                del self.earmarks[host]
-                self._start(job, host, now)
-            else:
-                held[host] = key
-        return held
 
     def _start(self, job: SimJob, host: str, now: float) -> None:
         slots = self.slots[host]
@@ -287,23 +298,43 @@ class Pool:
             slots[gpu] = job.spec.key
         overhead = self.config.restart_seconds if job.done > 0 else 0.0
         job.runs += 1
-        job.run = RunRecord(job.spec.key, job.spec.team, host, gpus, now, overhead=overhead)
+        job.run = RunRecord(
+            job.spec.key,
+            job.spec.team,
+            host,
+            gpus,
+            now,
+            overhead=overhead,
+            preempted_before=job.preemptions,
+        )
         self.result.runs.append(job.run)
-        job.state = "running"
+        job.phase = Phase.TRAINING
         if job.first_start is None:
             job.first_start = now
         del self.waiting[job.spec.key]
         self.active[job.spec.key] = job
+        self.earmarks.pop(job.spec.key, None)  # lifecycle.dispatch: placed, nothing held
         self._push(self._ends_at(job), "end", job)
         for record in self.pending_serve.pop(job.spec.key, []):
             if record.host == host:
                 record.served_at = now
 
     def _preempt(self, now: float) -> None:
-        waiting = [
-            Waiting(key, job.spec.team, job.spec.gpus, job.spec.eligible, now - job.queued_since)
+        """app.services.preemptions.preempt_for_fair_share: the WAITING_LOOKED_AT jobs that
+        have waited longest (at least the policy's wait), every run on GPUs, and each
+        team's normalized usage from the same TeamShares placement orders teams by."""
+        policy = self.config.preemption
+        old_enough = sorted(
+            (job.since, key)
             for key, job in self.waiting.items()
-        ]
+            if now - job.since >= policy.wait_seconds
+        )[:WAITING_LOOKED_AT]
+        if not old_enough:
+            return
+        waiting = []
+        for since, key in old_enough:
+            spec = self.jobs[key].spec
+            waiting.append(Waiting(key, spec.team, spec.gpus, spec.eligible, now - since))
         running = [
             Running(
                 key=key,
@@ -316,7 +347,7 @@ class Pool:
                 started_at=job.run.start,
                 preemptions=job.preemptions,
                 preemptible=True,
-                stopping=job.state == "stopping",
+                stopping=job.phase == Phase.CHECKPOINTING,
             )
             for key, job in self.active.items()
         ]
@@ -324,12 +355,13 @@ class Pool:
             host: (self.classes[host], len(gpus), gpus.count(None))
             for host, gpus in self.slots.items()
         }
-        for plan in plan_preemptions(
-            waiting, running, host_gpus, self.weights, self.config.preemption
-        ):
+        usage = normalized_usage(self._shares(now), self.config.dispatch_charge)
+        began = time.perf_counter()
+        plans = plan_preemptions(waiting, running, host_gpus, self.weights, policy, usage)
+        self.result.preemption_calls += 1
+        self.result.preemption_seconds += time.perf_counter() - began
+        for plan in plans:
             target = self.jobs[plan.for_job]
-            if self.config.earmark:
-                self.earmarks[plan.host] = (plan.for_job, now)
             for key in plan.victims:
                 victim = self.jobs[key]
                 record = PreemptionRecord(
@@ -341,12 +373,17 @@ class Pool:
                     plan.for_job,
                     target.spec.team,
                     plan.host,
+                    usage[victim.spec.team],
+                    usage[target.spec.team],
                 )
                 self.result.preemptions.append(record)
                 self.pending_serve[plan.for_job].append(record)
                 victim.preemptions += 1
-                victim.state, victim.stop_at = "stopping", now + self.config.checkpoint_seconds
+                victim.phase = Phase.CHECKPOINTING
+                victim.stop_at = now + self.config.checkpoint_seconds
+                victim.since = now  # the service's waited counts from preempted_at
                 self._push(victim.stop_at, "stop", victim)
+            self.earmarks[plan.for_job] = plan.host  # beneficiary.earmarked_worker
 
 
 def simulate(config: SimConfig, workload: list[JobSpec] | None = None) -> SimResult:
@@ -369,14 +406,17 @@ def simulate(config: SimConfig, workload: list[JobSpec] | None = None) -> SimRes
 # Report ------------------------------------------------------------------------------------
 
 
-VARIANTS = ((None, False), (DEFAULT_POLICY, False), (DEFAULT_POLICY, True))
-"""(preemption policy, earmark) of each variant the report compares."""
+VARIANTS = (None, DEFAULT_POLICY)
+"""The preemption policy of each variant the report compares: none, and the service's
+(plan_preemptions with fair-share usage, the freed host earmarked for its job)."""
+KINDS = (("light", "light teams"), ("bursty", "bursty teams"), ("steady", "steady team"))
+KINDS += (("heavy", "heavy teams"),)
+REVERSAL_WINDOWS = (("M", None), ("6 h", 6 * HOUR))
+"""Windows a swap back is counted in (None: the policy's M)."""
 
 
 def variant_name(config: SimConfig) -> str:
-    if config.preemption is None:
-        return "no preemption"
-    return "preemption + earmark" if config.earmark else "preemption"
+    return "no preemption" if config.preemption is None else "preemption"
 
 
 def gpu_seconds_by_team(result: SimResult, start: float = 0.0, end: float | None = None) -> dict:
@@ -388,6 +428,19 @@ def gpu_seconds_by_team(result: SimResult, start: float = 0.0, end: float | None
         if hi > lo:
             held[run.team] += (hi - lo) * len(run.gpus)
     return held
+
+
+def reversals(result: SimResult, window: float) -> list[tuple[PreemptionRecord, PreemptionRecord]]:
+    """(earlier, later) pairs where team A's job was preempted for team B's and then, within
+    `window`, a job of team B was preempted for one of team A's: GPUs traded back."""
+    found, by_pair = [], defaultdict(list)  # (victim team, for team) -> times
+    for record in result.preemptions:
+        for earlier in by_pair[record.for_team, record.victim_team]:
+            if record.at - earlier.at <= window:
+                found.append((earlier, record))
+                break
+        by_pair[record.victim_team, record.for_team].insert(0, record)
+    return found
 
 
 def capped_fair_shares(demand: dict[int, float], weights: dict[int, float]) -> dict[int, float]:
@@ -450,15 +503,15 @@ def summarize(result: SimResult) -> dict:
     never = defaultdict(int)
     for job in result.jobs:
         started = job.first_start if job.first_start is not None else horizon
-        if job.first_start is None:
-            never[str(job.spec.gpus)] += 1
-        waits[str(job.spec.gpus)].append(started - job.spec.submit)
-        if TEAMS[job.spec.team].kind == "light":
-            waits["light teams"].append(started - job.spec.submit)
-            if A100 in job.spec.eligible:
-                waits["light teams, 40 GB jobs"].append(started - job.spec.submit)
+        wait = started - job.spec.submit
+        groups = [str(job.spec.gpus), dict(KINDS)[TEAMS[job.spec.team].kind]]
+        if TEAMS[job.spec.team].kind == "light" and A100 in job.spec.eligible:
+            groups.append("light teams, 40 GB jobs")
         if A100 not in job.spec.eligible:
-            waits["80 GB-only jobs"].append(started - job.spec.submit)
+            groups.append("80 GB-only jobs")
+        for group in groups:
+            waits[group].append(wait)
+            never[group] += job.first_start is None
     overhead = sum(
         min(run.overhead, (run.end or horizon) - run.start) * len(run.gpus) for run in result.runs
     ) + sum(
@@ -467,28 +520,38 @@ def summarize(result: SimResult) -> dict:
         if run.stopped
     )
     served = [p for p in result.preemptions if p.served_at is not None]
+    promptly = [
+        p for p in served if p.served_at - p.at <= config.checkpoint_seconds + config.pass_seconds
+    ]
     per_job = defaultdict(int)
     for p in result.preemptions:
         per_job[p.victim] += 1
+    h100_gpus = sum(gpus for _, cls, gpus in HOSTS if cls == H100)
+    a100_gpus = sum(gpus for _, cls, gpus in HOSTS if cls == A100)
+    on_h100 = sum(1 for p in result.preemptions if p.host.startswith("h100"))
+    k = config.preemption.max_preemptions if config.preemption else None
+    past_k = [run for run in result.runs if k is not None and run.preempted_before >= k]
+    past_k_hours = [((run.end or horizon) - run.start) / HOUR for run in past_k]
+    order = sorted(waits, key=_group_order)
     return {
         "variant": variant_name(config),
         "policy": asdict(config.preemption) if config.preemption else None,
         "days": config.days,
         "seed": config.seed,
         "teams": teams,
-        "p95_wait_hours": {
-            size: p95(values) / HOUR for size, values in sorted(waits.items(), key=_size_order)
-        },
-        "jobs_by_size": {
-            size: len(values) for size, values in sorted(waits.items(), key=_size_order)
-        },
-        "never_started": dict(never),
+        "p95_wait_hours": {group: p95(waits[group]) / HOUR for group in order},
+        "median_wait_hours": {group: statistics.median(waits[group]) / HOUR for group in order},
+        "jobs_by_group": {group: len(waits[group]) for group in order},
+        "never_started": {group: never[group] for group in order if never[group]},
         "utilisation": total_held / capacity,
         "preemption_overhead_gpu_hours": overhead / HOUR,
         "preemptions": len(result.preemptions),
         "preemptions_per_day": len(result.preemptions) / config.days,
+        "preemptions_per_gpu_day_40gb": (len(result.preemptions) - on_h100)
+        / (a100_gpus * config.days),
+        "preemptions_per_gpu_day_80gb": on_h100 / (h100_gpus * config.days),
         "jobs_preempted": len(per_job),
-        "preemptions_on_80gb_host": sum(1 for p in result.preemptions if p.host.startswith("h100")),
+        "preemptions_on_80gb_host": on_h100,
         "preempted_as_soon_as_allowed": sum(
             1 for p in result.preemptions if p.ran < config.preemption.min_run_seconds + 5 * MINUTE
         )
@@ -496,16 +559,34 @@ def summarize(result: SimResult) -> dict:
         else 0,
         "most_preemptions_of_one_job": max(per_job.values(), default=0),
         "preemptions_serving_their_job": len(served),
+        "preemptions_serving_their_job_promptly": len(promptly),
+        "reversals": {
+            name: len(reversals(result, window or config.preemption.min_run_seconds))
+            if config.preemption
+            else 0
+            for name, window in REVERSAL_WINDOWS
+        },
+        "runs_past_k": len(past_k),
+        "runs_past_k_gpu_hours": sum(
+            h * len(run.gpus) for h, run in zip(past_k_hours, past_k, strict=True)
+        ),
+        "longest_run_past_k_hours": max(past_k_hours, default=0.0),
         "jobs_submitted": len(result.jobs),
-        "jobs_finished": sum(1 for job in result.jobs if job.state == "done"),
+        "jobs_finished": sum(1 for job in result.jobs if job.phase == Phase.DONE),
         "passes": result.passes,
         "placement_calls": result.placement_calls,
+        "placement_seconds": result.placement_seconds,
+        "preemption_calls": result.preemption_calls,
+        "preemption_seconds": result.preemption_seconds,
         "sim_seconds": result.seconds,
     }
 
 
-def _size_order(item: tuple[str, object]) -> tuple:
-    return (0, int(item[0]), "") if item[0].isdigit() else (1, 0, item[0])
+def _group_order(group: str) -> tuple:
+    if group.isdigit():
+        return (0, int(group), "")
+    kinds = [name for _, name in KINDS]
+    return (1, kinds.index(group), "") if group in kinds else (2, 0, group)
 
 
 def _hours(value: float | None) -> str:
@@ -533,17 +614,16 @@ def table(summaries: list[dict]) -> str:
         cells += [f"{s['teams'][i]['share']:.1%}" for s in summaries]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    sizes = summaries[0]["p95_wait_hours"].keys()
-    for size in sizes:
-        label = f"p95 wait, {size}-GPU jobs (h)" if size.isdigit() else f"p95 wait, {size} (h)"
-        count = summaries[0]["jobs_by_size"][size]
+    for group in summaries[0]["p95_wait_hours"]:
+        label = f"{group}-GPU jobs" if group.isdigit() else group
+        count = summaries[0]["jobs_by_group"][group]
         lines.append(
-            f"| {label}, n={count} | "
+            f"| wait p95 (median), {label} (h), n={count} | "
             + " | ".join(
-                _hours(s["p95_wait_hours"][size])
+                f"{_hours(s['p95_wait_hours'][group])} ({_hours(s['median_wait_hours'][group])})"
                 + (
-                    f" ({s['never_started'][size]} never started)"
-                    if s["never_started"].get(size)
+                    f", {s['never_started'][group]} never started"
+                    if s["never_started"].get(group)
                     else ""
                 )
                 for s in summaries
@@ -557,7 +637,12 @@ def table(summaries: list[dict]) -> str:
             lambda s: f"{s['preemption_overhead_gpu_hours']:.1f}",
         ),
         ("preemptions per day", lambda s: f"{s['preemptions_per_day']:.1f}"),
-        ("preemptions on the 80 GB host", lambda s: str(s["preemptions_on_80gb_host"])),
+        (
+            "preemptions per GPU per day, 40 GB / 80 GB hosts",
+            lambda s: (
+                f"{s['preemptions_per_gpu_day_40gb']:.2f} / {s['preemptions_per_gpu_day_80gb']:.2f}"
+            ),
+        ),
         (
             "victims stopped within 5 min of reaching M",
             lambda s: str(s["preempted_as_soon_as_allowed"]),
@@ -567,14 +652,31 @@ def table(summaries: list[dict]) -> str:
             lambda s: f"{s['jobs_preempted']} ({s['most_preemptions_of_one_job']})",
         ),
         (
-            "preemptions whose job then started on that host",
-            lambda s: f"{s['preemptions_serving_their_job']} of {s['preemptions']}",
+            "preemptions whose job then started on that host (within checkpoint + a pass)",
+            lambda s: (
+                f"{s['preemptions_serving_their_job']} of {s['preemptions']} "
+                f"({s['preemptions_serving_their_job_promptly']})"
+            ),
+        ),
+        (
+            "preemptions handing GPUs back to the team that took them, within M / 6 h",
+            lambda s: " / ".join(str(n) for n in s["reversals"].values()),
+        ),
+        (
+            "runs after a job's K-th preemption: count, GPU-h, longest (h)",
+            lambda s: (
+                f"{s['runs_past_k']}, {s['runs_past_k_gpu_hours']:.0f}, "
+                f"{s['longest_run_past_k_hours']:.1f}"
+            ),
         ),
         (
             "jobs finished (of submitted)",
             lambda s: f"{s['jobs_finished']} of {s['jobs_submitted']}",
         ),
-        ("simulation wall time (s)", lambda s: f"{s['sim_seconds']:.1f}"),
+        (
+            "wall time: simulation, in plan_preemptions (s)",
+            lambda s: f"{s['sim_seconds']:.1f}, {s['preemption_seconds']:.1f}",
+        ),
     ]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(s) for s in summaries) + " |")
@@ -588,16 +690,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pass-seconds", type=float, default=30.0)
     parser.add_argument("--json", help="also write both variants' figures to this file")
     args = parser.parse_args(argv)
-    summaries = []
-    for policy, earmark in VARIANTS:
-        config = SimConfig(
-            days=args.days,
-            seed=args.seed,
-            pass_seconds=args.pass_seconds,
-            preemption=policy,
-            earmark=earmark,
+    summaries = [
+        summarize(
+            simulate(
+                SimConfig(
+                    days=args.days, seed=args.seed, pass_seconds=args.pass_seconds, preemption=p
+                )
+            )
         )
-        summaries.append(summarize(simulate(config)))
+        for p in VARIANTS
+    ]
     print(table(summaries))
     if args.json:
         with open(args.json, "w") as out:

@@ -1,7 +1,9 @@
 """bench/pool_sim.py over a simulated day (and a 10-hour flood), checking what the real
-plan_placement and plan_preemptions did: gangs on one host, no GPU given twice, K and M
-kept, light teams waiting less with preemption, and GPU shares moving toward weights.
-The full week is `python -m bench.pool_sim` (docs/scheduling.md, Pool simulation)."""
+plan_placement and plan_preemptions did, driven as the scheduler service drives them:
+gangs on one host, no GPU given twice, K and M kept, GPUs taken only from a team ahead in
+fair-share usage, each preemption's freed host starting its job, light teams waiting less
+with preemption, and GPU shares moving toward weights. The full week is
+`python -m bench.pool_sim` (docs/scheduling.md, Pool simulation)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from bench.pool_sim import (
     DEFAULT_POLICY,
     VARIANTS,
     SimConfig,
+    SimResult,
     gpu_seconds_by_team,
+    reversals,
     simulate,
     summarize,
     table,
@@ -29,8 +33,8 @@ CLASS_OF = {host: cls for host, cls, _ in HOSTS}
 def day() -> dict:
     """One simulated day of the synthetic workload, per variant name."""
     results = {}
-    for policy, earmark in VARIANTS:
-        config = SimConfig(days=1, seed=1, preemption=policy, earmark=earmark)
+    for policy in VARIANTS:
+        config = SimConfig(days=1, seed=1, preemption=policy)
         results[variant_name(config)] = simulate(config)
     return results
 
@@ -61,34 +65,89 @@ def test_no_gpu_is_held_by_two_jobs_at_once(day) -> None:
 
 def test_no_job_is_preempted_more_than_k_times_or_within_m_of_a_start(day) -> None:
     policy = DEFAULT_POLICY
-    for name in ("preemption", "preemption + earmark"):
-        result = day[name]
-        assert result.preemptions, f"{name}: the day should need some preemptions"
-        starts = defaultdict(list)
-        for run in result.runs:
-            starts[run.job].append(run.start)
-        count = defaultdict(int)
-        for record in result.preemptions:
-            count[record.victim] += 1
-            assert record.earlier == count[record.victim] - 1
-            assert count[record.victim] <= policy.max_preemptions
-            assert record.ran >= policy.min_run_seconds
-            last_start = max(t for t in starts[record.victim] if t <= record.at)
-            assert record.at - last_start >= policy.min_run_seconds
+    result = day["preemption"]
+    assert result.preemptions, "the day should need some preemptions"
+    starts = defaultdict(list)
+    for run in result.runs:
+        starts[run.job].append(run.start)
+    count = defaultdict(int)
+    for record in result.preemptions:
+        count[record.victim] += 1
+        assert record.earlier == count[record.victim] - 1
+        assert count[record.victim] <= policy.max_preemptions
+        assert record.ran >= policy.min_run_seconds
+        last_start = max(t for t in starts[record.victim] if t <= record.at)
+        assert record.at - last_start >= policy.min_run_seconds
+
+
+def test_gpus_are_taken_only_from_a_team_ahead_in_fair_share_usage(day) -> None:
+    records = day["preemption"].preemptions
+    assert records
+    for record in records:
+        assert record.victim_team != record.for_team
+        assert record.victim_usage > record.for_usage, record
 
 
 def test_preemption_shortens_the_light_teams_p95_wait(day) -> None:
     without = summarize(day["no preemption"])["p95_wait_hours"]["light teams"]
-    for name in ("preemption", "preemption + earmark"):
-        with_preemption = summarize(day[name])["p95_wait_hours"]["light teams"]
-        assert with_preemption < without / 2, (name, with_preemption, without)
+    with_preemption = summarize(day["preemption"])["p95_wait_hours"]["light teams"]
+    assert with_preemption < without / 2, (with_preemption, without)
 
 
-def test_earmarked_preemptions_go_to_the_job_they_were_made_for(day) -> None:
-    plain = summarize(day["preemption"])
-    earmarked = summarize(day["preemption + earmark"])
-    assert earmarked["preemptions_serving_their_job"] == earmarked["preemptions"]
-    assert plain["preemptions_serving_their_job"] < plain["preemptions"]
+def _preempted_day(seed: int) -> SimResult:
+    return simulate(SimConfig(days=1, seed=seed, preemption=DEFAULT_POLICY))
+
+
+# Seed 11's day: at 9.88 h job 23 is earmarked h100-0, where its victim 18 is stopping; one
+# pass later plan_preemptions, which is not told about earmarks, counts those GPUs as
+# spare for the 8-GPU job 1 (waiting longer), preempts 4 more there for it, and then
+# preempts again on another host for job 23: victim 18 was stopped for nothing.
+SPARE_COUNTS_EARMARKED = pytest.mark.xfail(
+    strict=True, reason="plan_preemptions counts GPUs freed for an earmarked job as spare"
+)
+
+
+@pytest.mark.parametrize(
+    "seed", [1, pytest.param(11, marks=SPARE_COUNTS_EARMARKED)], ids=["seed 1", "seed 11"]
+)
+def test_every_preemption_starts_its_job_on_the_freed_host_once_the_victim_stops(seed) -> None:
+    result = _preempted_day(seed)
+    config = result.config
+    horizon = config.days * DAY
+    assert result.preemptions
+    for record in result.preemptions:
+        if record.at + config.checkpoint_seconds + config.pass_seconds >= horizon:
+            continue  # its victim was still checkpointing when the day ended
+        assert record.served_at is not None, record
+        assert record.served_at - record.at <= config.checkpoint_seconds + config.pass_seconds
+
+
+# Seed 5's day: heavy-i and burst-f, both at 27.1 GPU-h per weight, flip ahead of each
+# other with each start and stop, and plan_preemptions' strict `usage[victim] >
+# usage[waiting]` lets them take GPUs back 20 minutes apart (11.2 h, 11.54 h), each job
+# still keeping M. Over the week: steady-h and heavy-i in seeds 1 and 3.
+NO_USAGE_MARGIN = pytest.mark.xfail(
+    strict=True, reason="no margin in the usage comparison: teams at equal usage trade within M"
+)
+
+
+@pytest.mark.parametrize(
+    "seed", [1, pytest.param(5, marks=NO_USAGE_MARGIN)], ids=["seed 1", "seed 5"]
+)
+def test_no_two_teams_trade_gpus_back_within_m(seed) -> None:
+    result = _preempted_day(seed)
+    assert result.preemptions
+    min_run = DEFAULT_POLICY.min_run_seconds
+    # A job that got GPUs from team B is never preempted for team B within M of that.
+    took_from = defaultdict(list)
+    for record in result.preemptions:
+        for earlier in took_from[record.victim]:
+            assert not (
+                earlier.victim_team == record.for_team and record.at - earlier.at <= min_run
+            ), (earlier, record)
+        took_from[record.for_job].append(record)
+    # Nor does any other job of team B take GPUs back from team A within M.
+    assert reversals(result, min_run) == []
 
 
 def _flood() -> list[JobSpec]:
@@ -111,18 +170,26 @@ def _distance_from_weights(result, start: float, end: float) -> float:
     return sum(abs(held[t] / total - TEAMS[t].weight / weights) for t in teams)
 
 
-@pytest.mark.parametrize("policy", [None, DEFAULT_POLICY], ids=["without", "with"])
-def test_gpu_shares_move_toward_weights(policy) -> None:
-    result = simulate(SimConfig(days=10 / 24, preemption=policy), _flood())
-    first_hour = _distance_from_weights(result, 0, HOUR)
-    so_far = _distance_from_weights(result, 0, 10 * HOUR)
-    assert first_hour > 0.8  # the first team held most of the pool
-    assert so_far < first_hour / 4
-    if policy is not None:
-        # Preemption corrects within the hour; later 2-hour windows stay near the weights.
-        assert so_far < 0.1
-        for start in (4, 6, 8):
-            assert _distance_from_weights(result, start * HOUR, (start + 2) * HOUR) < 0.15
+def test_gpu_shares_move_toward_weights_and_preemption_evens_them_out() -> None:
+    runs = {
+        p is not None: simulate(SimConfig(days=10 / 24, preemption=p), _flood()) for p in VARIANTS
+    }
+    worst_window = {}
+    for preempting, result in runs.items():
+        first_hour = _distance_from_weights(result, 0, HOUR)
+        so_far = _distance_from_weights(result, 0, 10 * HOUR)
+        assert first_hour > 0.8  # the first team held most of the pool
+        assert so_far < first_hour / 4
+        worst_window[preempting] = max(
+            _distance_from_weights(result, start * HOUR, (start + 2) * HOUR)
+            for start in (2, 4, 6, 8)
+        )
+    # Preemption brings the ten hours' shares near the weights (it orders by decayed usage,
+    # so a 2-hour window may favour the teams that had less before), and without it a
+    # window can go almost all to one team: a batch of freed GPUs goes to the team furthest
+    # behind.
+    assert _distance_from_weights(runs[True], 0, 10 * HOUR) < 0.05
+    assert worst_window[True] < 0.5 < 1.0 < worst_window[False]
 
 
 def test_the_report_has_a_column_per_variant_and_a_row_per_team(day) -> None:
@@ -131,7 +198,8 @@ def test_the_report_has_a_column_per_variant_and_a_row_per_team(day) -> None:
     assert text.count("\n| light-") == 4
     for name in day:
         assert f"share ({name})" in text
-    assert "p95 wait, 8-GPU jobs" in text and "preemptions per day" in text
+    assert "8-GPU jobs" in text and "preemptions per day" in text
+    assert len(day) == 2 and "preemption + earmark" not in text
 
 
 def test_a_seed_gives_the_same_workload_every_time() -> None:
