@@ -200,6 +200,13 @@ class Job(Base):
             postgresql_where=text("dispatched_at IS NOT NULL"),
             sqlite_where=text("dispatched_at IS NOT NULL"),
         ),
+        # The runs holding GPUs, per worker (claims, scheduler passes).
+        Index(
+            "ix_jobs_holding",
+            "worker",
+            postgresql_where=text("devices IS NOT NULL"),
+            sqlite_where=text("devices IS NOT NULL"),
+        ),
     )
 
 

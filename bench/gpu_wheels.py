@@ -152,6 +152,8 @@ GPU_MODULES = (
     "tests.gpu.test_packing_cuda",
     "tests.gpu.test_hardware_cuda",
     "tests.gpu.test_memory_estimate_cuda",
+    "tests.gpu.test_distributed_cuda",
+    "worker.training.distributed",
 )
 # Run in a fresh interpreter: every top-level module that Lathe's own code (app, worker,
 # bench, tests) imports itself, as it imports GPU_MODULES. What those packages import in

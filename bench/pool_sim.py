@@ -32,7 +32,7 @@ from enum import StrEnum
 from app.domain.placement import Host, plan_placement
 from app.domain.preemption import PreemptionPolicy, Running, Waiting, plan_preemptions
 from app.domain.scheduling import QueuedJob, TeamShare, decayed_usage, normalized_usage
-from app.services.preemptions import WAITING_LOOKED_AT
+from app.services.preemptions import WAITING_PER_TEAM
 from bench.pool_workload import (
     A100,
     CLASS_ORDER,
@@ -320,15 +320,17 @@ class Pool:
                 record.served_at = now
 
     def _preempt(self, now: float) -> None:
-        """app.services.preemptions.preempt_for_fair_share: the WAITING_LOOKED_AT jobs that
-        have waited longest (at least the policy's wait), every run on GPUs, and each
-        team's normalized usage from the same TeamShares placement orders teams by."""
+        """app.services.preemptions.preempt_for_fair_share: each team's WAITING_PER_TEAM
+        jobs that have waited longest (at least the policy's wait), every run on GPUs, and
+        each team's normalized usage from the same TeamShares placement orders teams by."""
         policy = self.config.preemption
+        per_team: dict[int, list[tuple[float, int]]] = defaultdict(list)
+        for key, job in self.waiting.items():
+            if now - job.since >= policy.wait_seconds:
+                per_team[job.spec.team].append((job.since, key))
         old_enough = sorted(
-            (job.since, key)
-            for key, job in self.waiting.items()
-            if now - job.since >= policy.wait_seconds
-        )[:WAITING_LOOKED_AT]
+            first for team in per_team.values() for first in sorted(team)[:WAITING_PER_TEAM]
+        )
         if not old_enough:
             return
         waiting = []
@@ -357,7 +359,8 @@ class Pool:
         }
         usage = normalized_usage(self._shares(now), self.config.dispatch_charge)
         began = time.perf_counter()
-        plans = plan_preemptions(waiting, running, host_gpus, self.weights, policy, usage)
+        earmarks = {key: (host, self.jobs[key].spec.gpus) for key, host in self.earmarks.items()}
+        plans = plan_preemptions(waiting, running, host_gpus, self.weights, policy, usage, earmarks)
         self.result.preemption_calls += 1
         self.result.preemption_seconds += time.perf_counter() - began
         for plan in plans:

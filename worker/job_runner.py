@@ -74,7 +74,7 @@ def _run_job(job_id: str, settings: Settings, token: int | None, isolate: bool) 
 
             return train_or_fail(job_id, settings, sessions, attempt)
         finally:
-            release(sessions, job_id, me, time.monotonic() - started, settings)
+            release(sessions, job_id, me, attempt, time.monotonic() - started, settings)
     finally:
         engine.dispose()
 
@@ -138,14 +138,21 @@ def supervise(
 
 @retry_db
 def release(
-    sessions: sessionmaker[Session], job_id: str, me: str, seconds: float, settings: Settings
+    sessions: sessionmaker[Session],
+    job_id: str,
+    me: str,
+    attempt: int,
+    seconds: float,
+    settings: Settings,
 ) -> None:
-    """Meter the run's GPU time and free the worker's slot (whatever the outcome)."""
+    """Meter the run's GPU time and free the GPUs this run (attempt) holds, whatever the
+    outcome."""
     with sessions() as session:
         lifecycle.release(
             session,
             job_id,
             worker=me,
+            attempt=attempt,
             seconds=seconds,
             half_life_hours=settings.fair_share_half_life_hours,
         )

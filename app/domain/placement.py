@@ -103,7 +103,8 @@ def plan_placement(
 
     `earmarks` (job key -> host id): jobs a preemption freed GPUs for (app.domain.
     preemption). They go first, on that host: started if its GPUs are free, else holding
-    a reservation there, so the GPUs the preemption frees are not taken by another job."""
+    a reservation there, so the GPUs the preemption frees are not taken by another job;
+    an earmark on a host that will never free them is ignored."""
     _check_priorities(candidates)
     for job in candidates:
         if job.gpus < 1:
@@ -131,6 +132,8 @@ def plan_placement(
         host = by_id.get((earmarks or {}).get(job.key, ""))
         if host is None or host.gpu_class not in job.eligible or teams[job.team].full:
             continue
+        if math.isinf(_ready_at(free_in[host.id], job.gpus)):
+            continue  # that host will not free them (draining): placed as any other job
         handled.add(job.key)
         seconds = job.expected_seconds or typical_job_seconds
         if sum(1 for t in free_in[host.id] if t <= 0) >= job.gpus:

@@ -24,10 +24,15 @@ Policy
   lowest-priority victims wins.
 * With `usage` (the service passes it): the victim's team must also be ahead of the
   waiting team in fair-share usage (decayed GPU time per weight, as placement orders
-  teams), so the GPUs a preemption frees go to the team placement serves first, and two
-  teams cannot take GPUs back and forth: after a swap the taker's usage grows, and the
-  other team preempts back only once it has fallen behind in usage again (time-slicing
-  paced by usage, no faster than `min_run_seconds`).
+  teams) by a margin, the usage the waiting job adds in its protected first
+  `min_run_seconds` (its GPUs times M, per its team's weight). So the GPUs a preemption
+  frees go to the team placement serves first, and two teams cannot take GPUs back and
+  forth: after a swap the taker's usage grows, and the other team preempts back only
+  once it is behind again by more than that margin (time-slicing paced by usage, never
+  faster than M; two teams at equal usage do not trade at all).
+* `earmarks` (the service passes them): a job a preemption is already freeing GPUs for
+  is served (it is not planned for again), and the GPUs promised to it on its host are
+  not spare for any other job.
 * Waiting jobs are served longest-waiting first; each plan updates the holdings the
   next one sees. When nothing running may be taken at all, the queue is not looked at.
 
@@ -97,11 +102,13 @@ def plan_preemptions(
     weights: Mapping[int, float],
     policy: PreemptionPolicy,
     usage: Mapping[int, float] | None = None,
+    earmarks: Mapping[int, tuple[str, int]] | None = None,
 ) -> list[Preemption]:
     """The preemptions to make now. `host_gpus` maps each live host to (class, GPUs,
     GPUs free now); `weights` each team's fair-share weight (missing: 1); `usage` each
     team's normalized fair-share usage as placement orders teams by (missing: 0; None:
-    not considered)."""
+    not considered); `earmarks` each waiting job a preemption is freeing GPUs for, as
+    (host, GPUs)."""
     movable = [
         r
         for r in running
@@ -112,11 +119,12 @@ def plan_preemptions(
     ]
     if not movable:
         return []  # nothing may be taken: no need to look at the queue at all
-    pool = _Pool(waiting, running, host_gpus, weights)
+    earmarks = earmarks or {}
+    pool = _Pool(waiting, running, host_gpus, weights, earmarks)
     taken: set[int] = set()
     plans: list[Preemption] = []
     for job in sorted(waiting, key=lambda w: (-w.waited, w.key)):
-        if job.waited < policy.wait_seconds:
+        if job.waited < policy.wait_seconds or job.key in earmarks:
             continue
         classes = job.eligible
         hosts = [
@@ -128,6 +136,7 @@ def plan_preemptions(
         if mine >= pool.entitlement(job.team, classes):
             continue
         my_level = mine / weights.get(job.team, 1.0)
+        margin = job.gpus * policy.min_run_seconds / weights.get(job.team, 1.0)
         best: tuple | None = None
         for host in hosts:
             candidates = [
@@ -135,7 +144,7 @@ def plan_preemptions(
                 for r in movable
                 if r.host == host
                 and r.key not in taken
-                and _may_take(r, job, pool.over(r.team, classes), usage)
+                and _may_take(r, job, pool.over(r.team, classes), usage, margin)
             ]
             chosen = pool.victims(job, host, candidates, classes, my_level)
             if chosen is None:
@@ -156,19 +165,19 @@ def plan_preemptions(
 
 
 def _may_take(
-    victim: Running, job: Waiting, over: float, usage: Mapping[int, float] | None
+    victim: Running, job: Waiting, over: float, usage: Mapping[int, float] | None, margin: float
 ) -> bool:
     """Another team's run, that team above its share here and (with `usage`) ahead of the
-    waiting team in fair-share usage."""
+    waiting team in fair-share usage by more than `margin`."""
     if victim.team == job.team or over <= 0:
         return False
-    return usage is None or usage.get(victim.team, 0.0) > usage.get(job.team, 0.0)
+    return usage is None or usage.get(victim.team, 0.0) > usage.get(job.team, 0.0) + margin
 
 
 class _Pool:
     """GPUs held per team and class, and spare per host, as the pass plans preemptions."""
 
-    def __init__(self, waiting, running, host_gpus, weights) -> None:
+    def __init__(self, waiting, running, host_gpus, weights, earmarks) -> None:
         self.waiting, self.running, self.weights = waiting, running, weights
         self.sizes = {cls: 0 for cls, _, _ in host_gpus.values()}
         for cls, gpus, _ in host_gpus.values():
@@ -183,6 +192,9 @@ class _Pool:
         for job in running:
             if job.stopping and job.host in self.spare:
                 self.spare[job.host] += job.gpus
+        for host, gpus in earmarks.values():  # promised to the job they are freed for
+            if host in self.spare:
+                self.spare[host] -= gpus
         self._weights_on: dict[frozenset[str], float] = {}
 
     def move(self, team: int, gpu_class: str, gpus: int, host: str, spare: int) -> None:

@@ -147,8 +147,15 @@ def claim(session: Session, job: Job, *, worker: str, token: int | None) -> bool
 def free_devices(session: Session, worker: str) -> list[int] | None:
     """The worker's device indexes no run holds, its row locked until the caller's commit
     so two claims on one host cannot take the same GPU. None when the worker has no
-    registry row (a run started by hand): then the job takes devices from 0."""
-    gpus = session.scalar(select(Worker.gpus).where(Worker.id == worker).with_for_update())
+    registry row (a run started by hand): then the job takes devices from 0.
+
+    The lock is a write of the row (a no-op UPDATE) before anything is read: Postgres
+    locks the row as SELECT ... FOR UPDATE would, and SQLite (which ignores FOR UPDATE)
+    takes its database write lock, so the second of two claims reads after the first
+    committed, not from a snapshot that misses its devices."""
+    gpus = session.scalar(
+        update(Worker).where(Worker.id == worker).values(gpus=Worker.gpus).returning(Worker.gpus)
+    )
     if gpus is None:
         return None
     held = session.scalars(
@@ -244,6 +251,7 @@ def pause(session: Session, job: Job) -> bool:
         dispatch_token=Job.dispatch_token + 1,  # a task still in the broker cannot claim it
         estimated_finish=None,
         preempted_at=None,  # paused by its team: it waits for its team, not the scheduler
+        earmarked_worker=None,  # GPUs a preemption is freeing for it go to the next job
     )
 
 
@@ -369,18 +377,36 @@ def cancel(session: Session, job: Job, *, actor: Literal["team", "admin"]) -> bo
     running job's worker sees it within a few steps and stops, saving nothing."""
     by = " by an administrator" if actor == "admin" else ""
     return transition(
-        session, job, JobStatus.CANCELLED, f"Fine-tuning job cancelled{by}", finished_at=now()
+        session,
+        job,
+        JobStatus.CANCELLED,
+        f"Fine-tuning job cancelled{by}",
+        finished_at=now(),
+        earmarked_worker=None,
     )
 
 
 def release(
-    session: Session, job_id: str, *, worker: str, seconds: float, half_life_hours: float
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    attempt: int,
+    seconds: float,
+    half_life_hours: float,
 ) -> None:
     """The end of a run, whatever its outcome: meter its GPU time (on the job and, for
-    fair share, on its team: N GPUs for T seconds are N*T) and free its GPUs."""
+    fair share, on its team: N GPUs for T seconds are N*T; the GPUs were used even when
+    the job has since moved on) and free its GPUs, those of this run (`worker`,
+    `attempt`) only: a run that ends late, after its job was put back in line and claimed
+    again on the same host, must not free the new run's GPUs."""
     gpus = session.scalar(select(Job.gpus).where(Job.id == job_id)) or 1
     record_gpu_seconds(session, job_id, seconds * gpus, half_life_hours)
-    session.execute(update(Job).where(Job.id == job_id, Job.worker == worker).values(devices=None))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker == worker, Job.attempt == attempt)
+        .values(devices=None)
+    )
     session.execute(
         update(Worker)
         .where(Worker.id == worker)

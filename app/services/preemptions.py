@@ -9,14 +9,14 @@ jobs' `preemptions` counts are /metrics' lathe_preemptions_total.
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, true
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.domain.jobs import JobKind, JobStatus
 from app.domain.memory import eligible_classes
 from app.domain.preemption import PreemptionPolicy, Running, Waiting, plan_preemptions
-from app.domain.scheduling import normalized_usage
+from app.domain.scheduling import TeamShare, normalized_usage
 from app.domain.workers import WorkerState
 from app.models import Job, Team
 from app.services import lifecycle
@@ -25,8 +25,9 @@ from app.services.events import add_event
 from app.services.pool import live_workers, pool_classes, team_shares
 
 SCHEDULER_ACTOR = "scheduler"
-WAITING_LOOKED_AT = 200
-"""The longest-waiting jobs one pass considers: preemption serves the longest waits."""
+WAITING_PER_TEAM = 20
+"""Each team's longest-waiting jobs one pass considers: preemption serves the longest
+waits, and one team's deep queue cannot hide another team's waiting jobs."""
 
 
 def policy_of(settings: Settings) -> PreemptionPolicy:
@@ -37,30 +38,60 @@ def policy_of(settings: Settings) -> PreemptionPolicy:
     )
 
 
-def _waiting(session: Session, settings: Settings, at: float) -> list[Waiting]:
-    """Queued fine-tunes not yet dispatched, of enabled teams, that have waited long
-    enough: since creation, their last start, or their last preemption."""
-    since = func.greatest(
+def _open_teams(shares: dict[int, TeamShare]) -> list[int]:
+    """Teams that may start another job: not at their running-jobs quota, nor past their
+    GPU hours for the month (team_shares gives those max_running 0). Preempting for a
+    job placement would not start frees GPUs for nobody."""
+    return [
+        team
+        for team, share in shares.items()
+        if share.max_running is None or len(share.running) < share.max_running
+    ]
+
+
+def _waiting(
+    session: Session, settings: Settings, shares: dict[int, TeamShare], at: float
+) -> list[Waiting]:
+    """Each open, enabled team's WAITING_PER_TEAM queued fine-tunes not yet dispatched that
+    have waited longest, at least the policy's wait: since creation, their last start, or
+    their last preemption."""
+    greatest = func.greatest if session.get_bind().dialect.name == "postgresql" else func.max
+    since = greatest(
         Job.created_at, func.coalesce(Job.started_at, 0), func.coalesce(Job.preempted_at, 0)
     )
-    if session.get_bind().dialect.name != "postgresql":
-        since = func.max(
-            Job.created_at, func.coalesce(Job.started_at, 0), func.coalesce(Job.preempted_at, 0)
+    columns = (Job.pk, Job.team_pk, Job.gpus, Job.gpu_class, Job.memory_gb, since.label("since"))
+    conditions = (
+        Job.status == JobStatus.QUEUED.value,
+        Job.dispatched_at.is_(None),
+        Job.kind == JobKind.FINE_TUNE.value,
+        since <= at - settings.preemption_wait_seconds,
+    )
+    teams = (Team.disabled.is_(False), Team.pk.in_(_open_teams(shares)))
+    order = (since, Job.pk)
+    if session.get_bind().dialect.name == "postgresql":
+        # Per team, a probe of its waiting jobs (ix_jobs_waiting), not a sort of the queue.
+        longest = (
+            select(*columns)
+            .where(Job.team_pk == Team.pk, *conditions)
+            .order_by(*order)
+            .limit(WAITING_PER_TEAM)
+            .lateral()
         )
+        rows = session.execute(
+            select(longest).select_from(Team).join(longest, true()).where(*teams)
+        )
+    else:
+        ranked = (
+            select(
+                *columns,
+                func.row_number().over(partition_by=Job.team_pk, order_by=order).label("n"),
+            )
+            .join(Team, Team.pk == Job.team_pk)
+            .where(*teams, *conditions)
+            .subquery()
+        )
+        rows = session.execute(select(ranked).where(ranked.c.n <= WAITING_PER_TEAM))
     classes = pool_classes(session, settings)
-    rows = session.execute(
-        select(Job.pk, Job.team_pk, Job.gpus, Job.gpu_class, Job.memory_gb, since.label("since"))
-        .join(Team, Team.pk == Job.team_pk)
-        .where(
-            Job.status == JobStatus.QUEUED.value,
-            Job.dispatched_at.is_(None),
-            Job.kind == JobKind.FINE_TUNE.value,
-            Team.disabled.is_(False),
-            since <= at - settings.preemption_wait_seconds,
-        )
-        .order_by(since, Job.pk)
-        .limit(WAITING_LOOKED_AT)
-    ).all()
     return [
         Waiting(
             key=row.pk,
@@ -71,6 +102,18 @@ def _waiting(session: Session, settings: Settings, at: float) -> list[Waiting]:
         )
         for row in rows
     ]
+
+
+def _earmarks(session: Session) -> dict[int, tuple[str, int]]:
+    """Waiting jobs a preemption is freeing GPUs for: their host and GPU count."""
+    rows = session.execute(
+        select(Job.pk, Job.earmarked_worker, Job.gpus).where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.dispatched_at.is_(None),
+            Job.earmarked_worker.is_not(None),
+        )
+    )
+    return {row.pk: (row.earmarked_worker, row.gpus or 1) for row in rows}
 
 
 def _running(session: Session, hosts: dict[str, str], at: float) -> list[Running]:
@@ -104,9 +147,17 @@ def _running(session: Session, hosts: dict[str, str], at: float) -> list[Running
     return running
 
 
-def preempt_for_fair_share(session: Session, settings: Settings, at: float) -> list[str]:
-    """Pause the runs the policy picks for below-share teams' waiting jobs; their ids."""
-    waiting = _waiting(session, settings, at)
+def preempt_for_fair_share(
+    session: Session,
+    settings: Settings,
+    at: float,
+    shares: dict[int, TeamShare] | None = None,
+) -> list[str]:
+    """Pause the runs the policy picks for below-share teams' waiting jobs; their ids.
+    `shares`: the pass's team_shares, when it has read them already."""
+    if shares is None:
+        shares = team_shares(session, settings, at)
+    waiting = _waiting(session, settings, shares, at)
     if not waiting:
         return []
     workers = [w for w in live_workers(session, settings, at) if w.status == WorkerState.ACTIVE]
@@ -117,8 +168,10 @@ def preempt_for_fair_share(session: Session, settings: Settings, at: float) -> l
         held[run.host] += run.gpus
     host_gpus = {w.id: (w.gpu_class, w.gpus, max(0, w.gpus - held[w.id])) for w in workers}
     weights = {team.pk: team.weight for team in session.scalars(select(Team))}
-    usage = normalized_usage(team_shares(session, settings, at), settings.dispatch_charge_seconds)
-    plans = plan_preemptions(waiting, running, host_gpus, weights, policy_of(settings), usage)
+    usage = normalized_usage(shares, settings.dispatch_charge_seconds)
+    plans = plan_preemptions(
+        waiting, running, host_gpus, weights, policy_of(settings), usage, _earmarks(session)
+    )
     preempted: list[str] = []
     for plan in plans:
         beneficiary = session.get(Job, plan.for_job)

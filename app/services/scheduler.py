@@ -16,6 +16,7 @@ API replicas or `lathe scheduler` processes may run them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from app.broker import send_training_task, tasks_in_broker, worker_queue
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.memory import eligible_classes
-from app.domain.placement import plan_placement
+from app.domain.placement import Host, plan_placement
 from app.domain.scheduling import QueuedJob
 from app.domain.workers import LIVE_STATES, WorkerState
 from app.models import Job, Team, Worker
@@ -63,7 +64,8 @@ def _try_lock(session: Session) -> bool:
 
 def reconcile_workers(session: Session, settings: Settings, at: float, result: PassResult) -> None:
     """Workers silent past their lease are lost; their running jobs go back in line, as
-    do jobs still running on a worker that stopped. A loss counts toward the job's
+    do jobs still running on a worker that stopped, and GPUs held by runs on such workers
+    are freed. A loss counts toward the job's
     allowed losses (app.services.lifecycle.requeue); a stop, which an
     operator asked for, does not."""
     lost = session.scalars(
@@ -76,16 +78,20 @@ def reconcile_workers(session: Session, settings: Settings, at: float, result: P
         worker.status = WorkerState.LOST
         worker.current_job = None
         result.lost_workers.append(worker.id)
-    if lost:  # stopping runs (paused, cancelled) on them hold nothing any more
-        session.execute(
-            update(Job)
-            .where(
-                Job.worker.in_([w.id for w in lost]),
-                Job.status != JobStatus.RUNNING.value,
-                Job.devices.is_not(None),
-            )
-            .values(devices=None)
+    # A run that was stopping (paused, cancelled) or ended on a worker that is not live
+    # (lost, stopped, or its row gone) is over: it holds no GPU any more, whatever its
+    # release did or did not write. Running jobs there are put back in line below.
+    live = select(Worker.id).where(Worker.status.in_(LIVE_STATES))
+    session.execute(
+        update(Job)
+        .where(
+            Job.devices.is_not(None),
+            Job.status != JobStatus.RUNNING.value,
+            or_(Job.worker.is_(None), Job.worker.not_in(live)),
         )
+        .values(devices=None)
+        .execution_options(synchronize_session="fetch")
+    )
     orphans = session.execute(
         select(Job, Worker.status)
         .join(Worker, Worker.id == Job.worker)
@@ -205,6 +211,18 @@ def _earmarked(session: Session):
     )
 
 
+def drop_stale_earmarks(session: Session, hosts: list[Host]) -> None:
+    """An earmark on a host that will not free its GPUs (gone, lost, draining) holds
+    nothing for its job any more: the job is placed as any other."""
+    usable = [h.id for h in hosts if any(not math.isinf(t) for t in h.free_in)]
+    session.execute(
+        update(Job)
+        .where(Job.earmarked_worker.is_not(None), Job.earmarked_worker.not_in(usable))
+        .values(earmarked_worker=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def load_candidates(
     session: Session, classes: dict[str, float], free: dict[str, int]
 ) -> list[QueuedJob]:
@@ -241,6 +259,8 @@ def schedule_once(
         purge_expired(session, at)
         typical = typical_job_seconds(session, settings)
         hosts = pool_hosts(session, settings, at, typical)
+        drop_stale_earmarks(session, hosts)
+        shares = None
         free: dict[str, int] = {}
         for host in hosts:
             if host.free_now:
@@ -277,7 +297,7 @@ def schedule_once(
                     if sending is not None:
                         sent.append((*sending, gpu_class, host_id))
         if settings.preemption_enabled:
-            result.preempted = preempt_for_fair_share(session, settings, at)
+            result.preempted = preempt_for_fair_share(session, settings, at, shares)
         result.resumed = resume_preempted(session)
         session.commit()
     # Sent after the commit, so the worker's claim sees the token. A crash in between

@@ -64,7 +64,7 @@ def usage_for(session: Session, teams: list[Team], period: str | None) -> list[d
         .group_by(Job.team_pk, Job.dispatched_class)
     ).all()
     running = session.execute(
-        select(Job.team_pk, Job.dispatched_class, Job.started_at).where(
+        select(Job.team_pk, Job.dispatched_class, Job.started_at, Job.gpus).where(
             Job.team_pk.in_(pks), Job.status == JobStatus.RUNNING.value
         )
     ).all()
@@ -88,10 +88,10 @@ def usage_for(session: Session, teams: list[Team], period: str | None) -> list[d
         by_class[gpu_class or "unknown"] = by_class.get(gpu_class or "unknown", 0.0) + float(
             seconds or 0
         )
-    for team_pk, gpu_class, started_at in running:
+    for team_pk, gpu_class, started_at, gpus in running:
         if started_at is None or at < start or at >= end:
             continue
-        seconds = at - max(started_at, start)
+        seconds = (at - max(started_at, start)) * (gpus or 1)  # N GPUs for T seconds: N*T
         entry = report[team_pk]
         entry["gpu_seconds"] += seconds
         by_class = entry["by_gpu_class"]
@@ -122,7 +122,8 @@ def record_gpu_seconds(
 
 
 def month_gpu_seconds(session: Session, team: Team, at: float | None = None) -> float:
-    """GPU seconds this calendar month (UTC): ended jobs plus running ones so far."""
+    """GPU seconds this calendar month (UTC): ended jobs plus running ones so far (N GPUs
+    for T seconds: N*T)."""
     at = time.time() if at is None else at
     start = month_start(at)
     ended = session.scalar(
@@ -130,7 +131,11 @@ def month_gpu_seconds(session: Session, team: Team, at: float | None = None) -> 
             Job.team_pk == team.pk, func.coalesce(Job.finished_at, Job.started_at) >= start
         )
     )
-    running = session.scalars(
-        select(Job.started_at).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
+    running = session.execute(
+        select(Job.started_at, Job.gpus).where(
+            Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value
+        )
     ).all()
-    return float(ended or 0.0) + sum(max(0.0, at - max(s or at, start)) for s in running)
+    return float(ended or 0.0) + sum(
+        max(0.0, at - max(s or at, start)) * (gpus or 1) for s, gpus in running
+    )

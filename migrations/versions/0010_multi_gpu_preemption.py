@@ -45,17 +45,29 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.add_column(sa.Column("gpus", sa.Integer(), nullable=False, server_default="1"))
-    # Runs in progress hold their worker's only device.
+    # Runs in progress hold their worker's only device. Only running jobs: a worker row
+    # can still name a job paused or cancelled long ago as its current job, and holding a
+    # device for it would close that host for good. A stop in progress during the upgrade
+    # frees its device when its run ends, as before.
     op.execute(
         sa.text(
-            "UPDATE jobs SET devices = '[0]' WHERE status IN ('running', 'paused', 'cancelled')"
+            "UPDATE jobs SET devices = '[0]' WHERE status = 'running'"
             " AND worker IS NOT NULL AND id IN (SELECT current_job FROM workers"
             " WHERE current_job IS NOT NULL)"
         )
     )
+    # The runs holding GPUs, per worker: read on every claim and scheduler pass.
+    op.create_index(
+        "ix_jobs_holding",
+        "jobs",
+        ["worker"],
+        postgresql_where=sa.text("devices IS NOT NULL"),
+        sqlite_where=sa.text("devices IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_holding", table_name="jobs")
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_column("gpus")
     with op.batch_alter_table("teams", schema=None) as batch_op:

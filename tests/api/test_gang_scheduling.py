@@ -214,12 +214,21 @@ def test_the_claim_takes_free_devices_and_release_frees_them(
         assert not lifecycle.claim(session, job, worker=worker, token=None)
         session.commit()
     assert row(sessions, too_big).dispatched_at is None
+    attempt = row(sessions, big).attempt
+    with sessions() as session:  # an earlier run of the job ending late: metered, frees nothing
+        lifecycle.release(
+            session, big, worker=worker, attempt=attempt - 1, seconds=1.0, half_life_hours=24
+        )
+        session.commit()
+    assert row(sessions, big).devices == [0, 2, 3]
     with sessions() as session:
-        lifecycle.release(session, big, worker=worker, seconds=10.0, half_life_hours=24)
+        lifecycle.release(
+            session, big, worker=worker, attempt=attempt, seconds=10.0, half_life_hours=24
+        )
         session.commit()
     done = row(sessions, big)
     assert done.devices is None
-    assert done.gpu_seconds == pytest.approx(30.0)  # 3 GPUs for 10 s
+    assert done.gpu_seconds == pytest.approx(33.0)  # 3 GPUs for 1 s, then for 10 s
 
 
 @pytest.fixture
@@ -342,3 +351,66 @@ def test_a_team_pausing_its_preempted_job_keeps_it_paused(
     set_job(sessions, second, devices=None)
     assert schedule(preemption_env, sessions).resumed == []
     assert row(sessions, second).status == "paused"
+
+
+def test_a_team_that_could_not_start_its_job_preempts_nothing(
+    teams, preemption_env, sessions, host, gpu_class
+) -> None:
+    """B is at its running-jobs quota (0 here, as past its GPU hours): placement would not
+    start its job on freed GPUs, so none are freed for it."""
+    a, b = teams
+    worker = host(gpu_class, 2)
+    fill(a, sessions, worker, gpu_class, 2)
+    submit(b, gpu_class, created_at=int(time.time()) - 900)
+    with sessions() as session:
+        session.execute(update(Team).where(Team.id == b.id).values(max_running_jobs=0))
+        session.commit()
+    assert schedule(preemption_env, sessions).preempted == []
+    with sessions() as session:
+        session.execute(update(Team).where(Team.id == b.id).values(max_running_jobs=None))
+        session.commit()
+    assert len(schedule(preemption_env, sessions).preempted) == 1
+
+
+def test_an_earmark_ends_with_a_pause_or_when_its_host_drains(
+    teams, preemption_env, sessions, host, gpu_class
+) -> None:
+    a, b = teams
+    worker = host(gpu_class, 2)
+    fill(a, sessions, worker, gpu_class, 2)
+    paused = submit(b, gpu_class, created_at=int(time.time()) - 900)
+    assert len(schedule(preemption_env, sessions).preempted) == 1
+    assert row(sessions, paused).earmarked_worker == worker
+    assert b.post(f"/v1/fine_tuning/jobs/{paused}/pause").status_code == 200
+    assert row(sessions, paused).earmarked_worker is None
+    drained = submit(b, gpu_class, created_at=int(time.time()) - 900)
+    set_job(sessions, drained, earmarked_worker=worker)
+    with sessions() as session:
+        session.execute(
+            update(Worker).where(Worker.id == worker).values(status=WorkerState.DRAINING)
+        )
+        session.commit()
+    schedule(preemption_env, sessions)
+    assert row(sessions, drained).earmarked_worker is None
+
+
+def test_a_stopping_run_on_a_worker_gone_holds_no_gpu(
+    teams, api_env, sessions, host, gpu_class
+) -> None:
+    """A paused run whose worker stopped before its release: its GPUs are free again, and
+    the job may resume (its resume waits for the devices to be let go)."""
+    a, _ = teams
+    worker = host(gpu_class, 2)
+    job_id = submit(a, gpu_class)
+    run_on(sessions, job_id, worker, [0, 1])
+    assert a.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 200
+    schedule(api_env, sessions)
+    assert row(sessions, job_id).devices == [0, 1]  # its live worker is still stopping it
+    with sessions() as session:
+        session.execute(
+            update(Worker).where(Worker.id == worker).values(status=WorkerState.STOPPED)
+        )
+        session.commit()
+    schedule(api_env, sessions)
+    assert row(sessions, job_id).devices is None
+    assert a.post(f"/v1/fine_tuning/jobs/{job_id}/resume").json()["status"] == "queued"

@@ -140,3 +140,11 @@ def test_an_earmarked_job_holds_its_host_until_the_victim_stops() -> None:
     plan = plan_placement(jobs, shares, hosts, typical_job_seconds=600, earmarks={1: "h1"})
     assert plan.started == []  # B's hour-long job may not take GPU 0 meanwhile
     assert plan.reservations[0].job == 1 and "preemption" in plan.waiting[1]
+
+
+def test_an_earmark_on_a_draining_host_is_ignored() -> None:
+    shares = {A: TeamShare(A, 1.0, 10_000.0), B: TeamShare(B, 1.0, 0.0)}
+    hosts = [Host("h1", "a100", [math.inf, math.inf]), Host("h2", "a100", [0, 0])]
+    jobs = [job(1, A, gpus=2, created=5)]
+    plan = plan_placement(jobs, shares, hosts, typical_job_seconds=600, earmarks={1: "h1"})
+    assert [(j.key, h) for j, h in plan.started] == [(1, "h2")]

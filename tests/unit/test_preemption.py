@@ -117,24 +117,48 @@ def test_several_waiting_jobs_longest_first_without_reusing_victims() -> None:
 def test_only_a_team_ahead_in_fair_share_usage_loses_gpus() -> None:
     running = [run(1, A), run(2, A)]
     assert plan_preemptions(
-        [wait(9, B)], running, {"h1": ("a100", 2, 0)}, {}, POLICY, usage={A: 100.0, B: 50.0}
+        [wait(9, B)], running, {"h1": ("a100", 2, 0)}, {}, POLICY, usage={A: 5000.0, B: 50.0}
     )
     assert not plan_preemptions(
-        [wait(9, B)], running, {"h1": ("a100", 2, 0)}, {}, POLICY, usage={A: 50.0, B: 100.0}
+        [wait(9, B)], running, {"h1": ("a100", 2, 0)}, {}, POLICY, usage={A: 50.0, B: 5000.0}
     )
 
 
 def test_two_teams_do_not_trade_gpus_back_once_usage_is_counted() -> None:
     # B preempted A's 2-GPU job and now holds the host; A waits. A is below its share and
-    # B above, but B has used less: A does not preempt back until B is ahead in usage.
+    # B above, but B has used less: A does not preempt back until B is ahead in usage by
+    # more than A's job would use in its protected M (2 GPUs x 1800 s per weight 1).
     hosts = {"h1": ("a100", 2, 0)}
     running = [run(5, B, gpus=2, started=100)]
+    for b_usage, preempts in ((600.0, False), (900.0, False), (4400.0, False), (4401.0, True)):
+        plans = plan_preemptions(
+            [wait(1, A, gpus=2)], running, hosts, {}, POLICY, usage={A: 800.0, B: b_usage}
+        )
+        assert bool(plans) == preempts, b_usage
+
+
+def test_the_usage_margin_is_per_weight() -> None:
+    # Weight 2 halves the margin: 1 GPU x 1800 s / 2 = 900.
+    running = [run(1, A), run(2, A)]
+    hosts = {"h1": ("a100", 2, 0)}
+    weights = {B: 2.0}
     assert not plan_preemptions(
-        [wait(1, A, gpus=2)], running, hosts, {}, POLICY, usage={A: 800.0, B: 600.0}
+        [wait(9, B)], running, hosts, weights, POLICY, usage={A: 900.0, B: 0.0}
     )
-    assert plan_preemptions(
-        [wait(1, A, gpus=2)], running, hosts, {}, POLICY, usage={A: 800.0, B: 900.0}
-    )
+    assert plan_preemptions([wait(9, B)], running, hosts, weights, POLICY, usage={A: 901.0, B: 0.0})
+
+
+def test_gpus_freed_for_an_earmarked_job_are_not_spare_for_another() -> None:
+    # Job 8 (team C) is earmarked h1, where A's job 1 is stopping for it. Job 9 of team B,
+    # waiting longer, must not count job 1's GPU as its own: it gets A's other job.
+    running = [run(1, A, stopping=True), run(2, A, started=5)]
+    hosts = {"h1": ("a100", 2, 0)}
+    waiting = [wait(9, B, waited=2000), wait(8, C, waited=900)]
+    plans = plan_preemptions(waiting, running, hosts, {}, POLICY, earmarks={8: ("h1", 1)})
+    assert [(p.for_job, p.victims) for p in plans] == [(9, (2,))]
+    # Unaware of the earmark, both would count on job 1's one GPU, and nothing is freed
+    # for B's job.
+    assert plan_preemptions(waiting, running, hosts, {}, POLICY) == []
 
 
 def test_nothing_movable_means_no_look_at_the_queue() -> None:

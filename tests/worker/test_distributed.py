@@ -351,6 +351,28 @@ def test_sharded_4bit_weights_are_stored_in_the_compute_dtype(tiny_model: Path) 
     assert decoder_layer_classes(model) == ["LlamaDecoderLayer"]
 
 
+def test_a_sharded_bfloat16_model_has_one_dtype_for_fsdp_to_flatten(tiny_model: Path) -> None:
+    """As on a GPU: bfloat16 compute, so the 4-bit weights are stored as bfloat16, and
+    what peft's preparation upcast to float32 (norms, embeddings, head) comes back to
+    bfloat16; mixed, FSDP refuses the block ("Must flatten tensors with uniform dtype")."""
+    import bitsandbytes as bnb
+
+    from worker.training.qlora_model import load_base_for_training
+    from worker.training.spec import QuantSpec
+
+    bf16 = QuantSpec(compute_dtype="bfloat16")
+    model = load_base_for_training(tiny_model, bf16, "cpu", sharded=True).model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(
+        isinstance(m.weight, bnb.nn.Params4bit)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
+    unsharded = load_base_for_training(tiny_model, bf16, "cpu").model
+    norms = {p.dtype for name, p in unsharded.named_parameters() if "norm" in name}
+    assert norms == {torch.float32}, "unsharded, peft keeps its float32 norms"
+
+
 def test_fsdp_wraps_the_decoder_layers_on_gpus_only(tiny_model: Path, tmp_path: Path) -> None:
     from worker.training.qlora_model import add_lora, load_base_for_training
     from worker.training.spec import QuantSpec

@@ -46,12 +46,14 @@ def resolve_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def resolve_optimizer(optimizer: str, device: str) -> str:
+def resolve_optimizer(optimizer: str, device: str, sharded: bool = False) -> str:
     """With "auto", bitsandbytes' paged 8-bit AdamW on a GPU, as the QLoRA paper trains:
     8-bit states take a quarter of the memory, and paging spills them to host memory on a
-    spike instead of failing. Paging is CUDA unified memory, so the CPU gets plain AdamW."""
+    spike instead of failing. Paging is CUDA unified memory, so the CPU gets plain AdamW,
+    and so does FSDP (`sharded`): its adapters' states are sharded already, and the
+    FSDP-QLoRA recipes (Answer.AI, TRL, axolotl) train with torch's AdamW."""
     if optimizer == "auto":
-        return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+        return "paged_adamw_8bit" if device == "cuda" and not sharded else "adamw_torch"
     return optimizer
 
 
@@ -217,7 +219,24 @@ def load_base_for_training(
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    if sharded:
+        keep_one_dtype(model, compute_dtype)
     return QuantizedBase(model, new)
+
+
+def keep_one_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast back what prepare_model_for_kbit_training upcast to float32 (norms, embeddings,
+    heads) to `dtype`, the 4-bit weights' storage dtype when sharded: FSDP flattens each
+    wrapped block's parameters into one buffer and refuses a block of mixed dtypes ("Must
+    flatten tensors with uniform dtype"). The adapters, added afterwards, are wrapped on
+    their own. As Answer.AI's FSDP-QLoRA and TRL do, norms then run in the compute dtype."""
+    for param in model.parameters():
+        if param.dtype != dtype and param.is_floating_point() and not _is_4bit(param):
+            param.data = param.data.to(dtype)
+
+
+def _is_4bit(param: torch.Tensor) -> bool:
+    return isinstance(param, bnb.nn.Params4bit)
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> list[str]:

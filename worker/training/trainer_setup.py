@@ -86,13 +86,18 @@ def trainer_arguments(
         report_to="none",
         disable_tqdm=True,
         use_cpu=device == "cpu",
-        optim=resolve_optimizer(spec.options.optimizer, device),
+        optim=resolve_optimizer(spec.options.optimizer, device, sharded=is_sharded(spec)),
         bf16=device == "cuda" and compute_dtype == torch.bfloat16,
         fp16=device == "cuda" and compute_dtype == torch.float16,
         train_sampling_strategy=sampling,
         include_num_input_tokens_seen=count_tokens,
         **distributed_arguments(spec, device, model),
     )
+
+
+def is_sharded(spec: TrainingSpec) -> bool:
+    """FSDP across several ranks: the 4-bit weights are stored for sharding."""
+    return spec.world_size > 1 and spec.parallelism == FSDP
 
 
 def distributed_arguments(spec: TrainingSpec, device: str, model: PeftModel | None) -> dict:
@@ -223,7 +228,7 @@ def load_base(
         gradient_checkpointing=spec.options.gradient_checkpointing,
         classes=classes,
         on_message=hooks.on_message,
-        sharded=spec.world_size > 1 and spec.parallelism == FSDP,
+        sharded=is_sharded(spec),
     )
     if liger:
         apply_liger(base.model)
