@@ -6,7 +6,8 @@
 - get_job: latency of GET /v1/fine_tuning/jobs/{id} over HTTP, the API on Postgres.
 - dashboard: the web dashboard's job page for a job with 1,000 metrics events, and how soon
   a new event reaches a client of GET .../events?stream=true; then, the team grown to 1,000
-  jobs, the job list and the compare page of two jobs with 1,000 metrics events each.
+  jobs, the job list and the compare page of two jobs with 1,000 metrics events each, and
+  every other page of the team's (files, launch, clone, usage, pool) and of an admin's.
 - upload: the API process's memory growth while a 1 GB JSONL streams in.
 - schedule, pickup: the GPU pool (bench/pool.py): one scheduling decision over 10,000
   queued jobs, and the time from a slot freeing to the next job being picked up.
@@ -343,10 +344,21 @@ def bench_team_of_jobs(sessions, job_pk: int, browser: httpx.Client, requests: i
             add_event(session, copies[-1].pk, f"Step {step}/{steps}", type="metrics", data=row)
         compared = [first.id, copies[-1].id]
         session.commit()
+        team_id = first.team.id
     listing = timed(browser.get, "/jobs", requests, warmup=10)
     url = f"/compare?job={compared[0]}&job={compared[1]}"
     compare = timed(browser.get, url, requests, warmup=10)
+    pages = {
+        path: timed(browser.get, path, requests, warmup=5)
+        for path in ("/files", "/jobs/new", f"/jobs/new?from={compared[1]}", "/usage", "/pool")
+    }
+    admin = admin_browser(sessions, browser)
+    admin_paths = ("/admin/teams", f"/admin/teams/{team_id}", "/admin/queue", "/admin/workers")
+    pages |= {path: timed(admin.get, path, requests, warmup=5) for path in admin_paths}
+    pages["/admin/audit"] = timed(admin.get, "/admin/audit", requests, warmup=5)
+    admin.close()
     return {
+        "team_pages": {"team_jobs": jobs, **pages},
         "jobs_list": {
             **listing,
             "team_jobs": jobs,
@@ -360,6 +372,18 @@ def bench_team_of_jobs(sessions, job_pk: int, browser: httpx.Client, requests: i
             "html_bytes": len(browser.get(url).content),
         },
     }
+
+
+def admin_browser(sessions, team_browser: httpx.Client) -> httpx.Client:
+    """A dashboard session signed in with a new admin key, on the same server."""
+    from app.services.admin_keys import create_admin_key
+
+    with sessions() as session:
+        _, key = create_admin_key(session, f"bench-{time.time_ns()}")
+        session.commit()
+    admin = httpx.Client(base_url=team_browser.base_url)
+    assert admin.post("/login", data={"key": key}).status_code == 303, "admin signed in"
+    return admin
 
 
 def write_jsonl(path: Path, target_bytes: int) -> int:

@@ -143,12 +143,20 @@ def _gang_waits(
         return {}
     hosts = pool_hosts(session, settings, at, typical)
     waiting = [job for job in candidates if not dispatched[job.key]]
+    earmarks = dict(
+        session.execute(
+            select(Job.pk, Job.earmarked_worker).where(
+                Job.status == JobStatus.QUEUED.value, Job.earmarked_worker.is_not(None)
+            )
+        ).all()
+    )
     plan = plan_placement(
         waiting,
         shares,
         hosts,
         typical_job_seconds=typical,
         dispatch_charge=settings.dispatch_charge_seconds,
+        earmarks=earmarks,
     )
     starts = {r.job: r.starts_in for r in plan.reservations}
     sizes = {job.key: job.gpus for job in waiting}
