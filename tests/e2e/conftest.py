@@ -142,3 +142,22 @@ def submit(api, file_id: str, n_epochs: int = 1, **extra) -> str:
     )
     assert resp.status_code == 200, resp.text
     return resp.json()["id"]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium, headless, driven by Playwright: the dashboard's browser tests."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Debian's Chromium is not installed at {CHROMIUM}: the dashboard tests drive it "
+            "with Playwright. `make system-deps` installs it (as root) or prints the command."
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield browser
+        browser.close()

@@ -27,7 +27,6 @@ from tests.conftest import create_team_key
 from tests.e2e.conftest import LARGE, SMALL, submit, team_client, upload, wait_for
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 15_000
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -65,21 +64,6 @@ def finished_job(api: httpx.Client) -> str:
     # The worker meters the run's GPU time just after it publishes the result.
     wait_for(lambda: api.get("/v1/usage").json()["gpu_seconds"] > 0, 30, what="the job's GPU time")
     return job_id
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Debian's Chromium is not installed at {CHROMIUM}: the dashboard test drives it "
-            "with Playwright. `make system-deps` installs it (as root) or prints the command."
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 def points(polyline) -> list[tuple[float, float]]:

@@ -27,7 +27,6 @@ from tests.conftest import create_team_key
 from tests.e2e.conftest import SMALL, team_client, upload, wait_for
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 15_000
 ADMIN_NAME = "e2e-dashboard-admin"
 
@@ -52,21 +51,6 @@ def admin_api(live_api: str, admin_key: str) -> Iterator[httpx.Client]:
 def team(live_api: str, e2e_env: dict[str, str], workers) -> tuple[str, str]:
     """A team of this test's own: (id, key)."""
     return create_team_key(e2e_env, "admin-page")
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Debian's Chromium is not installed at {CHROMIUM}: the dashboard tests drive it "
-            "with Playwright. `make system-deps` installs it (as root) or prints the command."
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import create_team_key
 from tests.e2e.conftest import submit, team_client, upload, wait_for
-from tests.e2e.test_dashboard import CHROMIUM, FINAL, TIMEOUT_MS
+from tests.e2e.test_dashboard import FINAL, TIMEOUT_MS
 
 pytestmark = pytest.mark.slow
 SETTINGS = {"slow": (0.5, 11), "fast": (4.0, 12)}  # suffix: (learning_rate_multiplier, seed)
@@ -37,21 +37,6 @@ def team_key(live_api: str, e2e_env: dict[str, str], workers) -> str:
 def api(live_api: str, team_key: str) -> Iterator[httpx.Client]:
     with team_client(live_api, team_key) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Debian's Chromium is not installed at {CHROMIUM}: the compare test drives it "
-            "with Playwright. `make system-deps` installs it (as root) or prints the command."
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

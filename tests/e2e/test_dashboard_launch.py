@@ -24,7 +24,6 @@ from tests.conftest import create_team_key
 from tests.e2e.conftest import DATA, LARGE, submit, team_client, upload
 
 pytestmark = pytest.mark.slow
-CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 15_000
 TRAINING_MS = 300_000
 MODEL = "tiny-random-llama"
@@ -41,21 +40,6 @@ def team_key(live_api: str, e2e_env: dict[str, str], workers) -> str:
 def api(live_api: str, team_key: str) -> Iterator[httpx.Client]:
     with team_client(live_api, team_key) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Debian's Chromium is not installed at {CHROMIUM}: the dashboard tests drive it "
-            "with Playwright. `make system-deps` installs it (as root) or prints the command."
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
