@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,16 +39,14 @@ import pytest
 import torch
 
 from tests.gpu import GPU
+from tests.worker.test_distributed import train_as_rank
 from worker.training.distributed import (
     RESULT_FILE,
     SPEC_FILE,
-    is_main_rank,
     rank,
     read_result,
-    read_spec,
     run_ranks,
     start_rank,
-    write_result,
     write_spec,
 )
 from worker.training.spec import DDP, FSDP, LoraSpec, TrainingOptions, TrainingResult, TrainingSpec
@@ -379,28 +376,7 @@ def test_two_ranks_shard_fsdp_qlora_and_resume_a_pause_to_the_uninterrupted_loss
 def rank_main(workdir: Path, mode: str) -> None:
     start_rank()  # first: die with the launcher; this rank's device
     probe_first_step(workdir)
-    from worker.training.run import run_training
-    from worker.training.spec import TrainingHooks
-
-    spec = read_spec(workdir / SPEC_FILE)
-    hooks = TrainingHooks()
-    if is_main_rank():
-        pause_at = int(mode.split("-")[1]) if mode.startswith("pause-") else None
-        polls = 0
-
-        def should_stop() -> str | None:
-            nonlocal polls
-            polls += 1
-            return "pause" if pause_at is not None and polls >= pause_at else None
-
-        def on_checkpoint(step: int, path: Path, metrics: dict) -> None:
-            shutil.copytree(path, workdir / "checkpoints" / path.name)
-
-        hooks = TrainingHooks(should_stop=should_stop, on_checkpoint=on_checkpoint)
-    result = run_training(spec, hooks)
-    (workdir / f"rank-{rank()}.json").write_text(json.dumps({"step": result.step}))
-    if is_main_rank():
-        write_result(result, workdir / RESULT_FILE)
+    train_as_rank(workdir, mode)
 
 
 def probe_first_step(workdir: Path) -> None:

@@ -440,6 +440,12 @@ def rank_main(workdir: Path, mode: str) -> None:
             time.sleep(1)
     if mode == "fsdp-step":
         return fsdp_step(workdir)
+    train_as_rank(workdir, mode)
+
+
+def train_as_rank(workdir: Path, mode: str) -> None:
+    """This rank's part of the run the spec in `workdir` describes; rank 0 pauses at its
+    N-th poll with mode "pause-N" and copies each checkpoint (tests/gpu uses it too)."""
     from worker.training.run import run_training
     from worker.training.spec import TrainingHooks
 
