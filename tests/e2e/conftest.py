@@ -5,6 +5,7 @@ Redis and moto's S3 server."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +89,33 @@ def stop_worker(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+class KillableWorker:
+    """A `lathe worker` of `gpu_class` announcing `gpus` devices, in a session of its own,
+    so its whole tree (pool, job process, ranks) can be killed at once, as a node failure
+    would. It dies with pytest, even a killed one (child_env)."""
+
+    def __init__(
+        self, env: dict[str, str], name: str, log_dir: Path, gpu_class: str, gpus: int = 1
+    ) -> None:
+        self.log_path = log_dir / f"{name}.log"
+        command = [sys.executable, "-m", "app.cli", "worker", "--gpu-class", gpu_class]
+        command += ["--memory-gb", "4", "--name", name]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                command,
+                env=child_env({**os.environ, **env, "LATHE_WORKER_GPUS": str(gpus)}),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_ready(self.proc, self.log_path)
+
+    def kill_tree(self) -> None:
+        """What a node failure looks like: the worker, its pool and its training process."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ flushes and kills never touch the other end-to-end tests' workers.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,12 +22,12 @@ import redis
 from app.lifetime import child_env
 from tests.conftest import create_team_key, serve_in_thread
 from tests.e2e.conftest import (
+    KillableWorker,
     free_port,
     stop_worker,
     team_client,
     upload,
     wait_for,
-    wait_ready,
 )
 from tests.e2e.conftest import submit as submit_job
 
@@ -55,44 +54,12 @@ def fault_api(fault_env: dict[str, str]) -> Iterator[httpx.Client]:
         yield client
 
 
-class Worker:
-    """A `lathe worker` in a session of its own, so the whole tree can be killed at once."""
-
-    def __init__(self, env: dict[str, str], name: str, log_dir: Path) -> None:
-        self.log_path = log_dir / f"{name}.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "app.cli",
-                    "worker",
-                    "--gpu-class",
-                    CLASS,
-                    "--memory-gb",
-                    "4",
-                    "--name",
-                    name,
-                ],
-                env=child_env({**os.environ, **env}),  # it dies with pytest, even a killed one
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_ready(self.proc, self.log_path)
-
-    def kill_tree(self) -> None:
-        """What a node failure looks like: the worker, its pool and its training process."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
 @pytest.fixture
 def start_worker(fault_env, tmp_path: Path) -> Iterator:
-    started: list[Worker] = []
+    started: list[KillableWorker] = []
 
-    def start(name: str) -> Worker:
-        worker = Worker(fault_env, name, tmp_path)
+    def start(name: str) -> KillableWorker:
+        worker = KillableWorker(fault_env, name, tmp_path, CLASS)
         started.append(worker)
         return worker
 

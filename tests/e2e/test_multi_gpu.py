@@ -12,20 +12,14 @@ and moto's S3, on a database and broker of their own.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from app.lifetime import child_env
 from app.migrate import upgrade
 from tests.conftest import create_team_key, serve_in_thread
-from tests.e2e.conftest import stop_worker, upload, wait_for, wait_ready
+from tests.e2e.conftest import KillableWorker, stop_worker, upload, wait_for
 
 pytestmark = pytest.mark.slow
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -37,38 +31,6 @@ RANKS_TOLERANCE = 1e-3
 # The same run on the same ranks, interrupted or not: the checkpoint holds every rank's
 # RNG and the optimizer, so the losses agree to float rounding.
 RESUME_TOLERANCE = 1e-4
-
-
-class Worker:
-    """A 2-device `lathe worker` in a session of its own, so its whole tree (pool,
-    job process, ranks) can be killed at once, as a node failure would."""
-
-    def __init__(self, env: dict[str, str], name: str, log_dir: Path) -> None:
-        self.log_path = log_dir / f"{name}.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "app.cli",
-                    "worker",
-                    "--gpu-class",
-                    CLASS,
-                    "--memory-gb",
-                    "4",
-                    "--name",
-                    name,
-                ],
-                env=child_env({**os.environ, **env, "LATHE_WORKER_GPUS": "2"}),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_ready(self.proc, self.log_path)
-
-    def kill_tree(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +53,10 @@ def stack(stack_env, postgres_server, tmp_path_factory) -> Iterator[dict]:
         "LATHE_PREEMPTION_MAX_PER_JOB": "1",
     }
     logs = tmp_path_factory.mktemp("multi-gpu-workers")
-    workers: list[Worker] = []
+    workers: list[KillableWorker] = []
 
-    def start(name: str) -> Worker:
-        worker = Worker(env, name, logs)
+    def start(name: str) -> KillableWorker:
+        worker = KillableWorker(env, name, logs, CLASS, gpus=2)
         workers.append(worker)
         return worker
 
