@@ -200,6 +200,13 @@ class Job(Base):
             postgresql_where=text("dispatched_at IS NOT NULL"),
             sqlite_where=text("dispatched_at IS NOT NULL"),
         ),
+        # The jobs a preemption is freeing GPUs for (scheduler passes).
+        Index(
+            "ix_jobs_earmarked",
+            "earmarked_worker",
+            postgresql_where=text("earmarked_worker IS NOT NULL"),
+            sqlite_where=text("earmarked_worker IS NOT NULL"),
+        ),
         # The runs holding GPUs, per worker (claims, scheduler passes).
         Index(
             "ix_jobs_holding",

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, insert, select, text, update
+from sqlalchemy import create_engine, delete, insert, select, text, update
 
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
@@ -157,10 +157,32 @@ def bench_schedule(database_url: str, rounds: int = 40) -> dict:
     sessions = make_sessionmaker(engine)
     passes = {}
     for free in (1, 8):
-        # `free` of the 8 workers are idle; the rest show a job.
+        # `free` of the 8 workers are idle; each of the others runs a job holding its GPU.
         with sessions() as session:
-            for i, worker in enumerate(session.scalars(select(Worker).order_by(Worker.pk))):
-                worker.current_job = None if i < free else "ftjob-busy"
+            session.execute(delete(Job).where(Job.id.like("ftjob-busy-%")))
+            busy = session.scalars(select(Worker).order_by(Worker.pk)).all()[free:]
+            team_pk = session.scalar(select(Team.pk).limit(1))
+            now = int(time.time())
+            for worker in busy:
+                session.add(
+                    Job(
+                        id=f"ftjob-busy-{worker.pk}",
+                        team_pk=team_pk,
+                        model="tiny-random-llama",
+                        training_file="file-x",
+                        hyperparameters={},
+                        lora={},
+                        quantization={},
+                        max_seq_length=1024,
+                        seed=0,
+                        status=JobStatus.RUNNING.value,
+                        worker=worker.id,
+                        devices=[0],
+                        created_at=now,
+                        started_at=now,
+                        estimated_finish=now + 3600,
+                    )
+                )
             session.commit()
         samples = []
         for _ in range(rounds):
@@ -169,7 +191,7 @@ def bench_schedule(database_url: str, rounds: int = 40) -> dict:
                 session.execute(
                     update(Job)
                     .where(Job.dispatched_at.is_not(None), Job.status == JobStatus.QUEUED.value)
-                    .values(dispatched_at=None, dispatched_class=None)
+                    .values(dispatched_at=None, dispatched_class=None, dispatched_worker=None)
                 )
                 session.commit()
             started = time.perf_counter()

@@ -109,15 +109,8 @@ def plan_preemptions(
     team's normalized fair-share usage as placement orders teams by (missing: 0; None:
     not considered); `earmarks` each waiting job a preemption is freeing GPUs for, as
     (host, GPUs)."""
-    movable = [
-        r
-        for r in running
-        if not r.stopping
-        and r.preemptible
-        and r.preemptions < policy.max_preemptions
-        and r.ran >= policy.min_run_seconds
-    ]
-    if not movable:
+    takeable = movable(running, policy)
+    if not takeable:
         return []  # nothing may be taken: no need to look at the queue at all
     earmarks = earmarks or {}
     pool = _Pool(waiting, running, host_gpus, weights, earmarks)
@@ -141,7 +134,7 @@ def plan_preemptions(
         for host in hosts:
             candidates = [
                 r
-                for r in movable
+                for r in takeable
                 if r.host == host
                 and r.key not in taken
                 and _may_take(r, job, pool.over(r.team, classes), usage, margin)
@@ -162,6 +155,19 @@ def plan_preemptions(
         pool.move(job.team, host_gpus[host][0], job.gpus, host, -job.gpus)
         plans.append(Preemption(job.key, host, tuple(v.key for v in chosen)))
     return plans
+
+
+def movable(running: Sequence[Running], policy: PreemptionPolicy) -> list[Running]:
+    """The runs the policy's limits and marks let it take at all, whoever waits: running
+    (not already stopping), preemptible, preempted fewer than K times, past M."""
+    return [
+        r
+        for r in running
+        if not r.stopping
+        and r.preemptible
+        and r.preemptions < policy.max_preemptions
+        and r.ran >= policy.min_run_seconds
+    ]
 
 
 def _may_take(

@@ -15,7 +15,13 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.domain.jobs import JobKind, JobStatus
 from app.domain.memory import eligible_classes
-from app.domain.preemption import PreemptionPolicy, Running, Waiting, plan_preemptions
+from app.domain.preemption import (
+    PreemptionPolicy,
+    Running,
+    Waiting,
+    movable,
+    plan_preemptions,
+)
 from app.domain.scheduling import TeamShare, normalized_usage
 from app.domain.workers import WorkerState
 from app.models import Job, Team
@@ -155,14 +161,17 @@ def preempt_for_fair_share(
 ) -> list[str]:
     """Pause the runs the policy picks for below-share teams' waiting jobs; their ids.
     `shares`: the pass's team_shares, when it has read them already."""
+    policy = policy_of(settings)
+    workers = [w for w in live_workers(session, settings, at) if w.status == WorkerState.ACTIVE]
+    hosts = {w.id: w.gpu_class for w in workers}
+    running = _running(session, hosts, at)
+    if not movable(running, policy):
+        return []  # nothing may be taken: the queue is not read at all
     if shares is None:
         shares = team_shares(session, settings, at)
     waiting = _waiting(session, settings, shares, at)
     if not waiting:
         return []
-    workers = [w for w in live_workers(session, settings, at) if w.status == WorkerState.ACTIVE]
-    hosts = {w.id: w.gpu_class for w in workers}
-    running = _running(session, hosts, at)
     held = {w.id: 0 for w in workers}
     for run in running:
         held[run.host] += run.gpus
@@ -170,7 +179,7 @@ def preempt_for_fair_share(
     weights = {team.pk: team.weight for team in session.scalars(select(Team))}
     usage = normalized_usage(shares, settings.dispatch_charge_seconds)
     plans = plan_preemptions(
-        waiting, running, host_gpus, weights, policy_of(settings), usage, _earmarks(session)
+        waiting, running, host_gpus, weights, policy, usage, _earmarks(session)
     )
     preempted: list[str] = []
     for plan in plans:

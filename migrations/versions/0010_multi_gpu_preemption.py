@@ -56,6 +56,14 @@ def upgrade() -> None:
             " WHERE current_job IS NOT NULL)"
         )
     )
+    # The jobs a preemption is freeing GPUs for (a handful): read on every scheduler pass.
+    op.create_index(
+        "ix_jobs_earmarked",
+        "jobs",
+        ["earmarked_worker"],
+        postgresql_where=sa.text("earmarked_worker IS NOT NULL"),
+        sqlite_where=sa.text("earmarked_worker IS NOT NULL"),
+    )
     # The runs holding GPUs, per worker: read on every claim and scheduler pass.
     op.create_index(
         "ix_jobs_holding",
@@ -68,6 +76,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_holding", table_name="jobs")
+    op.drop_index("ix_jobs_earmarked", table_name="jobs")
     with op.batch_alter_table("workers", schema=None) as batch_op:
         batch_op.drop_column("gpus")
     with op.batch_alter_table("teams", schema=None) as batch_op:
