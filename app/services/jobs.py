@@ -5,6 +5,7 @@ the team's cancel, pause and resume. The moves themselves are app.services.lifec
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -44,7 +45,7 @@ from app.services.usage import month_gpu_seconds
 FINE_TUNED_PREFIX = "ft:"
 
 
-def _job_file(session: Session, team: Team, file_id: str, param: str) -> File:
+def job_file(session: Session, team: Team, file_id: str, param: str) -> File:
     record = session.scalar(select(File).where(File.id == file_id, File.team_pk == team.pk))
     if record is None:
         raise BadRequest(f"{param} {file_id!r} does not exist", code="file_not_found", param=param)
@@ -140,7 +141,7 @@ def check_continues_same_task(name: str, parent: Job, training: File) -> None:
     )
 
 
-def _base_or_fine_tuned(settings: Settings, name: str) -> BaseModelSpec | None:
+def base_or_fine_tuned(settings: Settings, name: str) -> BaseModelSpec | None:
     """The base model `name` names; None for a fine-tuned model's name (resolved under the
     team's lock); a 400 for anything else."""
     base = settings.base_model(name)
@@ -204,34 +205,29 @@ def split_batch_size(body: JobCreate, requested: int | str, resolved: int) -> in
     )
 
 
-def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
-    integrations = checked_integrations(settings, body.integrations or [])
-    base = _base_or_fine_tuned(settings, body.model)
-    # The team's lock, before the files are read: a concurrent DELETE of one (which takes
-    # it too) either finished first, and the file is gone, or waits and sees this job.
-    lock_team(session, team)
-    parent = None
-    if base is None:
-        parent = resolve_parent(session, settings, team, body.model)
-        base = parent.base
-    training = _job_file(session, team, body.training_file, "training_file")
-    validation = (
-        _job_file(session, team, body.validation_file, "validation_file")
-        if body.validation_file
-        else None
-    )
-    method = body.method_type
-    check_method_fits_file(method, training)
-    facts = describe(settings, base)
-    check_format_fits_model(base.name, facts, training)
-    no_fsdp = fsdp_problem(method, facts, training)
-    check_parallelism(body, no_fsdp)
-    if parent is not None:
-        check_continues_same_task(body.model, parent.job, training)
-        lora = continued_lora(body.lora, parent.job)
-    else:
-        lora = body.lora.model_dump()
-    lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
+@dataclass(frozen=True)
+class Sizing:
+    """What a job's request resolves to before it is stored: its hyperparameters ("auto"
+    filled in, the batch split among its GPUs), its parallelism and its memory per GPU."""
+
+    hyperparameters: dict
+    parallelism: str | None
+    memory_gb: float
+
+
+def size_job(
+    session: Session,
+    settings: Settings,
+    body: JobCreate,
+    method: str,
+    facts: BaseModelFacts,
+    lora: dict,
+    training: File,
+    fsdp_allowed: bool,
+) -> Sizing:
+    """The request's hyperparameters, parallelism and per-GPU memory estimate, as
+    create_job stores them and the dashboard's launch check shows them; BadRequest for a
+    batch that does not split among the GPUs."""
     requested = body.requested_hyperparameters()
     hp = resolve(
         requested.n_epochs,
@@ -247,7 +243,6 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
     }
     if method == "dpo":
         hyperparameters["beta"] = DEFAULT_BETA if requested.beta == "auto" else requested.beta
-    check_new_job_quota(session, settings, team)
 
     def per_gpu_gb(parallelism: str) -> float:
         return job_memory_gb(
@@ -270,10 +265,42 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         parallelism = body.parallelism or auto_parallelism(
             per_gpu_gb(DDP),
             largest_class_for(session, settings, body.gpu_class, body.gpus),
-            fsdp_allowed=no_fsdp is None,
+            fsdp_allowed=fsdp_allowed,
         )
-    memory_gb = per_gpu_gb(parallelism or DDP)
-    classes = check_fits_pool(session, settings, body.gpu_class, memory_gb, gpus=body.gpus)
+    return Sizing(hyperparameters, parallelism, per_gpu_gb(parallelism or DDP))
+
+
+def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
+    integrations = checked_integrations(settings, body.integrations or [])
+    base = base_or_fine_tuned(settings, body.model)
+    # The team's lock, before the files are read: a concurrent DELETE of one (which takes
+    # it too) either finished first, and the file is gone, or waits and sees this job.
+    lock_team(session, team)
+    parent = None
+    if base is None:
+        parent = resolve_parent(session, settings, team, body.model)
+        base = parent.base
+    training = job_file(session, team, body.training_file, "training_file")
+    validation = (
+        job_file(session, team, body.validation_file, "validation_file")
+        if body.validation_file
+        else None
+    )
+    method = body.method_type
+    check_method_fits_file(method, training)
+    facts = describe(settings, base)
+    check_format_fits_model(base.name, facts, training)
+    no_fsdp = fsdp_problem(method, facts, training)
+    check_parallelism(body, no_fsdp)
+    if parent is not None:
+        check_continues_same_task(body.model, parent.job, training)
+        lora = continued_lora(body.lora, parent.job)
+    else:
+        lora = body.lora.model_dump()
+    lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
+    sizing = size_job(session, settings, body, method, facts, lora, training, no_fsdp is None)
+    check_new_job_quota(session, settings, team)
+    classes = check_fits_pool(session, settings, body.gpu_class, sizing.memory_gb, gpus=body.gpus)
     job = Job(
         id=new_id("ftjob"),
         team_pk=team.pk,
@@ -282,7 +309,7 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         validation_file=validation.id if validation else None,
         status=JobStatus.VALIDATING_FILES.value,
         method=method,
-        hyperparameters=hyperparameters,
+        hyperparameters=sizing.hyperparameters,
         parent=parent.parent if parent else None,
         lineage=parent.lineage if parent else [base.name],
         integrations=integrations,
@@ -297,9 +324,9 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         result_files=[],
         priority=body.priority,
         gpu_class=body.gpu_class,
-        memory_gb=round(memory_gb, 3),
+        memory_gb=round(sizing.memory_gb, 3),
         gpus=body.gpus,
-        parallelism=parallelism,
+        parallelism=sizing.parallelism,
     )
     session.add(job)
     session.flush()

@@ -10,14 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.domain.datasets import DatasetFormat
-from app.domain.hyperparameters import DEFAULT_BETA, resolve
 from app.domain.jobs import JobKind, JobStatus
-from app.domain.memory import DDP, auto_parallelism, fitting_classes
-from app.errors import BadRequest, NotFound
+from app.domain.memory import fitting_classes
+from app.errors import BadRequest
 from app.models import Job, Team
 from app.schemas.jobs import JobCreate
-from app.services import files as files_service
 from app.services import jobs as jobs_service
 from app.services.base_models import describe
 from app.services.job_parents import continued_lora, resolve_parent
@@ -67,68 +64,22 @@ def check_job(session: Session, settings: Settings, team: Team, body: JobCreate)
     """The estimate for `body`; the services' BadRequest (with its `param`) for what
     create_job would refuse on the way: an unknown model, a missing file, a batch that
     does not split among the GPUs, a class that is too small or unknown."""
-    base = settings.base_model(body.model)
+    base = jobs_service.base_or_fine_tuned(settings, body.model)
     lora = body.lora.model_dump()
     if base is None:
-        if not body.model.startswith(jobs_service.FINE_TUNED_PREFIX):
-            names = ", ".join(m.name for m in settings.base_models)
-            raise BadRequest(
-                f"model {body.model!r} is not available for fine-tuning here; available: {names}",
-                code="model_not_found",
-                param="model",
-            )
         parent = resolve_parent(session, settings, team, body.model)
         base, lora = parent.base, continued_lora(body.lora, parent.job)
-    try:
-        training = files_service.get_file(session, team, body.training_file)
-    except NotFound:
-        raise BadRequest(
-            f"training_file {body.training_file!r} does not exist",
-            code="file_not_found",
-            param="training_file",
-        ) from None
+    training = jobs_service.job_file(session, team, body.training_file, "training_file")
     method = body.method_type
     jobs_service.check_method_fits_file(method, training)
     facts = describe(settings, base)
     jobs_service.check_format_fits_model(base.name, facts, training)
     lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
-    requested = body.requested_hyperparameters()
-    hp = resolve(
-        requested.n_epochs,
-        requested.batch_size,
-        requested.learning_rate_multiplier,
-        examples=training.examples or 0,
+    fsdp_allowed = jobs_service.fsdp_problem(method, facts, training) is None
+    sizing = jobs_service.size_job(
+        session, settings, body, method, facts, lora, training, fsdp_allowed
     )
-    batch_size = jobs_service.split_batch_size(body, requested.batch_size, hp.batch_size)
-    resolved: dict = {
-        "n_epochs": hp.n_epochs,
-        "batch_size": batch_size,
-        "learning_rate_multiplier": hp.learning_rate_multiplier,
-    }
-    if method == "dpo":
-        resolved["beta"] = DEFAULT_BETA if requested.beta == "auto" else requested.beta
-
-    def per_gpu_gb(parallelism: str) -> float:
-        return jobs_service.job_memory_gb(
-            facts,
-            lora,
-            batch_size * 2 if method == "dpo" else batch_size,  # as create_job: DPO's pairs
-            body.max_seq_length,
-            body.quantization,
-            body.training,
-            classification=training.format == DatasetFormat.CLASSIFICATION,
-            gpus=body.gpus,
-            parallelism=parallelism,
-        )
-
-    parallelism = None
-    if body.gpus > 1:
-        parallelism = body.parallelism or auto_parallelism(
-            per_gpu_gb(DDP),
-            jobs_service.largest_class_for(session, settings, body.gpu_class, body.gpus),
-            fsdp_allowed=jobs_service.fsdp_problem(method, facts, training) is None,
-        )
-    memory_gb = per_gpu_gb(parallelism or DDP)
+    memory_gb, parallelism = sizing.memory_gb, sizing.parallelism
     classes = pool_classes(session, settings)
     hosts = jobs_service.class_host_gpus(session, settings)
     fitting = set(fitting_classes(memory_gb, classes))
@@ -142,5 +93,11 @@ def check_job(session: Session, settings: Settings, team: Team, body: JobCreate)
     except BadRequest as exc:
         refusal = exc
     return CheckResult(
-        round(memory_gb, 2), body.gpus, parallelism, resolved, fits, training.examples or 0, refusal
+        round(memory_gb, 2),
+        body.gpus,
+        parallelism,
+        sizing.hyperparameters,
+        fits,
+        training.examples or 0,
+        refusal,
     )
