@@ -39,7 +39,8 @@ import pytest
 import torch
 
 from tests.gpu import GPU
-from tests.worker.test_distributed import train_as_rank
+from tests.worker.test_distributed import make_spec as cpu_spec
+from tests.worker.test_distributed import train_as_rank, write_chat_jsonl
 from worker.training.distributed import (
     RESULT_FILE,
     SPEC_FILE,
@@ -49,18 +50,12 @@ from worker.training.distributed import (
     start_rank,
     write_spec,
 )
-from worker.training.spec import DDP, FSDP, LoraSpec, TrainingOptions, TrainingResult, TrainingSpec
+from worker.training.spec import DDP, FSDP, TrainingResult, TrainingSpec
 
 pytestmark = GPU
 
 REPO = Path(__file__).resolve().parents[2]
 RANK_PROGRAM = "tests.gpu.test_distributed_cuda"
-QUESTIONS = [
-    ("Say hi.", "Hi!"),
-    ("What colour is the sky?", "Blue."),
-    ("What is 2 + 2?", "4."),
-    ("Name a fruit.", "Apple."),
-]
 # Runs of the same steps on the same GPU: the same kernels on the same data, equal in
 # principle (the CPU tests see 0.0); the tolerance leaves room for CUDA's nondeterministic
 # reductions (atomics in attention's backward) in bf16, a few steps deep.
@@ -88,18 +83,6 @@ def two_gpus() -> pytest.MarkDecorator:
     return pytest.mark.skipif(count < 2, reason=f"needs 2 CUDA GPUs, {count} visible")
 
 
-def write_chat_jsonl(path: Path, repeats: int) -> Path:
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(repeats):
-            for question, answer in QUESTIONS:
-                messages = [
-                    {"role": "user", "content": question},
-                    {"role": "assistant", "content": answer},
-                ]
-                f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("data")
@@ -107,27 +90,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def make_spec(tiny_model: Path, data: tuple[Path, Path], workdir: Path, **changes) -> TrainingSpec:
-    """16 examples, a global batch of 8 over the spec's 2 ranks (4 a rank), 2 epochs; a
-    validation loss every step; no dropout, so that runs of the same steps agree. The job's
-    GPU defaults otherwise: bf16, paged 8-bit AdamW, gradient checkpointing, Liger."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    spec = TrainingSpec(
-        base_model_path=tiny_model,
-        chat_template=None,
-        data_format="chat",
-        train_file=data[0],
-        valid_file=data[1],
-        output_dir=workdir / "run",
-        n_epochs=2,
-        batch_size=8,
-        learning_rate=1e-2,
-        max_seq_length=256,
-        seed=0,
-        device="cuda",
-        lora=LoraSpec(dropout=0.0),
-        options=TrainingOptions(eval_steps=1, sample_max_new_tokens=0),
-        world_size=2,
-    )
+    """The CPU tests' spec on the GPU over 2 ranks: 16 examples here, a global batch of 8
+    (4 a rank), 2 epochs, a validation loss every step, no dropout. The job's GPU defaults
+    otherwise: bf16, paged 8-bit AdamW, gradient checkpointing, Liger."""
+    spec = cpu_spec(tiny_model, data, workdir, device="cuda", world_size=2)
     return dataclasses.replace(spec, **changes)
 
 
