@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker
 from app.main import create_app
+from app.models import Worker
 from tests.conftest import create_team_key, settings_from
 
 
@@ -78,3 +82,28 @@ def team(api: TestClient, api_env: dict[str, str]) -> TeamClient:
 @pytest.fixture
 def other_team(api: TestClient, api_env: dict[str, str]) -> TeamClient:
     return TeamClient(*create_team_key(api_env, "other"), api)
+
+
+@pytest.fixture
+def worker_id(sessions) -> Iterator[str]:
+    """A live worker row of the api tests' declared class ("cpu"), removed afterwards so
+    it leaves the pool for the tests that follow."""
+    wid = f"w-{uuid.uuid4().hex[:6]}@host"
+    with sessions() as session:
+        session.add(
+            Worker(
+                id=wid,
+                host="host",
+                gpu_name="cpu",
+                gpu_class="cpu",
+                memory_gb=8,
+                status="active",
+                jobs_done=0,
+                last_seen=time.time(),
+            )
+        )
+        session.commit()
+    yield wid
+    with sessions() as session:
+        session.execute(delete(Worker).where(Worker.id == wid))
+        session.commit()

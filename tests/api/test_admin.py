@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete
 from typer.testing import CliRunner
 
 from app.cli import app as cli
@@ -310,29 +307,6 @@ def test_a_revoked_key_stops_working(admin, team) -> None:
 
 
 # --- workers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def worker_id(sessions) -> Iterator[str]:
-    wid = "w1@host"
-    with sessions() as session:
-        session.add(
-            Worker(
-                id=wid,
-                host="host",
-                gpu_name="cpu",
-                gpu_class="cpu",
-                memory_gb=8,
-                status="active",
-                jobs_done=0,
-                last_seen=time.time(),
-            )
-        )
-        session.commit()
-    yield wid
-    with sessions() as session:  # out of the pool again, for the tests that follow
-        session.execute(delete(Worker).where(Worker.id == wid))
-        session.commit()
 
 
 def test_drain_and_undrain_a_worker(admin, worker_id, sessions) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from app.models import AdminKey, ApiKey, AuditEntry, Team, Worker
 from app.services import audit
@@ -55,30 +55,6 @@ def admin_browser(api, admin) -> Iterator[TestClient]:
         resp = browser.post("/login", data={"key": admin.key})
         assert (resp.status_code, resp.headers["location"]) == (303, "/admin/teams")
         yield browser
-
-
-@pytest.fixture
-def worker_id(sessions) -> Iterator[str]:
-    """A live worker row of the api tests' declared class, removed afterwards."""
-    wid = f"admin-{uuid.uuid4().hex[:6]}@host"
-    with sessions() as session:
-        session.add(
-            Worker(
-                id=wid,
-                host="host",
-                gpu_name="cpu",
-                gpu_class="cpu",
-                memory_gb=8,
-                status="active",
-                jobs_done=0,
-                last_seen=time.time(),
-            )
-        )
-        session.commit()
-    yield wid
-    with sessions() as session:
-        session.execute(delete(Worker).where(Worker.id == wid))
-        session.commit()
 
 
 def audit_of(sessions, target: str) -> list[AuditEntry]:
