@@ -314,7 +314,8 @@ def test_drain_and_undrain_a_worker(admin, worker_id, sessions) -> None:
     assert drained.status_code == 200, drained.text
     assert (drained.json()["id"], drained.json()["status"]) == (worker_id, "draining")
     # Draining again is no change; the encoded form of the id names the same worker.
-    assert admin.post("/workers/w1%40host/drain").json()["status"] == "draining"
+    encoded = worker_id.replace("@", "%40")
+    assert admin.post(f"/workers/{encoded}/drain").json()["status"] == "draining"
     assert admin.post(f"/workers/{worker_id}/undrain").json()["status"] == "active"
     assert [(e["action"], e["details"]) for e in admin.audit(worker_id)] == [
         ("worker.undrain", {"from": "draining", "to": "active"}),
