@@ -5,6 +5,7 @@ Redis and moto's S3 server."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -189,3 +190,15 @@ def chromium():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield browser
         browser.close()
+
+
+def save_screenshot(page, tmp_path: Path, name: str) -> None:
+    """A full-page PNG of `page` under the test's tmp dir, and into $LATHE_SCREENSHOT_DIR
+    when set (the README's docs/images/ come from there)."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("LATHE_SCREENSHOT_DIR"):
+        target = Path(os.environ["LATHE_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target / name)

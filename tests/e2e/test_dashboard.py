@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import re
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ import httpx
 import pytest
 
 from tests.conftest import create_team_key
-from tests.e2e.conftest import LARGE, SMALL, submit, team_client, upload, wait_for
+from tests.e2e.conftest import LARGE, SMALL, save_screenshot, submit, team_client, upload, wait_for
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 15_000
@@ -121,13 +119,7 @@ def test_dashboard_in_chromium(
         expect(page.locator("#events")).to_contain_text("Checkpoint saved at step")
         expect(page.locator("#cancel-job")).to_have_count(0)
 
-        shot = tmp_path / "dashboard-job.png"
-        page.screenshot(path=str(shot), full_page=True)
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        if os.environ.get("LATHE_SCREENSHOT_DIR"):
-            target = Path(os.environ["LATHE_SCREENSHOT_DIR"])
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shot, target / "dashboard-job.png")
+        save_screenshot(page, tmp_path, "dashboard-job.png")
 
         # The adapter, streamed from object storage.
         with page.expect_download() as info:

@@ -12,9 +12,7 @@ $LATHE_SCREENSHOT_DIR when set."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pytest
 from app.db import make_engine, make_sessionmaker
 from app.services.admin_keys import create_admin_key
 from tests.conftest import create_team_key
-from tests.e2e.conftest import SMALL, team_client, upload, wait_for
+from tests.e2e.conftest import SMALL, save_screenshot, team_client, upload, wait_for
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 15_000
@@ -75,16 +73,6 @@ def sign_in(page, key: str) -> None:
     page.get_by_role("button", name="Log in").click()
 
 
-def screenshot(page, tmp_path: Path, name: str) -> None:
-    shot = tmp_path / name
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("LATHE_SCREENSHOT_DIR"):
-        target = Path(os.environ["LATHE_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target / name)
-
-
 def test_an_admin_sets_a_quota_and_the_teams_next_job_is_refused(
     browser_page, live_api: str, admin_key: str, team, tmp_path: Path
 ) -> None:
@@ -97,7 +85,7 @@ def test_an_admin_sets_a_quota_and_the_teams_next_job_is_refused(
     expect(page.locator(".admin-badge")).to_have_text(f"admin: {ADMIN_NAME}")
     row = page.locator(f'#admin-teams tr[data-team="{team_id}"]')
     expect(row).to_contain_text("enabled")
-    screenshot(page, tmp_path, "dashboard-admin-teams.png")
+    save_screenshot(page, tmp_path, "dashboard-admin-teams.png")
 
     row.get_by_role("link").click()
     expect(page).to_have_url(f"{live_api}/admin/teams/{team_id}")
@@ -105,7 +93,7 @@ def test_an_admin_sets_a_quota_and_the_teams_next_job_is_refused(
     page.get_by_role("button", name="Save").click()
     expect(page.get_by_role("status")).to_have_text("The team's settings were saved.")
     expect(page.get_by_label("Max queued jobs")).to_have_value("0")
-    screenshot(page, tmp_path, "dashboard-admin-team.png")
+    save_screenshot(page, tmp_path, "dashboard-admin-team.png")
 
     with team_client(live_api, team_key) as api:
         file_id = upload(api)
@@ -132,7 +120,7 @@ def test_an_admin_sets_a_quota_and_the_teams_next_job_is_refused(
     expect(entry.locator(".action")).to_have_text("team.update")
     expect(entry.locator(".actor")).to_contain_text(ADMIN_NAME)
     expect(entry.locator(".details")).to_contain_text('"max_queued_jobs": 0')
-    screenshot(page, tmp_path, "dashboard-admin-audit.png")
+    save_screenshot(page, tmp_path, "dashboard-admin-audit.png")
 
 
 def test_an_admin_rotates_a_teams_keys(
@@ -148,7 +136,7 @@ def test_an_admin_rotates_a_teams_keys(
     expect(page.get_by_role("heading", level=1)).to_contain_text("Keys rotated")
     new_key = page.locator("#new-key").inner_text().strip()
     assert new_key.startswith("lathe-") and new_key != old_key
-    screenshot(page, tmp_path, "dashboard-admin-key.png")
+    save_screenshot(page, tmp_path, "dashboard-admin-key.png")
 
     with team_client(live_api, old_key) as old, team_client(live_api, new_key) as new:
         assert old.get("/v1/files").status_code == 401
@@ -177,7 +165,7 @@ def test_an_admin_drains_and_undrains_a_worker(
         row.get_by_role("button", name="Drain", exact=True).click()
         expect(page.get_by_role("status")).to_contain_text("The worker is draining")
         expect(row.locator(".status")).to_have_text(re.compile("^(draining|drained)$"))
-        screenshot(page, tmp_path, "dashboard-admin-workers.png")
+        save_screenshot(page, tmp_path, "dashboard-admin-workers.png")
 
         with team_client(live_api, team_key) as api:
 
@@ -191,7 +179,7 @@ def test_an_admin_drains_and_undrains_a_worker(
 
         page.get_by_role("link", name="Queue").click()
         expect(page.get_by_role("heading", name="The whole queue")).to_be_visible()
-        screenshot(page, tmp_path, "dashboard-admin-queue.png")
+        save_screenshot(page, tmp_path, "dashboard-admin-queue.png")
 
         page.get_by_role("link", name="Workers").click()
         row.get_by_role("button", name="Undrain", exact=True).click()
@@ -227,4 +215,4 @@ def test_a_team_reaches_no_admin_page(browser_page, live_api: str, team, tmp_pat
         expect(page.get_by_role("heading", level=1)).to_have_text("Not found")
         expect(page.locator("table")).to_have_count(0)
         expect(page.locator("form[action*='/admin/']")).to_have_count(0)
-    screenshot(page, tmp_path, "dashboard-admin-refused.png")
+    save_screenshot(page, tmp_path, "dashboard-admin-refused.png")

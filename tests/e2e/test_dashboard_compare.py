@@ -11,9 +11,7 @@ comparison is saved under the test's tmp dir, and into $LATHE_SCREENSHOT_DIR whe
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import create_team_key
-from tests.e2e.conftest import submit, team_client, upload, wait_for
+from tests.e2e.conftest import save_screenshot, submit, team_client, upload, wait_for
 from tests.e2e.test_dashboard import FINAL, TIMEOUT_MS
 
 pytestmark = pytest.mark.slow
@@ -153,13 +151,7 @@ def test_compare_two_finished_jobs_in_chromium(
             for text in cells.all_inner_texts():
                 assert text.strip() not in ("", "—") and not text.startswith("0s"), (figure, text)
 
-        shot = tmp_path / "dashboard-compare.png"
-        page.screenshot(path=str(shot), full_page=True)
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        if os.environ.get("LATHE_SCREENSHOT_DIR"):
-            target = Path(os.environ["LATHE_SCREENSHOT_DIR"])
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shot, target / "dashboard-compare.png")
+        save_screenshot(page, tmp_path, "dashboard-compare.png")
 
         # The options all the jobs share, once opened (after the screenshot: it stays short).
         same.locator("summary").click()

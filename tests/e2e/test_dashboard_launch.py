@@ -11,9 +11,7 @@ docs/images/dashboard-launch.png)."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import create_team_key
-from tests.e2e.conftest import DATA, LARGE, submit, team_client, upload
+from tests.e2e.conftest import DATA, LARGE, save_screenshot, submit, team_client, upload
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 15_000
@@ -73,16 +71,6 @@ def signed_in(chromium, live_api: str, team_key: str, tmp_path: Path):
             for page in context.pages:
                 page.screenshot(path=str(tmp_path / f"launch-last-{n}.png"), full_page=True)
             context.close()
-
-
-def save_screenshot(page, tmp_path: Path, name: str) -> None:
-    shot = tmp_path / name
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("LATHE_SCREENSHOT_DIR"):
-        target = Path(os.environ["LATHE_SCREENSHOT_DIR"])
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target / name)
 
 
 def test_upload_check_and_launch_a_job_to_success(signed_in, live_api: str, tmp_path: Path) -> None:
