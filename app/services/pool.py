@@ -239,3 +239,16 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
             shares[team_pk].running.append(max(0.0, elapsed))
             shares[team_pk].running_gpus.append(gpus or 1)
     return shares
+
+
+def earmarks(session: Session) -> dict[int, tuple[str, int]]:
+    """Waiting jobs a preemption is freeing GPUs for (a handful, ix_jobs_earmarked):
+    job pk -> (the host, the job's GPUs)."""
+    rows = session.execute(
+        select(Job.pk, Job.earmarked_worker, Job.gpus).where(
+            Job.earmarked_worker.is_not(None),
+            Job.status == JobStatus.QUEUED.value,
+            Job.dispatched_at.is_(None),
+        )
+    )
+    return {row.pk: (row.earmarked_worker, row.gpus or 1) for row in rows}

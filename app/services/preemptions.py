@@ -28,7 +28,7 @@ from app.models import Job, Team
 from app.services import lifecycle
 from app.services.audit import record
 from app.services.events import add_event
-from app.services.pool import live_workers, pool_classes, team_shares
+from app.services.pool import earmarks, live_workers, pool_classes, team_shares
 
 SCHEDULER_ACTOR = "scheduler"
 WAITING_PER_TEAM = 20
@@ -110,18 +110,6 @@ def _waiting(
     ]
 
 
-def _earmarks(session: Session) -> dict[int, tuple[str, int]]:
-    """Waiting jobs a preemption is freeing GPUs for: their host and GPU count."""
-    rows = session.execute(
-        select(Job.pk, Job.earmarked_worker, Job.gpus).where(
-            Job.status == JobStatus.QUEUED.value,
-            Job.dispatched_at.is_(None),
-            Job.earmarked_worker.is_not(None),
-        )
-    )
-    return {row.pk: (row.earmarked_worker, row.gpus or 1) for row in rows}
-
-
 def _running(session: Session, hosts: dict[str, str], at: float) -> list[Running]:
     """Every run holding GPUs on a live host: running ones (victims if allowed) and those
     told to stop (their GPUs are being freed)."""
@@ -178,9 +166,7 @@ def preempt_for_fair_share(
     host_gpus = {w.id: (w.gpu_class, w.gpus, max(0, w.gpus - held[w.id])) for w in workers}
     weights = {team.pk: team.weight for team in session.scalars(select(Team))}
     usage = normalized_usage(shares, settings.dispatch_charge_seconds)
-    plans = plan_preemptions(
-        waiting, running, host_gpus, weights, policy, usage, _earmarks(session)
-    )
+    plans = plan_preemptions(waiting, running, host_gpus, weights, policy, usage, earmarks(session))
     preempted: list[str] = []
     for plan in plans:
         beneficiary = session.get(Job, plan.for_job)

@@ -23,6 +23,7 @@ from app.domain.scheduling import QueuedJob, estimate_starts, queue_order, waiti
 from app.domain.workers import WorkerState
 from app.models import Job, Team
 from app.services.pool import (
+    earmarks,
     live_workers,
     pool_classes,
     pool_hosts,
@@ -143,20 +144,13 @@ def _gang_waits(
         return {}
     hosts = pool_hosts(session, settings, at, typical)
     waiting = [job for job in candidates if not dispatched[job.key]]
-    earmarks = dict(
-        session.execute(
-            select(Job.pk, Job.earmarked_worker).where(
-                Job.status == JobStatus.QUEUED.value, Job.earmarked_worker.is_not(None)
-            )
-        ).all()
-    )
     plan = plan_placement(
         waiting,
         shares,
         hosts,
         typical_job_seconds=typical,
         dispatch_charge=settings.dispatch_charge_seconds,
-        earmarks=earmarks,
+        earmarks={pk: host for pk, (host, _) in earmarks(session).items()},
     )
     starts = {r.job: r.starts_in for r in plan.reservations}
     sizes = {job.key: job.gpus for job in waiting}

@@ -34,7 +34,7 @@ from app.domain.workers import LIVE_STATES, WorkerState
 from app.models import Job, Team, Worker
 from app.services import lifecycle
 from app.services.idempotency import purge_expired
-from app.services.pool import pool_classes, pool_hosts, team_shares
+from app.services.pool import earmarks, pool_classes, pool_hosts, team_shares
 from app.services.preemptions import preempt_for_fair_share, resume_preempted
 from app.services.queue_view import typical_job_seconds
 
@@ -271,14 +271,6 @@ def schedule_once(
             if candidates:
                 shares = team_shares(session, settings, at)
                 smallest_first = sorted(classes, key=lambda name: (classes[name], name))
-                earmarks = dict(
-                    session.execute(
-                        select(Job.pk, Job.earmarked_worker).where(
-                            Job.pk.in_([job.key for job in candidates]),
-                            Job.earmarked_worker.is_not(None),
-                        )
-                    ).all()
-                )
                 placement = plan_placement(
                     candidates,
                     shares,
@@ -286,7 +278,7 @@ def schedule_once(
                     typical_job_seconds=typical,
                     dispatch_charge=settings.dispatch_charge_seconds,
                     class_order=smallest_first,
-                    earmarks=earmarks,
+                    earmarks={pk: host for pk, (host, _) in earmarks(session).items()},
                 )
                 host_class = {host.id: host.gpu_class for host in hosts}
                 for job, host_id in placement.started:
