@@ -79,6 +79,11 @@ class TeamShare:
     max_running: int | None = None
     """Quota: at most this many jobs running or dispatched at once (None: no limit)."""
 
+    @property
+    def full(self) -> bool:
+        """At its quota now: no further job of the team would be started."""
+        return self.max_running is not None and len(self.running) >= self.max_running
+
 
 def _check_priorities(candidates: Iterable[QueuedJob]) -> None:
     """Fail with the offending job named, rather than a bare KeyError in the middle of a sort."""

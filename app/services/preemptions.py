@@ -48,11 +48,7 @@ def _open_teams(shares: dict[int, TeamShare]) -> list[int]:
     """Teams that may start another job: not at their running-jobs quota, nor past their
     GPU hours for the month (team_shares gives those max_running 0). Preempting for a
     job placement would not start frees GPUs for nobody."""
-    return [
-        team
-        for team, share in shares.items()
-        if share.max_running is None or len(share.running) < share.max_running
-    ]
+    return [team for team, share in shares.items() if not share.full]
 
 
 def _waiting(
