@@ -127,6 +127,12 @@ def plan_placement(
     def host_order(host: Host) -> tuple:
         return (rank.get(host.gpu_class, len(rank)), host.gpu_class, host.id)
 
+    def start(job: QueuedJob, host_id: str, seconds: float) -> None:
+        free_in[host_id] = _take(Host(host_id, "", free_in[host_id]), job.gpus, seconds)
+        plan.started.append((job, host_id))
+        teams[job.team].charge += dispatch_charge * job.gpus
+        teams[job.team].running += 1
+
     handled: set[int] = set()
     for job in sorted(candidates, key=lambda j: j.key):
         host = by_id.get((earmarks or {}).get(job.key, ""))
@@ -137,10 +143,7 @@ def plan_placement(
         handled.add(job.key)
         seconds = job.expected_seconds or typical_job_seconds
         if sum(1 for t in free_in[host.id] if t <= 0) >= job.gpus:
-            free_in[host.id] = _take(Host(host.id, "", free_in[host.id]), job.gpus, seconds)
-            plan.started.append((job, host.id))
-            teams[job.team].charge += dispatch_charge * job.gpus
-            teams[job.team].running += 1
+            start(job, host.id, seconds)
             continue
         starts_in = _ready_at(free_in[host.id], job.gpus)
         booking = Reservation(job.key, host.id, job.gpus, starts_in)
@@ -182,10 +185,7 @@ def plan_placement(
                     h.id,
                 ),
             )
-            free_in[best.id] = _take(Host(best.id, "", free_in[best.id]), job.gpus, seconds)
-            plan.started.append((job, best.id))
-            team.charge += dispatch_charge * job.gpus
-            team.running += 1
+            start(job, best.id, seconds)
         else:
             plan.waiting[job.key] = _reserve(job, eligible, free_in, reserved, plan)
         if team_jobs.next < len(team_jobs.jobs) and not team.full:
