@@ -35,7 +35,7 @@ from app.services import lifecycle
 from app.services.base_models import BaseModelFacts, describe
 from app.services.events import add_event
 from app.services.integrations import checked_integrations
-from app.services.job_parents import continued_lora, resolve_parent
+from app.services.job_parents import ParentModel, continued_lora, resolve_parent
 from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
 from app.services.pool import online_classes, pool_classes, team_quotas
@@ -270,12 +270,25 @@ def size_job(
     return Sizing(hyperparameters, parallelism, per_gpu_gb(parallelism or DDP))
 
 
-def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
-    integrations = checked_integrations(settings, body.integrations or [])
+@dataclass(frozen=True)
+class JobPlan:
+    """A request checked and resolved as create_job stores it (app/web/launch_check.py
+    shows it before submitting)."""
+
+    base: BaseModelSpec
+    parent: ParentModel | None
+    training: File
+    validation: File | None
+    method: str
+    lora: dict
+    sizing: Sizing
+
+
+def plan_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> JobPlan:
+    """Every check of the request but the quota and the pool (its model, files, method,
+    format, parallelism, continued task, batch split) and what it resolves to; the
+    services' BadRequest (with its `param`) for the first that fails."""
     base = base_or_fine_tuned(settings, body.model)
-    # The team's lock, before the files are read: a concurrent DELETE of one (which takes
-    # it too) either finished first, and the file is gone, or waits and sees this job.
-    lock_team(session, team)
     parent = None
     if base is None:
         parent = resolve_parent(session, settings, team, body.model)
@@ -299,6 +312,18 @@ def create_job(session: Session, settings: Settings, team: Team, body: JobCreate
         lora = body.lora.model_dump()
     lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
     sizing = size_job(session, settings, body, method, facts, lora, training, no_fsdp is None)
+    return JobPlan(base, parent, training, validation, method, lora, sizing)
+
+
+def create_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> Job:
+    integrations = checked_integrations(settings, body.integrations or [])
+    base_or_fine_tuned(settings, body.model)  # an unknown model is refused before the lock
+    # The team's lock, before the files are read: a concurrent DELETE of one (which takes
+    # it too) either finished first, and the file is gone, or waits and sees this job.
+    lock_team(session, team)
+    plan = plan_job(session, settings, team, body)
+    base, parent, training, validation = plan.base, plan.parent, plan.training, plan.validation
+    method, lora, sizing = plan.method, plan.lora, plan.sizing
     check_new_job_quota(session, settings, team)
     classes = check_fits_pool(session, settings, body.gpu_class, sizing.memory_gb, gpus=body.gpus)
     job = Job(

@@ -17,7 +17,6 @@ from app.models import Job, Team
 from app.schemas.jobs import JobCreate
 from app.services import jobs as jobs_service
 from app.services.base_models import describe
-from app.services.job_parents import continued_lora, resolve_parent
 from app.services.pool import pool_classes
 
 
@@ -62,23 +61,12 @@ def model_choices(session: Session, settings: Settings, team: Team) -> list[tupl
 
 def check_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> CheckResult:
     """The estimate for `body`; the services' BadRequest (with its `param`) for what
-    create_job would refuse on the way: an unknown model, a missing file, a batch that
-    does not split among the GPUs, a class that is too small or unknown."""
-    base = jobs_service.base_or_fine_tuned(settings, body.model)
-    lora = body.lora.model_dump()
-    if base is None:
-        parent = resolve_parent(session, settings, team, body.model)
-        base, lora = parent.base, continued_lora(body.lora, parent.job)
-    training = jobs_service.job_file(session, team, body.training_file, "training_file")
-    method = body.method_type
-    jobs_service.check_method_fits_file(method, training)
-    facts = describe(settings, base)
-    jobs_service.check_format_fits_model(base.name, facts, training)
-    lora["target_modules"] = lora["target_modules"] or list(facts.target_modules)
-    fsdp_allowed = jobs_service.fsdp_problem(method, facts, training) is None
-    sizing = jobs_service.size_job(
-        session, settings, body, method, facts, lora, training, fsdp_allowed
-    )
+    create_job would refuse on the way (app.services.jobs.plan_job: an unknown model, a
+    missing file, a method or parallelism the model or file cannot take, a batch that does
+    not split among the GPUs); the pool's refusal (a class too small or unknown) comes
+    back in the result."""
+    plan = jobs_service.plan_job(session, settings, team, body)
+    sizing, training = plan.sizing, plan.training
     memory_gb, parallelism = sizing.memory_gb, sizing.parallelism
     classes = pool_classes(session, settings)
     hosts = jobs_service.class_host_gpus(session, settings)

@@ -197,6 +197,18 @@ def test_check_shows_the_estimate_and_the_classes_that_fit(browser, team) -> Non
     assert team.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
 
 
+def test_check_refuses_what_submit_would_on_its_field(browser, team) -> None:
+    """Check runs create_job's own checks (plan_job), the validation file's too."""
+    train = team.upload(CHAT).json()["id"]
+    missing = {"training_file": train, "validation_file": "file-nosuchfile"}
+    for action in ("check", "submit"):
+        resp = post_form(browser, {"action": action, **missing})
+        assert resp.status_code == 400, action
+        error = field(page(resp.text), "validation_file").select_one(".field-error")
+        assert "validation_file 'file-nosuchfile' does not exist" in error.text, action
+    assert team.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
 def test_run_again_fills_the_form_with_the_jobs_settings(browser, team, other_team) -> None:
     train = team.upload(CHAT).json()["id"]
     valid = team.upload(CHAT, name="valid.jsonl").json()["id"]
