@@ -15,19 +15,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from app.domain.jobs import JobStatus
-from app.errors import APIError
+from app.domain.jobs import ACTIVE_STATES
 from app.http_deps import SessionDep
-from app.services import jobs as jobs_service
 from app.services.training_metrics import metrics_rows
 from app.web.chart import JOB_STYLES, Run, compare_loss_chart, compare_reward_accuracy_chart
 from app.web.comparison import figures, option_rows
-from app.web.deps import JOB_ID, SignedInTeam, job_not_found
+from app.web.deps import SignedInTeam, find_team_job
 from app.web.pages import render
 
 MIN_JOBS, MAX_JOBS = 2, JOB_STYLES  # a colour each on the chart
-SHOWN_ID_CHARS = 80  # of an id that is no job, in the 404 page's message
-ACTIVE = {JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value}
 REFRESH_SECONDS = 10
 
 router = APIRouter(include_in_schema=False)
@@ -53,14 +49,7 @@ def compare_page(
             else f"At most {MAX_JOBS} jobs can be compared at once ({len(ids)} selected)."
         )
         return render(request, "compare.html", 400, team=team, message=message)
-    jobs = []
-    for job_id in ids:
-        if not JOB_ID.match(job_id):  # no query for text that cannot be an id
-            raise job_not_found(team, job_id[:SHOWN_ID_CHARS])
-        try:
-            jobs.append(jobs_service.get_job(session, team, job_id))
-        except APIError:
-            raise job_not_found(team, job_id) from None
+    jobs = [find_team_job(session, team, job_id) for job_id in ids]
     rows = [metrics_rows(session, j.pk) for j in jobs]
     runs = [Run(j.id, _label(j.id, j.suffix), r) for j, r in zip(jobs, rows, strict=True)]
     differing, same = option_rows(jobs)
@@ -75,5 +64,5 @@ def compare_page(
         reward_accuracy=compare_reward_accuracy_chart(runs),
         differing=differing,
         same=same,
-        refresh=REFRESH_SECONDS if any(j.status in ACTIVE for j in jobs) else None,
+        refresh=REFRESH_SECONDS if any(j.status in ACTIVE_STATES for j in jobs) else None,
     )

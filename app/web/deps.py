@@ -15,6 +15,7 @@ import re
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session
 
 from app.errors import APIError
 from app.http_deps import SessionDep
@@ -26,6 +27,7 @@ from app.services.teams import team_for_key
 from app.web.auth import cookie_key
 
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SHOWN_ID_CHARS = 80  # of text that is no job id, in the 404 page's message
 
 
 class SignInRequired(Exception):
@@ -82,11 +84,19 @@ def job_not_found(team: Team, job_id: str) -> PageNotFound:
     return PageNotFound(team, f"No fine-tuning job {job_id} in team {team.name}.")
 
 
-def team_job(job_id: JobId, team: SignedInTeam, session: SessionDep) -> Job:
+def find_team_job(session: Session, team: Team, job_id: str) -> Job:
+    """The team's job `job_id`, else the 404 page naming it; text that cannot be an id
+    reaches no query, and the page shows only its first SHOWN_ID_CHARS characters."""
+    if not JOB_ID.match(job_id):
+        raise job_not_found(team, job_id[:SHOWN_ID_CHARS])
     try:
         return jobs_service.get_job(session, team, job_id)
     except APIError:
         raise job_not_found(team, job_id) from None
+
+
+def team_job(job_id: JobId, team: SignedInTeam, session: SessionDep) -> Job:
+    return find_team_job(session, team, job_id)
 
 
 TeamJob = Annotated[Job, Depends(team_job)]

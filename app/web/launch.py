@@ -32,7 +32,7 @@ from app.services import jobs as jobs_service
 from app.services.pool import pool_classes, team_quotas
 from app.storage import ObjectStore
 from app.web import auth
-from app.web.deps import SignedInTeam, team_job
+from app.web.deps import SignedInTeam, find_team_job
 from app.web.launch_check import CheckResult, check_job, model_choices
 from app.web.launch_form import (
     METHODS,
@@ -121,7 +121,7 @@ def launch_page(
 ) -> Response:
     values = defaults()
     if source:
-        values = values_from_job(team_job(source, team, session))  # another team's: 404
+        values = values_from_job(find_team_job(session, team, source))  # another team's: 404
     elif training_file:
         values["training_file"] = training_file
     return _page(request, team, session, settings, values, cloned_from=source)

@@ -7,7 +7,7 @@ Errors, pydantic's and the services' (`param`), are mapped back to the field the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -39,7 +39,6 @@ class FormField:
     exclusive_min: bool = False
     exclusive_max: bool = False
     only_for: str | None = None  # a method the field belongs to (beta: dpo)
-    attrs: dict[str, str] = field(default_factory=dict)
 
     @property
     def limits(self) -> str:

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.domain.jobs import FINAL_STATES, JobStatus
+from app.domain.jobs import ACTIVE_STATES, FINAL_STATES, JobStatus
 from app.downloads import file_response
 from app.errors import APIError, Conflict
 from app.http_deps import SessionDep, SettingsDep, StoreDep
@@ -49,7 +49,6 @@ from app.web.lineage import lineage_view
 from app.web.pages import HERE, base_path, notice, redirect, render
 from app.web.tracking import trackers_view
 
-ACTIVE = {JobStatus.VALIDATING_FILES.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value}
 FINAL = {s.value for s in FINAL_STATES}
 REFRESH_SECONDS = 5
 EVENTS_SHOWN = 100
@@ -141,7 +140,7 @@ def jobs_page(
         team=team,
         jobs=rows,
         has_more=has_more,
-        refresh=REFRESH_SECONDS * 2 if any(j.status in ACTIVE for j in rows) else None,
+        refresh=REFRESH_SECONDS * 2 if any(j.status in ACTIVE_STATES for j in rows) else None,
         notice=notice(request),
     )
 
@@ -189,7 +188,7 @@ def _job_page(
         export_list, job.id, exports_service.export_files(session, team, export_list)
     )
     refresh = None
-    if job.status in ACTIVE:
+    if job.status in ACTIVE_STATES:
         refresh = REFRESH_SECONDS
     elif any(e.cancellable for e in exports):
         refresh = REFRESH_SECONDS * 2  # slower: the page has the export forms on it
