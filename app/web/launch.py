@@ -137,7 +137,14 @@ async def launch(
 ) -> Response:
     limits = _limits(team, settings)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > 2 * limits.bytes + FORM_BYTES:
+    if not declared.isdigit():
+        # Starlette spools a form's file parts to disk without a limit: only a stated
+        # length (which uvicorn holds the body to) bounds them. Browsers always state it.
+        message = "The form must be sent with its Content-Length (a chunked body is refused)."
+        return await run_in_threadpool(
+            _page, request, team, session, settings, defaults(), status_code=411, general=[message]
+        )
+    if int(declared) > 2 * limits.bytes + FORM_BYTES:
         # Refused unread, as POST /v1/files refuses it (uvicorn holds a body to its length).
         message = limits.refusal(int(declared)).message
         return await run_in_threadpool(

@@ -197,6 +197,24 @@ def test_check_shows_the_estimate_and_the_classes_that_fit(browser, team) -> Non
     assert team.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing was created
 
 
+def test_a_form_without_its_length_is_refused_unread(browser, team) -> None:
+    """A chunked body states no length, and Starlette would spool its file parts to disk
+    without a limit: refused before the form is read."""
+    form = browser.get("/jobs/new")
+
+    def chunks():
+        yield f"csrf={csrf_of(form.text)}&action=submit&model={MODEL}".encode()
+
+    resp = browser.post(
+        "/jobs/new",
+        content=chunks(),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert resp.status_code == 411
+    assert "Content-Length" in resp.text
+    assert team.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
 def test_check_refuses_what_submit_would_on_its_field(browser, team) -> None:
     """Check runs create_job's own checks (plan_job), the validation file's too."""
     train = team.upload(CHAT).json()["id"]
