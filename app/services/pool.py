@@ -35,17 +35,20 @@ def shown_state(status: str, last_seen: float, at: float, settings: Settings) ->
 
 
 def workers_seen_by(
-    session: Session, settings: Settings, team: Team, at: float | None = None
+    session: Session, settings: Settings, team: Team | None, at: float | None = None
 ) -> list[WorkerObject]:
     """Every registered worker as a team sees it (GET /v1/workers, the dashboard's pool
     page): its state as shown_state gives it, and the job it runs only when that job is
-    the team's own; another team's job shows as `busy` alone."""
+    the team's own; another team's job shows as `busy` alone. `team` None: as an
+    administrator sees it (the admin pages), every job shown."""
     at = time.time() if at is None else at
-    own = set(
-        session.scalars(
-            select(Job.id).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
+    own = None
+    if team is not None:
+        own = set(
+            session.scalars(
+                select(Job.id).where(Job.team_pk == team.pk, Job.status == JobStatus.RUNNING.value)
+            )
         )
-    )
     held = busy_gpus(session)
     return [
         worker_object(

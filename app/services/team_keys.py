@@ -45,10 +45,15 @@ def issue_key(session: Session, admin: AdminKey, team_id: str) -> tuple[ApiKey, 
     return record, key
 
 
-def revoke_key(session: Session, admin: AdminKey, key_id: str) -> ApiKey:
+def revoke_key(session: Session, admin: AdminKey, key_id: str, team: Team | None = None) -> ApiKey:
+    """Revoke the key `key_id`; with `team`, only a key of that team (another team's key,
+    like an unknown one, is not found)."""
     record = session.scalar(select(ApiKey).where(ApiKey.id == key_id).with_for_update())
-    if record is None:
-        raise NotFound(f"no API key with id {key_id!r}", code="key_not_found", param="key_id")
+    if record is None or (team is not None and record.team_pk != team.pk):
+        where = f" in team {team.name}" if team is not None else ""
+        raise NotFound(
+            f"no API key with id {key_id!r}{where}", code="key_not_found", param="key_id"
+        )
     if record.revoked_at is not None:
         raise Conflict(f"API key {key_id} is already revoked", code="key_already_revoked")
     record.revoked_at = now()

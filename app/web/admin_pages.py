@@ -21,14 +21,14 @@ from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import APIError
+from app.errors import APIError, NotFound
 from app.http_deps import SessionDep, SettingsDep
 from app.models import AdminKey, ApiKey, Team
 from app.services import audit, team_admin, team_keys, worker_drain
-from app.services.pool import quota_defaults
+from app.services.pool import quota_defaults, workers_seen_by
 from app.web import auth
 from app.web.admin_forms import TEAM_FORM_FIELDS, team_changes, team_form
-from app.web.admin_views import all_workers, team_rows, whole_queue
+from app.web.admin_views import team_rows, whole_queue
 from app.web.deps import SignedInAdmin
 from app.web.pages import NOTICES, redirect, render
 
@@ -60,7 +60,7 @@ def _page(
         status_code,
         admin=admin,
         admin_csrf=auth.csrf_token(key) if key else "",
-        notice=context.pop("notice", notice),
+        notice=notice,
         **context,
     )
 
@@ -94,7 +94,6 @@ def teams_page(
         "admin_teams.html",
         admin,
         rows=team_rows(session, settings, teams),
-        defaults=quota_defaults(settings),
         has_more=has_more,
     )
 
@@ -286,10 +285,10 @@ def revoke_key(
         team = team_admin.get_team(session, team_id)
     except APIError as exc:
         return _not_found(request, admin, exc.message)
-    if key_id not in {k.id for k in team_keys.list_keys(session, team_id)}:
-        return _not_found(request, admin, f"Team {team.name} has no API key {key_id}.")
     try:
-        team_keys.revoke_key(session, admin, key_id)
+        team_keys.revoke_key(session, admin, key_id, team)
+    except NotFound:
+        return _not_found(request, admin, f"Team {team.name} has no API key {key_id}.")
     except APIError as exc:
         session.rollback()
         team = team_admin.get_team(session, team_id)
@@ -323,7 +322,7 @@ def _workers_page(
         "admin_workers.html",
         admin,
         status_code,
-        workers=all_workers(session, settings),
+        workers=workers_seen_by(session, settings, None),  # every team's job shown
         refused=refused,
     )
 

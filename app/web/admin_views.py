@@ -6,7 +6,6 @@ and the whole queue with every team's jobs, their places in line and why they wa
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -15,11 +14,8 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.domain.jobs import JobStatus
 from app.domain.quotas import Quotas
-from app.models import Job, Team, Worker
-from app.schemas.pool import Worker as WorkerObject
-from app.schemas.pool import worker_object
-from app.services.lifecycle import busy_gpus
-from app.services.pool import shown_state, team_quotas
+from app.models import Job, Team
+from app.services.pool import team_quotas
 from app.services.queue_view import Position, positions
 from app.services.team_admin import QUOTA_FIELDS
 from app.services.usage import usage_for
@@ -53,20 +49,6 @@ def team_rows(session: Session, settings: Settings, teams: list[Team]) -> list[T
             )
         )
     return rows
-
-
-def all_workers(session: Session, settings: Settings) -> list[WorkerObject]:
-    """Every registered worker with the job it runs, whichever team's (an administrator's
-    view: app.schemas.pool.worker_object with no job hidden), and its state as the pool
-    shows it (a silent one is `lost` before the reconciler marks it so)."""
-    at = time.time()
-    held = busy_gpus(session)
-    return [
-        worker_object(
-            w, status=shown_state(w.status, w.last_seen, at, settings), gpus_busy=held.get(w.id, 0)
-        )
-        for w in session.scalars(select(Worker).order_by(Worker.gpu_class, Worker.id))
-    ]
 
 
 @dataclass(frozen=True)
