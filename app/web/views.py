@@ -24,7 +24,7 @@ from app.models import Job, Team
 from app.services import exports as exports_service
 from app.services import files as files_service
 from app.services import jobs as jobs_service
-from app.services.admin_keys import admin_for_key
+from app.services.admin_keys import ADMIN_KEY_PREFIX, admin_for_key
 from app.services.events import timeline
 from app.services.pool import team_quotas, workers_seen_by
 from app.services.queue_view import job_position, queue_summary, team_queue
@@ -116,8 +116,10 @@ def login(
 @router.post("/logout")
 def logout(request: Request, csrf: Annotated[str, Form()] = "") -> Response:
     # A forged logout would be harmless, but the token is checked like any other form.
-    if auth.cookie_key(request) and not auth.csrf_ok(request, csrf):
-        return redirect(request, "/jobs?notice=bad_csrf")
+    key = auth.cookie_key(request)
+    if key and not auth.csrf_ok(request, csrf):
+        home = "/admin/teams" if key.startswith(ADMIN_KEY_PREFIX) else "/jobs"
+        return redirect(request, f"{home}?notice=bad_csrf")
     response = redirect(request, "/login")
     auth.clear_session_cookie(request, response)
     return response

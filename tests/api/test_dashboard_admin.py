@@ -468,3 +468,9 @@ def test_every_admin_form_is_refused_without_the_sessions_token(
             select(ApiKey.id).join(Team, Team.pk == ApiKey.team_pk).where(Team.id == team.id)
         ).all()
     assert keys == [key_id]  # none issued
+
+
+def test_a_logout_without_its_token_keeps_an_admin_on_the_admin_pages(admin_browser) -> None:
+    resp = admin_browser.post("/logout", data={"csrf": "forged"})
+    assert resp.headers["location"] == "/admin/teams?notice=bad_csrf"
+    assert "The form had expired" in admin_browser.get(resp.headers["location"]).text
