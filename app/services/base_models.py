@@ -18,9 +18,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from app.config import BaseModelSpec, Settings
 from app.domain.architectures import ModelKind, default_lora_targets, kind_from_config
+from app.domain.jobs import JobKind, JobStatus
 from app.domain.memory import ModelShape, parameters_from_shape
+from app.models import Job, Team
+from app.schemas.jobs import Model
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +128,24 @@ def describe(settings: Settings, spec: BaseModelSpec) -> BaseModelFacts:
         parameters=parameters,
         max_positions=_first_int(config, MAX_POSITIONS),
     )
+
+
+def models_for(session: Session, settings: Settings, team: Team) -> list[Model]:
+    """What the team may train on or use (GET /v1/models, the launch form's model list):
+    the deployment's base models with their kind, then the team's fine-tuned models,
+    newest first."""
+    kinds = {m.name: describe(settings, m).kind.value for m in settings.base_models}
+    base = [Model(id=name, created=0, owned_by="lathe", kind=kind) for name, kind in kinds.items()]
+    tuned = session.execute(
+        select(Job.fine_tuned_model, Job.finished_at, Job.model)
+        .where(
+            Job.team_pk == team.pk,
+            Job.kind == JobKind.FINE_TUNE,
+            Job.status == JobStatus.SUCCEEDED.value,
+        )
+        .order_by(Job.pk.desc())
+    )
+    return base + [
+        Model(id=name, created=finished or 0, owned_by=team.id, kind=kinds.get(base_name))
+        for name, finished, base_name in tuned
+    ]

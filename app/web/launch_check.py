@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.domain.jobs import JobKind, JobStatus
 from app.domain.memory import fitting_classes
 from app.errors import BadRequest
-from app.models import Job, Team
+from app.models import Team
 from app.schemas.jobs import JobCreate
 from app.services import jobs as jobs_service
-from app.services.base_models import describe
+from app.services.base_models import models_for
 from app.services.pool import pool_classes
+
+MAX_TUNED_SHOWN = 100  # fine-tuned models in the form's list, newest first
 
 
 @dataclass(frozen=True)
@@ -40,23 +40,13 @@ class CheckResult:
 
 
 def model_choices(session: Session, settings: Settings, team: Team) -> list[tuple[str, str]]:
-    """What GET /v1/models offers the team: the deployment's base models (with their kind),
-    then the team's fine-tuned models, newest first. (name, label) pairs."""
-    base = [
-        (m.name, f"{m.name} ({describe(settings, m).kind.value})") for m in settings.base_models
-    ]
-    tuned = session.scalars(
-        select(Job.fine_tuned_model)
-        .where(
-            Job.team_pk == team.pk,
-            Job.kind == JobKind.FINE_TUNE,
-            Job.status == JobStatus.SUCCEEDED.value,
-            Job.fine_tuned_model.is_not(None),
-        )
-        .order_by(Job.pk.desc())
-        .limit(100)
-    )
-    return base + [(name, name) for name in tuned]
+    """What GET /v1/models offers the team (services.base_models.models_for): the base
+    models labelled with their kind, then the team's fine-tuned models, newest first (the
+    latest 100). (name, label) pairs."""
+    models = models_for(session, settings, team)
+    base = [(m.id, f"{m.id} ({m.kind})") for m in models if m.owned_by == "lathe"]
+    tuned = [(m.id, m.id) for m in models if m.owned_by != "lathe" and m.id]
+    return base + tuned[:MAX_TUNED_SHOWN]
 
 
 def check_job(session: Session, settings: Settings, team: Team, body: JobCreate) -> CheckResult:
