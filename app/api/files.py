@@ -36,7 +36,6 @@ from app.schemas.common import Deleted, FileCursor, ListPage, PurposeFilter, lis
 from app.schemas.files import FileObject, file_object
 from app.services import files
 from app.services.idempotency import check_key, fingerprint, idempotent
-from app.services.pool import team_quotas
 from app.storage import ObjectStore
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses(*COMMON_ERRORS))
@@ -109,7 +108,7 @@ async def upload_file(
     """Upload a dataset. The key, the Content-Type and the Content-Length are checked before
     any of the body is read; the body then streams through the validator into object
     storage, cut off as soon as it passes the limit (a chunked body has no length)."""
-    limits = files.UploadLimits(settings.max_file_bytes, team_quotas(team, settings).max_file_bytes)
+    limits = files.upload_limits(team, settings)
     try:
         boundary = boundary_of(request.headers.get("content-type"))
     except FormError as exc:

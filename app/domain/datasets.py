@@ -34,6 +34,13 @@ FORMAT_LABELS = {
 }
 
 
+def format_label(fmt: str | None) -> str:
+    """How a message names a file's format ('chat ({"messages": [...]})')."""
+    if fmt is None:
+        return "of unknown format"
+    return next((label for known, label in FORMAT_LABELS.items() if known == fmt), fmt)
+
+
 class DatasetError(Exception):
     """A dataset problem, with the 1-based line it was found on (None: the whole file)."""
 

@@ -10,6 +10,7 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.domain.datasets import DatasetError, DatasetValidator
 from app.domain.ids import new_id
 from app.domain.jobs import FINAL_STATES
@@ -18,6 +19,7 @@ from app.errors import APIError, BadRequest, NotFound, PayloadTooLarge, QuotaErr
 from app.models import File, Job, Team
 from app.services.locks import lock_team
 from app.services.pagination import newest_first_page
+from app.services.pool import team_quotas
 from app.storage import ObjectStore, file_key, team_prefix
 
 UPLOAD_PURPOSES = ("fine-tune",)
@@ -112,6 +114,11 @@ class UploadLimits:
             code="file_too_large",
             param="file",
         )
+
+
+def upload_limits(team: Team, settings: Settings) -> UploadLimits:
+    """The limits on the team's uploads: the deployment's, and the team's quota in force."""
+    return UploadLimits(settings.max_file_bytes, team_quotas(team, settings).max_file_bytes)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.config import BaseModelSpec, Settings
 from app.domain.architectures import ModelKind
-from app.domain.datasets import FORMAT_LABELS, DatasetFormat
+from app.domain.datasets import DatasetFormat, format_label
 from app.domain.hyperparameters import DEFAULT_BETA, resolve
 from app.domain.ids import new_id
 from app.domain.jobs import WAITING_STATES, JobKind, JobStatus, is_final
@@ -70,28 +70,21 @@ def dataset_problem(training: File, validation: File | None) -> dict | None:
     return None
 
 
-def _label(fmt: str | None) -> str:
-    """How a message names a file's format ('chat ({"messages": [...]})')."""
-    if fmt is None:
-        return "of unknown format"
-    return next((label for known, label in FORMAT_LABELS.items() if known == fmt), fmt)
-
-
 def check_method_fits_file(method: str, training: File) -> None:
     """Refuse, at creation, a method the training file cannot feed: DPO learns from
     preference pairs only, and a preference file has no single answer to imitate."""
     preference = training.format == DatasetFormat.PREFERENCE
     if method == "dpo" and not preference:
         raise BadRequest(
-            f"method 'dpo' trains on {_label(DatasetFormat.PREFERENCE)} files; training_file "
-            f"{training.id!r} is {_label(training.format)}: upload preference pairs, or use "
+            f"method 'dpo' trains on {format_label(DatasetFormat.PREFERENCE)} files; training_file "
+            f"{training.id!r} is {format_label(training.format)}: upload preference pairs, or use "
             "method 'supervised'",
             code="invalid_method_for_file",
             param="training_file",
         )
     if method == "supervised" and preference:
         raise BadRequest(
-            f"training_file {training.id!r} is {_label(training.format)}, which trains with "
+            f"training_file {training.id!r} is {format_label(training.format)}, which trains with "
             "method 'dpo'; the method is 'supervised' (send method={'type': 'dpo'})",
             code="invalid_method_for_file",
             param="training_file",
@@ -114,8 +107,8 @@ def check_format_fits_model(name: str, facts: BaseModelFacts, training: File) ->
     )
     raise BadRequest(
         f"model {name!r} is an encoder{family}: it fine-tunes classifiers from "
-        f"{_label(DatasetFormat.CLASSIFICATION)} files; training_file {training.id!r} "
-        f"is {_label(training.format)}{why}",
+        f"{format_label(DatasetFormat.CLASSIFICATION)} files; training_file {training.id!r} "
+        f"is {format_label(training.format)}{why}",
         code="unsupported_format_for_model",
         param="training_file",
     )
@@ -128,14 +121,15 @@ def check_continues_same_task(name: str, parent: Job, training: File) -> None:
     if was_classifier == (training.format == DatasetFormat.CLASSIFICATION):
         return
     if was_classifier:
-        reason = f"is a classifier: it trains on from {_label(parent.data_format)} files only"
+        reason = f"is a classifier: it trains on from {format_label(parent.data_format)} files only"
     else:
         reason = (
-            f"writes text ({_label(parent.data_format)}): train a classifier from its base "
+            f"writes text ({format_label(parent.data_format)}): train a classifier from its base "
             f"model, {parent.model!r}"
         )
     raise BadRequest(
-        f"model {name!r} {reason}; training_file {training.id!r} is {_label(training.format)}",
+        f"model {name!r} {reason}; training_file {training.id!r} is "
+        f"{format_label(training.format)}",
         code="unsupported_format_for_model",
         param="training_file",
     )

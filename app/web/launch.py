@@ -22,14 +22,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.config import Settings
-from app.domain.datasets import FORMAT_LABELS
+from app.domain.datasets import format_label
 from app.errors import APIError
 from app.http_deps import SessionDep, SettingsDep, StoreDep
 from app.models import File, Team
 from app.schemas.jobs import JobCreate
 from app.services import files as files_service
 from app.services import jobs as jobs_service
-from app.services.pool import pool_classes, team_quotas
+from app.services.pool import pool_classes
 from app.storage import ObjectStore
 from app.web import auth
 from app.web.deps import SignedInTeam, find_team_job
@@ -98,16 +98,10 @@ def _page(
         verdicts=verdicts or {},
         check=check,
         cloned_from=cloned_from,
-        max_file_bytes=_limits(team, settings).bytes,
+        max_file_bytes=files_service.upload_limits(team, settings).bytes,
     )
     response.headers["Content-Security-Policy"] = CSP
     return response
-
-
-def _limits(team: Team, settings: Settings) -> files_service.UploadLimits:
-    return files_service.UploadLimits(
-        settings.max_file_bytes, team_quotas(team, settings).max_file_bytes
-    )
 
 
 @router.get("/jobs/new")
@@ -135,7 +129,7 @@ async def launch(
     settings: SettingsDep,
     store: StoreDep,
 ) -> Response:
-    limits = _limits(team, settings)
+    limits = files_service.upload_limits(team, settings)
     declared = request.headers.get("content-length", "")
     if not declared.isdigit():
         # Starlette spools a form's file parts to disk without a limit: only a stated
@@ -277,7 +271,7 @@ def _place(exc: APIError, errors: dict[str, str], general: list[str]) -> None:
 
 
 def _accepted(record: File) -> str:
-    label = next((v for k, v in FORMAT_LABELS.items() if k == record.format), record.format)
+    label = format_label(record.format)
     return (
         f"{record.filename} is valid: {label}, {record.examples} examples; uploaded as {record.id}."
     )
