@@ -25,6 +25,11 @@ class Quotas:
     gpu_hours_per_month: float | None = None
     """GPU hours used by jobs in the current calendar month, UTC (see `month_start`)."""
 
+    def out_of_gpu_hours(self, gpu_seconds_this_month: float) -> bool:
+        """At or past the monthly GPU hours: nothing more is created or dispatched."""
+        limit = self.gpu_hours_per_month
+        return limit is not None and gpu_seconds_this_month >= limit * 3600
+
 
 # The largest value each quota may be set to: far above any real pool, well inside the
 # database columns (Integer, BigInteger, Float), and finite (JSON's Infinity is no limit:
@@ -132,10 +137,7 @@ def check_new_job(
                 f"{_plural(queued_jobs, 'job')} waiting (limit {quotas.max_queued_jobs})"
             ),
         )
-    if (
-        quotas.gpu_hours_per_month is not None
-        and gpu_seconds_this_month >= quotas.gpu_hours_per_month * 3600
-    ):
+    if quotas.out_of_gpu_hours(gpu_seconds_this_month):
         used_hours = gpu_seconds_this_month / 3600
         return QuotaExceeded(
             limit="gpu_hours_per_month",

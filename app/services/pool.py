@@ -210,10 +210,15 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
     A job's dispatch is cleared when a worker claims it, so "in flight" is the running
     jobs plus those dispatched and not yet claimed (both small sets, indexed)."""
     half_life = settings.fair_share_half_life_hours * 3600
-    defaults = quota_defaults(settings)
     shares: dict[int, TeamShare] = {}
     for team in session.scalars(select(Team)):
-        limit = team.max_running_jobs
+        quotas = team_quotas(team, settings)
+        max_running = quotas.max_running_jobs
+        # A team past its GPU-hours quota for the month gets nothing more dispatched.
+        if quotas.gpu_hours_per_month is not None and quotas.out_of_gpu_hours(
+            month_gpu_seconds(session, team, at)
+        ):
+            max_running = 0
         shares[team.pk] = TeamShare(
             team=team.pk,
             weight=team.weight if team.weight > 0 else 1.0,
@@ -221,7 +226,7 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
                 [(team.usage_updated_at, team.usage_gpu_seconds)], at, half_life
             ),
             running=[],
-            max_running=limit if limit is not None else defaults.max_running_jobs,
+            max_running=max_running,
         )
     in_flight = session.execute(
         select(Job.team_pk, Job.status, Job.started_at, Job.gpus).where(
@@ -229,13 +234,6 @@ def team_shares(session: Session, settings: Settings, at: float) -> dict[int, Te
             | (Job.dispatched_at.is_not(None) & (Job.status == JobStatus.QUEUED.value))
         )
     )
-    # A team past its GPU-hours quota for the month gets nothing more dispatched.
-    for team in session.scalars(select(Team)):
-        hours = team.gpu_hours_per_month
-        hours = hours if hours is not None else defaults.gpu_hours_per_month
-        if hours is not None and team.pk in shares:
-            if month_gpu_seconds(session, team, at) >= hours * 3600:
-                shares[team.pk].max_running = 0
     for team_pk, status, started_at, gpus in in_flight:
         elapsed = at - started_at if status == JobStatus.RUNNING.value and started_at else 0.0
         if team_pk in shares:

@@ -37,15 +37,14 @@ def team_rows(session: Session, settings: Settings, teams: list[Team]) -> list[T
     rows = []
     for team in teams:
         quotas = team_quotas(team, settings)
-        hours = usage[team.id]["gpu_hours"]
-        limit = quotas.gpu_hours_per_month
+        used = usage[team.id]["gpu_seconds"]
         rows.append(
             TeamRow(
                 team,
                 quotas,
                 {name: getattr(team, name) is not None for name in QUOTA_FIELDS},
-                hours,
-                limit is not None and hours >= limit,
+                used / 3600,
+                quotas.out_of_gpu_hours(used),
             )
         )
     return rows
